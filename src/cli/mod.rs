@@ -1,0 +1,54 @@
+//! Command-line interface: argument definitions and dispatch to one module per subcommand.
+//! Nothing here does the work itself.
+
+mod exec;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gryt-agent",
+    version,
+    about = "Runs Gryt CI jobs in hardened, ephemeral Docker containers"
+)]
+pub struct Cli {
+    /// TOML settings file [default: /etc/gryt-agent/agent.toml when present]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Log filter in RUST_LOG syntax (e.g. `info`, `gryt_agent=debug`) [default: RUST_LOG, else warn]
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one pipeline file locally, in a container, and exit with its exit code.
+    Exec(exec::ExecArgs),
+}
+
+pub fn init_logging(cli: &Cli) {
+    let filter = cli
+        .log
+        .as_deref()
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Exec(args) => exec::run(cli.config.as_deref(), args).await,
+    }
+}

@@ -1,0 +1,452 @@
+//! Settings: every knob the agent has, loaded in one place.
+//!
+//! Layers, lowest first: built-in defaults < TOML file (`--config PATH`, else
+//! `/etc/gryt-agent/agent.toml` when present) < environment < command-line flags. The existing
+//! Python agent's variable names (`AGENT_API_KEY`, `AGENT_HOST`, ...) work unchanged; new ones use
+//! a `GRYT_` prefix. The environment is mapped by the explicit [`ENV_VARS`] table rather than by a
+//! naming rule, so each variable is documented and none is picked up by accident.
+//! `config/agent.example.toml` documents every key; keep the two in step.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::executor::limits::{parse_cpus, parse_memory};
+
+/// Where the TOML file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gryt-agent/agent.toml";
+
+/// Environment variable → setting key. Lists are comma-separated (`GRYT_AGENT_LABELS=a,b`),
+/// except the gryt command, which is split on whitespace.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("AGENT_API_KEY", "api_key"),
+    ("AGENT_API_KEY_FILE", "api_key_file"),
+    ("AGENT_API_KEY_PREVIOUS", "api_key_previous"),
+    ("GRYT_ENCRYPTION_KEY", "encryption_key"),
+    ("GRYT_ENCRYPTION_KEY_FILE", "encryption_key_file"),
+    ("GRYT_ENCRYPTION_KEY_PREVIOUS", "encryption_key_previous"),
+    ("AGENT_HOST", "host"),
+    ("AGENT_PORT", "port"),
+    ("GRYT_AGENT_ID", "agent_id"),
+    ("GRYT_AGENT_LABELS", "labels"),
+    ("GRYT_STATE_DIR", "state_dir"),
+    ("GRYT_WORK_DIR", "work_dir"),
+    ("GRYT_DOCKER_IMAGE", "docker.image"),
+    ("GRYT_PULL_POLICY", "docker.pull_policy"),
+    ("GRYT_CONTAINER_USER", "docker.user"),
+    ("GRYT_NETWORK", "docker.network"),
+    ("GRYT_PIDS_LIMIT", "docker.pids_limit"),
+    ("GRYT_MEMORY_LIMIT", "docker.memory_limit"),
+    ("GRYT_CPU_LIMIT", "docker.cpu_limit"),
+    ("DOCKER_HOST", "docker.host"),
+    ("GRYT_JOB_TIMEOUT", "job.timeout_seconds"),
+    ("GRYT_STOP_GRACE", "job.stop_grace_seconds"),
+    ("GRYT_OUTPUT_CAP", "job.output_cap_bytes"),
+    ("GRYT_COMMAND", "job.gryt_command"),
+];
+
+/// Keys whose environment value is a list.
+const LIST_KEYS: &[&str] = &["labels", "job.gryt_command"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// This agent's identity; generated once and kept in `<state_dir>/agent-id` when unset.
+    pub agent_id: Option<String>,
+    pub labels: Vec<String>,
+    pub state_dir: PathBuf,
+    /// Where job workspaces are made; `<state_dir>/work` when unset.
+    pub work_dir: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: u16,
+    pub api_key: Option<SecretString>,
+    pub api_key_file: Option<PathBuf>,
+    pub api_key_previous: Option<SecretString>,
+    pub encryption_key: Option<SecretString>,
+    pub encryption_key_file: Option<PathBuf>,
+    pub encryption_key_previous: Option<SecretString>,
+    pub docker: DockerSettings,
+    pub job: JobSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerSettings {
+    /// Docker engine address (`unix:///...`, `tcp://...`); the platform default when unset.
+    pub host: Option<String>,
+    /// Default image when neither the job nor the pipeline names one.
+    pub image: String,
+    pub pull_policy: PullPolicy,
+    /// `uid[:gid]` the job runs as; never root.
+    pub user: String,
+    /// `bridge` (default), `none`, or a named network.
+    pub network: String,
+    pub pids_limit: i64,
+    /// Default memory limit when the job gives none (`512m`, `2g`).
+    pub memory_limit: String,
+    /// Default CPU limit when the job gives none (`1.5`).
+    pub cpu_limit: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    IfNotPresent,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobSettings {
+    /// Time limit for a job that sets none.
+    pub timeout_seconds: u64,
+    /// How long a stopped job gets after SIGTERM before it is killed.
+    pub stop_grace_seconds: u64,
+    /// Bytes of stdout and of stderr kept for the result (the tail is kept).
+    pub output_cap_bytes: usize,
+    /// Command that runs a gryt pipeline, in `/workspace`.
+    pub gryt_command: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            agent_id: None,
+            labels: Vec::new(),
+            state_dir: default_state_dir(),
+            work_dir: None,
+            host: None,
+            port: 8080,
+            api_key: None,
+            api_key_file: None,
+            api_key_previous: None,
+            encryption_key: None,
+            encryption_key_file: None,
+            encryption_key_previous: None,
+            docker: DockerSettings::default(),
+            job: JobSettings::default(),
+        }
+    }
+}
+
+impl Default for DockerSettings {
+    fn default() -> Self {
+        DockerSettings {
+            host: None,
+            image: "ghcr.io/epyklab/gryt/pipeline:latest".into(),
+            pull_policy: PullPolicy::IfNotPresent,
+            user: "1000:1000".into(),
+            network: "bridge".into(),
+            pids_limit: 1024,
+            memory_limit: "2g".into(),
+            cpu_limit: "2".into(),
+        }
+    }
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            timeout_seconds: 3600,
+            stop_grace_seconds: 10,
+            output_cap_bytes: 1024 * 1024,
+            gryt_command: vec!["gryt".into(), "run".into(), "pipeline.py".into()],
+        }
+    }
+}
+
+/// `/var/lib/gryt-agent` for root (a system service), else a per-user state directory.
+fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/gryt-agent");
+    }
+    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(state).join("gryt-agent");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/gryt-agent"),
+        None => std::env::temp_dir().join("gryt-agent"),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY-free check: the effective uid via /proc avoids a libc dependency.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid setting `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Loads the layers: `file` (or the default path when present), then the process environment,
+    /// then `overrides` (flags) as `(key, value)` pairs.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = ENV_VARS
+            .iter()
+            .filter_map(|(var, _)| std::env::var(var).ok().map(|v| (var.to_string(), v)))
+            .collect();
+        Self::load_from(file, &env, overrides)
+    }
+
+    /// [`Settings::load`] with the environment given explicitly (tests, and no global state).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &[(&str, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        let default_path = Path::new(DEFAULT_CONFIG_PATH);
+        let file = file.or_else(|| default_path.exists().then_some(default_path));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                path: path.to_owned(),
+                source,
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        for (var, value) in env {
+            let Some((_, key)) = ENV_VARS.iter().find(|(v, _)| v == var) else {
+                continue;
+            };
+            builder = set(builder, key, value).map_err(|e| key_error(var, e.to_string()))?;
+        }
+        for (key, value) in overrides {
+            builder = set(builder, key, value).map_err(|e| key_error(key, e.to_string()))?;
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.docker;
+        if d.image.trim().is_empty() {
+            return Err(key_error("docker.image", "must not be empty"));
+        }
+        parse_memory(&d.memory_limit)
+            .map_err(|e| key_error("docker.memory_limit", e.to_string()))?;
+        parse_cpus(&d.cpu_limit).map_err(|e| key_error("docker.cpu_limit", e.to_string()))?;
+        parse_user(&d.user).map_err(|e| key_error("docker.user", e))?;
+        if d.pids_limit <= 0 {
+            return Err(key_error("docker.pids_limit", "must be at least 1"));
+        }
+        if d.network.trim().is_empty() || d.network == "host" {
+            return Err(key_error(
+                "docker.network",
+                "must be `bridge`, `none` or a named network (not `host`)",
+            ));
+        }
+        let j = &self.job;
+        if j.timeout_seconds == 0 {
+            return Err(key_error("job.timeout_seconds", "must be at least 1"));
+        }
+        if j.output_cap_bytes < 1024 {
+            return Err(key_error("job.output_cap_bytes", "must be at least 1024"));
+        }
+        if j.gryt_command.is_empty() || j.gryt_command[0].is_empty() {
+            return Err(key_error("job.gryt_command", "must name a command"));
+        }
+        if let Some(id) = &self.agent_id {
+            if !valid_agent_id(id) {
+                return Err(key_error(
+                    "agent_id",
+                    "use 1-64 characters from [A-Za-z0-9._-]",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.work_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("work"))
+    }
+
+    /// The API key: `api_key`, else the contents of `api_key_file` (trailing newline trimmed).
+    pub fn api_key(&self) -> Result<Option<SecretString>, ConfigError> {
+        secret_or_file(&self.api_key, &self.api_key_file, "api_key_file")
+    }
+
+    /// The token encryption key: `encryption_key`, else the contents of `encryption_key_file`.
+    pub fn encryption_key(&self) -> Result<Option<SecretString>, ConfigError> {
+        secret_or_file(
+            &self.encryption_key,
+            &self.encryption_key_file,
+            "encryption_key_file",
+        )
+    }
+}
+
+fn secret_or_file(
+    value: &Option<SecretString>,
+    file: &Option<PathBuf>,
+    file_key: &str,
+) -> Result<Option<SecretString>, ConfigError> {
+    if let Some(v) = value.as_ref().filter(|v| !v.expose_secret().is_empty()) {
+        return Ok(Some(v.clone()));
+    }
+    let Some(path) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| key_error(file_key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(Some(SecretString::from(
+        text.trim_end_matches(['\n', '\r']).to_owned(),
+    )))
+}
+
+fn set(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+    key: &str,
+    value: &str,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
+    if LIST_KEYS.contains(&key) {
+        let items: Vec<String> = if key == "job.gryt_command" {
+            value.split_whitespace().map(str::to_owned).collect()
+        } else {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        builder.set_override(key, items)
+    } else {
+        builder.set_override(key, value)
+    }
+}
+
+/// Agent ids go into container labels, file names and URLs: keep them plain.
+pub fn valid_agent_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Parses `uid[:gid]` (numeric); refuses root, since jobs never run as root.
+pub fn parse_user(user: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+    let uid: u32 = uid
+        .parse()
+        .map_err(|_| format!("`{user}` is not numeric `uid[:gid]`"))?;
+    let gid: u32 = gid
+        .parse()
+        .map_err(|_| format!("`{user}` is not numeric `uid[:gid]`"))?;
+    if uid == 0 {
+        return Err("jobs never run as root (uid 0)".into());
+    }
+    Ok((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "port = 9000\n[docker]\nimage = \"from-file\"\nnetwork = \"none\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            &env(&[
+                ("GRYT_DOCKER_IMAGE", "from-env"),
+                ("GRYT_AGENT_LABELS", "linux, x86 ,"),
+                ("AGENT_PORT", "9100"),
+            ]),
+            &[("docker.image", "from-flag".into())],
+        )
+        .unwrap();
+        assert_eq!(s.docker.image, "from-flag");
+        assert_eq!(s.docker.network, "none");
+        assert_eq!(s.port, 9100);
+        assert_eq!(s.labels, ["linux", "x86"]);
+        assert_eq!(s.job.timeout_seconds, 3600);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err =
+            Settings::load_from(None, &env(&[("GRYT_JOB_TIMEOUT", "soon")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("job.timeout_seconds"), "{err}");
+        let err =
+            Settings::load_from(None, &env(&[("GRYT_MEMORY_LIMIT", "lots")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("docker.memory_limit"), "{err}");
+        let err =
+            Settings::load_from(None, &env(&[("GRYT_CONTAINER_USER", "0:0")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("docker.user"), "{err}");
+        let err = Settings::load_from(None, &[], &[("docker.pull_policy", "sometimes".into())])
+            .unwrap_err();
+        assert!(err.to_string().contains("pull_policy"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "[docker]\nimgae = \"typo\"\n").unwrap();
+        let err = Settings::load_from(Some(&file), &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("imgae"), "{err}");
+    }
+
+    #[test]
+    fn api_key_from_a_file_and_never_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "k3y-from-file-0123456789abcdef0123\n").unwrap();
+        let s = Settings::load_from(
+            None,
+            &env(&[("AGENT_API_KEY_FILE", key_file.to_str().unwrap())]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.api_key().unwrap().unwrap().expose_secret(),
+            "k3y-from-file-0123456789abcdef0123"
+        );
+        let s =
+            Settings::load_from(None, &env(&[("AGENT_API_KEY", "visible-secret")]), &[]).unwrap();
+        assert!(!format!("{s:?}").contains("visible-secret"));
+    }
+}

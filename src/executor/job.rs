@@ -1,0 +1,488 @@
+//! One job from spec to result: prepare (pipeline, limits, image, workspace, container), run its
+//! commands, clean up, and assemble the result. The order of cleanup is the invariant that
+//! matters here: the container and the workspace go on every path.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::capture::TailBuffer;
+use super::command::{CommandEnd, run_command};
+use super::container::{
+    ContainerSpec, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, OutputStream,
+    WORKSPACE,
+};
+use super::control::{JobControl, StopKind, StopRequest};
+use super::image::{self, PullProgress};
+use super::limits::{parse_cpus, parse_memory};
+use super::workspace::Workspace;
+use super::{Executor, JobEvent, JobObserver};
+use crate::config::parse_user;
+use crate::pipeline::gryt_report;
+use crate::pipeline::yaml::valid_env_name;
+use crate::pipeline::{Pipeline, YamlPipeline};
+use crate::wire::{JobResult, JobSpec, JobStatus, StepResult, StepStatus, rfc3339};
+
+/// How the job as a whole ended, before it becomes a result.
+enum Outcome {
+    Finished {
+        success: bool,
+        exit_code: i64,
+        error: Option<String>,
+    },
+    TimedOut {
+        exit_code: Option<i64>,
+        error: String,
+    },
+    Cancelled {
+        exit_code: Option<i64>,
+        reason: String,
+    },
+    Error(String),
+}
+
+/// The mutable state of one run: captured output, steps so far, OOM.
+struct Run<'a> {
+    observer: &'a dyn JobObserver,
+    stdout: TailBuffer,
+    stderr: TailBuffer,
+    steps: Vec<StepResult>,
+    oom_killed: bool,
+}
+
+impl Run<'_> {
+    fn output(&mut self, stream: OutputStream, data: &[u8]) {
+        match stream {
+            OutputStream::Stdout => self.stdout.push(data),
+            OutputStream::Stderr => self.stderr.push(data),
+        }
+        self.observer.output(stream, data);
+    }
+}
+
+pub(super) async fn run(
+    executor: &Executor,
+    job: &JobSpec,
+    observer: &dyn JobObserver,
+    control: &JobControl,
+) -> JobResult {
+    let started_at = OffsetDateTime::now_utc();
+    let clock = Instant::now();
+    let cap = executor.settings.job.output_cap_bytes;
+    let mut run = Run {
+        observer,
+        stdout: TailBuffer::new(cap),
+        stderr: TailBuffer::new(cap),
+        steps: Vec::new(),
+        oom_killed: false,
+    };
+    let timeout = Duration::from_secs(
+        job.timeout_seconds
+            .filter(|t| *t > 0)
+            .unwrap_or(executor.settings.job.timeout_seconds),
+    );
+    let deadline = clock + timeout;
+    let outcome = prepare_and_run(executor, job, &mut run, control, deadline, timeout).await;
+
+    let (status, success, exit_code, error) = match outcome {
+        Outcome::Finished { success: true, .. } => (JobStatus::Success, true, 0, None),
+        Outcome::Finished {
+            success: false,
+            exit_code,
+            error,
+        } => (JobStatus::Failed, false, exit_code, error),
+        Outcome::TimedOut { exit_code, error } => (
+            JobStatus::Timeout,
+            false,
+            exit_code.unwrap_or(-1),
+            Some(error),
+        ),
+        Outcome::Cancelled { exit_code, reason } => (
+            JobStatus::Cancelled,
+            false,
+            exit_code.unwrap_or(-1),
+            Some(reason),
+        ),
+        Outcome::Error(message) => (JobStatus::Error, false, -1, Some(message)),
+    };
+    JobResult {
+        job_id: job.job_id,
+        status,
+        success,
+        exit_code,
+        stdout: run.stdout.to_text(),
+        stderr: run.stderr.to_text(),
+        duration_seconds: clock.elapsed().as_secs_f64(),
+        started_at: rfc3339(started_at),
+        completed_at: rfc3339(OffsetDateTime::now_utc()),
+        error,
+        steps: run.steps,
+        oom_killed: run.oom_killed,
+    }
+}
+
+/// Everything about a job that can be checked without Docker.
+struct Plan {
+    pipeline: Pipeline,
+    image: String,
+    env: Vec<String>,
+    memory_bytes: i64,
+    memory_text: String,
+    nano_cpus: i64,
+    user: (u32, u32),
+}
+
+fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
+    let settings = &executor.settings;
+    let pipeline = Pipeline::from_b64(&job.pipeline_b64).map_err(|e| e.to_string())?;
+    let memory_text = job
+        .memory_limit
+        .clone()
+        .unwrap_or_else(|| settings.docker.memory_limit.clone());
+    let memory_bytes =
+        parse_memory(&memory_text).map_err(|e| format!("invalid memory_limit: {e}"))?;
+    let cpu_text = job
+        .cpu_limit
+        .clone()
+        .unwrap_or_else(|| settings.docker.cpu_limit.clone());
+    let nano_cpus = parse_cpus(&cpu_text).map_err(|e| format!("invalid cpu_limit: {e}"))?;
+    let user = parse_user(&settings.docker.user)
+        .map_err(|e| format!("invalid docker.user setting: {e}"))?;
+    let image = job
+        .docker_image
+        .clone()
+        .filter(|i| !i.trim().is_empty())
+        .or_else(|| pipeline.image().map(str::to_owned))
+        .unwrap_or_else(|| settings.docker.image.clone());
+
+    // Later layers win: agent defaults < the job's env_vars < the pipeline's env < agent facts.
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("HOME".into(), "/tmp".into());
+    env.insert("CI".into(), "true".into());
+    for (name, value) in &job.env_vars {
+        if !valid_env_name(name) || value.contains('\0') {
+            return Err(format!(
+                "invalid env_vars entry `{}`: names must be non-empty without `=`, values without NUL",
+                name.escape_debug()
+            ));
+        }
+        env.insert(name.clone(), value.clone());
+    }
+    if let Pipeline::Yaml(p) = &pipeline {
+        for (name, value) in p.env_pairs() {
+            env.insert(name.to_owned(), value.to_owned());
+        }
+    }
+    env.insert("GRYT_WORKSPACE".into(), WORKSPACE.into());
+    env.insert("GRYT_JOB_ID".into(), job.job_id.to_string());
+    let env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Ok(Plan {
+        pipeline,
+        image,
+        env,
+        memory_bytes,
+        memory_text,
+        nano_cpus,
+        user,
+    })
+}
+
+async fn prepare_and_run(
+    executor: &Executor,
+    job: &JobSpec,
+    run: &mut Run<'_>,
+    control: &JobControl,
+    deadline: Instant,
+    timeout: Duration,
+) -> Outcome {
+    let plan = match plan(executor, job) {
+        Ok(plan) => plan,
+        Err(message) => return Outcome::Error(message),
+    };
+    let settings = &executor.settings;
+    let docker = executor.docker().await;
+
+    // The image: bounded by the job's deadline and by stop requests like everything else.
+    let observer = run.observer;
+    let image_name = plan.image.clone();
+    let pull = image::ensure(
+        &docker,
+        &plan.image,
+        settings.docker.pull_policy,
+        |p| match p {
+            PullProgress::Started => observer.event(JobEvent::PullStarted { image: &image_name }),
+            PullProgress::Status(s) => observer.event(JobEvent::PullStatus {
+                image: &image_name,
+                status: &s,
+            }),
+            PullProgress::Done => observer.event(JobEvent::PullFinished { image: &image_name }),
+        },
+    );
+    tokio::select! {
+        result = pull => if let Err(e) = result { return Outcome::Error(e.to_string()) },
+        _ = tokio::time::sleep_until(deadline) => {
+            return Outcome::TimedOut { exit_code: None, error: format!("job timed out after {}s while getting image {}", timeout.as_secs(), plan.image) };
+        }
+        request = control.stopped() => return cancelled(request, None),
+    }
+
+    let workspace =
+        match Workspace::create(&settings.work_dir, job.job_id, plan.user.0, plan.user.1) {
+            Ok(w) => w,
+            Err(e) => {
+                return Outcome::Error(format!(
+                    "cannot create the job workspace under {}: {e}",
+                    settings.work_dir.display()
+                ));
+            }
+        };
+    if let Err(e) = workspace.write_file(plan.pipeline.file_name(), plan.pipeline.text()) {
+        cleanup(None, workspace).await;
+        return Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"));
+    }
+
+    let mut labels = std::collections::HashMap::new();
+    labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+    labels.insert(LABEL_AGENT_ID.to_owned(), settings.agent_id.clone());
+    labels.insert(LABEL_JOB_ID.to_owned(), job.job_id.to_string());
+    let spec = ContainerSpec {
+        name: format!("gryt-{}", workspace.unique_name()),
+        image: plan.image.clone(),
+        workspace_host_path: workspace.path().to_string_lossy().into_owned(),
+        env: plan.env.clone(),
+        labels,
+        user: format!("{}:{}", plan.user.0, plan.user.1),
+        network: settings.docker.network.clone(),
+        pids_limit: settings.docker.pids_limit,
+        memory_bytes: plan.memory_bytes,
+        nano_cpus: plan.nano_cpus,
+    };
+    let container = match JobContainer::start(&docker, spec).await {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup(None, workspace).await;
+            return Outcome::Error(e.to_string());
+        }
+    };
+
+    let grace = Duration::from_secs(settings.job.stop_grace_seconds);
+    let ctx = Context {
+        container: &container,
+        control,
+        deadline,
+        grace,
+        timeout,
+        memory: &plan.memory_text,
+    };
+    let outcome = match &plan.pipeline {
+        Pipeline::Yaml(p) => run_steps(&ctx, p, run).await,
+        Pipeline::Gryt { .. } => run_gryt(&ctx, settings.job.gryt_command.clone(), run).await,
+    };
+    cleanup(Some(container), workspace).await;
+    outcome
+}
+
+/// Removes the container and the workspace. When the agent cannot delete files the job's user
+/// wrote, the job's user empties the workspace first, from inside the container.
+async fn cleanup(container: Option<JobContainer>, workspace: Workspace) {
+    if let Some(mut container) = container {
+        if workspace.needs_job_user_cleanup() {
+            let script = "kill -KILL -1 2>/dev/null; chmod -R u+rwX /workspace 2>/dev/null; \
+                          rm -rf /workspace/..?* /workspace/.[!.]* /workspace/* ; exit 0";
+            if let Ok(mut cmd) = container
+                .run(
+                    vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    Vec::new(),
+                )
+                .await
+            {
+                use futures_util::StreamExt;
+                while cmd.output.next().await.is_some() {}
+            }
+        }
+        container.remove().await;
+    }
+    let path = workspace.path().to_owned();
+    if let Err(e) = workspace.remove().await {
+        tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");
+    }
+}
+
+struct Context<'a> {
+    container: &'a JobContainer,
+    control: &'a JobControl,
+    deadline: Instant,
+    grace: Duration,
+    timeout: Duration,
+    memory: &'a str,
+}
+
+impl Context<'_> {
+    fn oom_message(&self) -> String {
+        format!(
+            "out of memory: a job process was killed by the kernel (memory limit {})",
+            self.memory
+        )
+    }
+}
+
+fn cancelled(request: StopRequest, exit_code: Option<i64>) -> Outcome {
+    let reason = match request.kind {
+        StopKind::Graceful => format!("job cancelled: {}", request.reason),
+        StopKind::Immediate => format!("job aborted: {}", request.reason),
+    };
+    Outcome::Cancelled { exit_code, reason }
+}
+
+async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>) -> Outcome {
+    let mut outcome: Option<Outcome> = None;
+    for (index, step) in pipeline.steps.iter().enumerate() {
+        let name = step.display_name(index);
+        if outcome.is_some() {
+            run.steps.push(StepResult {
+                name,
+                status: StepStatus::Skipped,
+                exit_code: None,
+                duration_seconds: 0.0,
+                error: None,
+            });
+            continue;
+        }
+        run.observer
+            .event(JobEvent::StepStarted { index, name: &name });
+        let step_clock = Instant::now();
+        let step_deadline = match step.timeout_seconds {
+            Some(t) => ctx.deadline.min(step_clock + Duration::from_secs(t)),
+            None => ctx.deadline,
+        };
+        let cmd = vec!["/bin/sh".to_owned(), "-c".to_owned(), step.run.clone()];
+        let env = step
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.0))
+            .collect();
+        let end = run_command(
+            ctx.container,
+            cmd,
+            env,
+            step_deadline,
+            ctx.grace,
+            ctx.control,
+            &mut |s, d| run.output(s, d),
+        )
+        .await;
+
+        let mut result = StepResult {
+            name,
+            status: StepStatus::Success,
+            exit_code: None,
+            duration_seconds: step_clock.elapsed().as_secs_f64(),
+            error: None,
+        };
+        match end {
+            CommandEnd::Exited(code) => {
+                result.exit_code = code;
+                if code != Some(0) {
+                    result.status = StepStatus::Failed;
+                    if code == Some(137) && ctx.container.settle_oom().await {
+                        run.oom_killed = true;
+                        result.error = Some(ctx.oom_message());
+                    } else if code.is_none() {
+                        result.error = Some("the step ended without an exit code".into());
+                    }
+                    if !step.continue_on_error {
+                        let error = result.error.clone();
+                        outcome = Some(Outcome::Finished {
+                            success: false,
+                            exit_code: code.unwrap_or(-1),
+                            error,
+                        });
+                    }
+                }
+            }
+            CommandEnd::TimedOut(code) => {
+                result.exit_code = code;
+                result.status = StepStatus::Timeout;
+                let job_timed_out = step_deadline >= ctx.deadline;
+                let error = if job_timed_out {
+                    format!("job timed out after {}s", ctx.timeout.as_secs())
+                } else {
+                    format!(
+                        "step timed out after {}s",
+                        step.timeout_seconds.unwrap_or_default()
+                    )
+                };
+                result.error = Some(error.clone());
+                if job_timed_out || !step.continue_on_error {
+                    outcome = Some(Outcome::TimedOut {
+                        exit_code: code,
+                        error,
+                    });
+                }
+            }
+            CommandEnd::Stopped(request, code) => {
+                result.exit_code = code;
+                result.status = StepStatus::Cancelled;
+                result.error = Some(request.reason.clone());
+                outcome = Some(cancelled(request, code));
+            }
+            CommandEnd::Failed(message) => {
+                result.status = StepStatus::Failed;
+                result.error = Some(message.clone());
+                outcome = Some(Outcome::Error(message));
+            }
+        }
+        run.observer.event(JobEvent::StepFinished {
+            index,
+            step: &result,
+        });
+        run.steps.push(result);
+    }
+    outcome.unwrap_or(Outcome::Finished {
+        success: true,
+        exit_code: 0,
+        error: None,
+    })
+}
+
+async fn run_gryt(ctx: &Context<'_>, command: Vec<String>, run: &mut Run<'_>) -> Outcome {
+    let end = run_command(
+        ctx.container,
+        command,
+        Vec::new(),
+        ctx.deadline,
+        ctx.grace,
+        ctx.control,
+        &mut |s, d| run.output(s, d),
+    )
+    .await;
+    match end {
+        CommandEnd::Exited(code) => {
+            let code = code.unwrap_or(-1);
+            let oom = code == 137 && ctx.container.settle_oom().await;
+            let verdict = gryt_report::verdict(code, &run.stdout.to_text(), &run.stderr.to_text());
+            run.steps = verdict.steps;
+            if oom {
+                run.oom_killed = true;
+                return Outcome::Finished {
+                    success: false,
+                    exit_code: code,
+                    error: Some(ctx.oom_message()),
+                };
+            }
+            Outcome::Finished {
+                success: verdict.success,
+                exit_code: verdict.exit_code,
+                error: verdict.reason,
+            }
+        }
+        CommandEnd::TimedOut(code) => Outcome::TimedOut {
+            exit_code: code,
+            error: format!("job timed out after {}s", ctx.timeout.as_secs()),
+        },
+        CommandEnd::Stopped(request, code) => cancelled(request, code),
+        CommandEnd::Failed(message) => Outcome::Error(message),
+    }
+}

@@ -1,0 +1,172 @@
+//! The executor: turns a [`JobSpec`] into an ephemeral, hardened container and a [`JobResult`].
+//!
+//! One executor serves every mode (exec, push, pull). It never fails as a function: whatever
+//! happens (bad pipeline, missing image, Docker gone, timeout, cancel) comes back as a result
+//! with a status. It knows nothing of HTTP or the API; modes observe a job through
+//! [`JobObserver`] and stop it through [`JobControl`].
+
+pub mod capture;
+pub mod command;
+pub mod container;
+pub mod control;
+pub mod image;
+mod job;
+pub mod limits;
+pub mod workspace;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::Docker;
+use tokio::sync::Mutex;
+
+use crate::config::{DockerSettings, JobSettings, Settings};
+use crate::wire::{JobResult, JobSpec, StepResult};
+
+pub use container::OutputStream;
+pub use control::{JobControl, StopKind, StopRequest};
+
+/// What the executor needs from the settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorSettings {
+    /// Put on every container's labels; the orphan sweep uses it.
+    pub agent_id: String,
+    pub work_dir: PathBuf,
+    pub docker: DockerSettings,
+    pub job: JobSettings,
+}
+
+impl ExecutorSettings {
+    pub fn from_settings(settings: &Settings, agent_id: String) -> Self {
+        ExecutorSettings {
+            agent_id,
+            work_dir: settings.work_dir(),
+            docker: settings.docker.clone(),
+            job: settings.job.clone(),
+        }
+    }
+}
+
+/// Progress of a job, for people (the CLI's header lines) and metrics.
+#[derive(Debug, Clone, Copy)]
+pub enum JobEvent<'a> {
+    PullStarted { image: &'a str },
+    PullStatus { image: &'a str, status: &'a str },
+    PullFinished { image: &'a str },
+    StepStarted { index: usize, name: &'a str },
+    StepFinished { index: usize, step: &'a StepResult },
+}
+
+/// Receives a job's output as it arrives and its progress. Called from the job's task: keep it
+/// quick and never block on the network.
+pub trait JobObserver: Send + Sync {
+    fn output(&self, stream: OutputStream, data: &[u8]);
+    fn event(&self, _event: JobEvent<'_>) {}
+}
+
+/// An observer that ignores everything.
+pub struct Discard;
+
+impl JobObserver for Discard {
+    fn output(&self, _: OutputStream, _: &[u8]) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("cannot connect to the Docker engine at {address}: {source}")]
+    Connect {
+        address: String,
+        source: bollard::errors::Error,
+    },
+    #[error(
+        "unsupported Docker address `{0}`: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
+    )]
+    Address(String),
+}
+
+pub struct Executor {
+    settings: ExecutorSettings,
+    docker: Docker,
+    /// The client after API version negotiation; negotiated lazily so the agent can start while
+    /// the engine is down and pick it up when it comes back.
+    negotiated: Mutex<Option<Docker>>,
+}
+
+/// How long to wait for the engine when negotiating the API version.
+const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Executor {
+    /// Makes an executor; no I/O happens until the first job or ping.
+    pub fn new(settings: ExecutorSettings) -> Result<Self, ExecutorError> {
+        let docker = connect(settings.docker.host.as_deref())?;
+        Ok(Executor {
+            settings,
+            docker,
+            negotiated: Mutex::new(None),
+        })
+    }
+
+    pub fn settings(&self) -> &ExecutorSettings {
+        &self.settings
+    }
+
+    /// The Docker client, negotiated with the engine when it answers (older engines need an older
+    /// API version; newer ones refuse very old ones).
+    pub async fn docker(&self) -> Docker {
+        let mut negotiated = self.negotiated.lock().await;
+        if let Some(docker) = negotiated.as_ref() {
+            return docker.clone();
+        }
+        match tokio::time::timeout(NEGOTIATE_TIMEOUT, self.docker.clone().negotiate_version()).await
+        {
+            Ok(Ok(docker)) => {
+                *negotiated = Some(docker.clone());
+                docker
+            }
+            _ => self.docker.clone(),
+        }
+    }
+
+    /// True when the Docker engine answers a ping.
+    pub async fn ping(&self) -> bool {
+        let docker = self.docker().await;
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Runs one job to its end and returns its result. Never panics on job input, never leaves
+    /// a container or workspace behind.
+    pub async fn run(
+        &self,
+        job: &JobSpec,
+        observer: &dyn JobObserver,
+        control: &JobControl,
+    ) -> JobResult {
+        job::run(self, job, observer, control).await
+    }
+}
+
+/// Connects to `address` (`unix://`, `tcp://`, `http://`), else to the platform default
+/// (`DOCKER_HOST`, then the local socket).
+pub fn connect(address: Option<&str>) -> Result<Docker, ExecutorError> {
+    let timeout = 600; // seconds per request: long enough for a pull's slow layers.
+    let result = match address {
+        Some(a) if a.starts_with("unix://") => {
+            Docker::connect_with_unix(a, timeout, bollard::API_DEFAULT_VERSION)
+        }
+        Some(a) if a.starts_with("tcp://") || a.starts_with("http://") => {
+            Docker::connect_with_http(a, timeout, bollard::API_DEFAULT_VERSION)
+        }
+        Some(a) if a.starts_with('/') => {
+            Docker::connect_with_unix(a, timeout, bollard::API_DEFAULT_VERSION)
+        }
+        Some(other) => return Err(ExecutorError::Address(other.to_owned())),
+        None => Docker::connect_with_local_defaults(),
+    };
+    result.map_err(|source| ExecutorError::Connect {
+        address: address.unwrap_or("the default socket").to_owned(),
+        source,
+    })
+}

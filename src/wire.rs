@@ -1,0 +1,260 @@
+//! Wire types shared by every mode: the job spec a job arrives as and the result it leaves as.
+//!
+//! Field names are a contract with the main API (push mode's `POST /jobs/execute` body and
+//! response, pull mode's lease and `complete` bodies): rename nothing here. Unknown fields in a
+//! job spec are ignored so that a newer API does not break an older agent.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use time::OffsetDateTime;
+
+/// A job as the main API describes it.
+#[derive(Clone, Default, Deserialize, Serialize)]
+pub struct JobSpec {
+    pub job_id: i64,
+    /// The pipeline file, base64 encoded: a gryt Python script or a declarative YAML pipeline.
+    pub pipeline_b64: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_url: Option<String>,
+    /// Branch to check out; `None` (absent or null) means `main`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_token_encrypted: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_image: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub env_vars: BTreeMap<String, String>,
+    /// CPUs, e.g. `"1.0"`; a JSON number is accepted too.
+    #[serde(
+        default,
+        deserialize_with = "opt_string_or_number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_limit: Option<String>,
+    /// Memory with a unit, e.g. `"512m"`, `"2g"`; a JSON number means bytes.
+    #[serde(
+        default,
+        deserialize_with = "opt_string_or_number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// Push mode only: where to POST the result as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
+impl JobSpec {
+    pub const DEFAULT_BRANCH: &'static str = "main";
+
+    pub fn branch(&self) -> &str {
+        self.git_branch
+            .as_deref()
+            .filter(|b| !b.is_empty())
+            .unwrap_or(Self::DEFAULT_BRANCH)
+    }
+
+    /// Parses a job spec from JSON, naming the offending field when it fails.
+    pub fn from_json(body: &[u8]) -> Result<Self, SpecError> {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de).map_err(|e| SpecError {
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
+        })
+    }
+}
+
+/// Debug never shows the encrypted token or env values: they are secrets or may contain them.
+impl fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("job_id", &self.job_id)
+            .field("pipeline_b64_len", &self.pipeline_b64.len())
+            .field("git_url", &self.git_url)
+            .field("git_branch", &self.git_branch)
+            .field("git_commit", &self.git_commit)
+            .field(
+                "github_token_encrypted",
+                &self.github_token_encrypted.as_ref().map(|_| "[MASKED]"),
+            )
+            .field("docker_image", &self.docker_image)
+            .field("env_vars", &self.env_vars.keys().collect::<Vec<_>>())
+            .field("cpu_limit", &self.cpu_limit)
+            .field("memory_limit", &self.memory_limit)
+            .field("timeout_seconds", &self.timeout_seconds)
+            .finish()
+    }
+}
+
+/// A job spec that could not be parsed: `field` is the JSON path (`.` for the document).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid job spec: field `{field}`: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+/// How a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Every step passed.
+    Success,
+    /// The job ran and a step failed (non-zero exit, out of memory).
+    Failed,
+    /// The job ran past its time limit and was stopped.
+    Timeout,
+    /// The job was stopped on request (API cancel, agent shutdown).
+    Cancelled,
+    /// The agent could not run the job (bad pipeline, image unavailable, Docker failure).
+    Error,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Success => "success",
+            JobStatus::Failed => "failed",
+            JobStatus::Timeout => "timeout",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Error => "error",
+        }
+    }
+}
+
+/// How one step ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    Success,
+    Failed,
+    Timeout,
+    Cancelled,
+    /// Not run because an earlier step failed or the job was stopped.
+    Skipped,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct StepResult {
+    pub name: String,
+    pub status: StepStatus,
+    /// `None` when the step did not run to an exit code (skipped, killed before it started).
+    pub exit_code: Option<i64>,
+    pub duration_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The result of a job: a superset of the existing push API's response.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct JobResult {
+    pub job_id: i64,
+    pub status: JobStatus,
+    pub success: bool,
+    /// The failing step's exit code, 0 on success, -1 when no process produced one.
+    pub exit_code: i64,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_seconds: f64,
+    pub started_at: String,
+    pub completed_at: String,
+    /// Why the job did not end normally; `None` for success and for an ordinary step failure.
+    pub error: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<StepResult>,
+    /// The kernel killed a job process because the container ran out of memory.
+    #[serde(default)]
+    pub oom_killed: bool,
+}
+
+/// RFC 3339 in UTC with millisecond precision and a `Z`, as the result's timestamps are written.
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    at.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
+
+fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_default())
+}
+
+fn opt_string_or_number<'de, D>(de: D) -> Result<Option<String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StringOrNumber {
+        String(String),
+        Number(serde_json::Number),
+    }
+    Ok(match Option::<StringOrNumber>::deserialize(de)? {
+        None => None,
+        Some(StringOrNumber::String(s)) => Some(s),
+        Some(StringOrNumber::Number(n)) => Some(n.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_push_api_body_and_ignores_unknown_fields() {
+        let spec = JobSpec::from_json(
+            br#"{"job_id": 7, "pipeline_b64": "eA==", "git_branch": null, "env_vars": null,
+                 "cpu_limit": 1.5, "memory_limit": "512m", "brand_new_field": {"x": 1}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.job_id, 7);
+        assert_eq!(spec.branch(), "main");
+        assert!(spec.env_vars.is_empty());
+        assert_eq!(spec.cpu_limit.as_deref(), Some("1.5"));
+    }
+
+    #[test]
+    fn names_the_field_with_the_wrong_type() {
+        let err =
+            JobSpec::from_json(br#"{"job_id": "seven", "pipeline_b64": "eA=="}"#).unwrap_err();
+        assert_eq!(err.field, "job_id");
+        let err =
+            JobSpec::from_json(br#"{"job_id": 1, "pipeline_b64": "eA==", "env_vars": {"A": 1}}"#)
+                .unwrap_err();
+        assert_eq!(err.field, "env_vars.A");
+        let err = JobSpec::from_json(br#"{"job_id": 1}"#).unwrap_err();
+        assert!(err.message.contains("pipeline_b64"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let spec = JobSpec {
+            github_token_encrypted: Some("gAAAA-secret".into()),
+            env_vars: [("API_TOKEN".to_string(), "hunter2".to_string())].into(),
+            ..Default::default()
+        };
+        let shown = format!("{spec:?}");
+        assert!(
+            !shown.contains("gAAAA-secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn timestamps_are_utc_with_z() {
+        let at = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        assert_eq!(rfc3339(at), "1970-01-01T00:00:00.000Z");
+    }
+}

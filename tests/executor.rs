@@ -1,0 +1,522 @@
+//! The executor against a real Docker engine: every job path, and what each leaves behind.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use gryt_agent::executor::{Discard, JobControl, OutputStream};
+use gryt_agent::wire::{JobStatus, StepStatus};
+use support::{Recorder, job, test_agent};
+
+#[tokio::test]
+async fn the_documented_hello_pipeline_prints_hello() {
+    let agent = test_agent("hello", |_| {}).await;
+    let rec = Recorder::default();
+    let result = agent
+        .executor
+        .run(
+            &job("version: 1\nsteps:\n  - run: echo Hello"),
+            &rec,
+            &JobControl::new(),
+        )
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert!(result.success);
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.stdout, "Hello\n");
+    assert_eq!(result.error, None);
+    assert_eq!(result.steps.len(), 1);
+    assert_eq!(result.steps[0].name, "echo Hello");
+    assert_eq!(result.steps[0].status, StepStatus::Success);
+    assert_eq!(rec.stream(OutputStream::Stdout), b"Hello\n");
+    assert!(result.started_at.ends_with('Z') && result.completed_at.ends_with('Z'));
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_failing_step_stops_the_pipeline_with_its_exit_code() {
+    let agent = test_agent("failing-step", |_| {}).await;
+    let pipeline = "version: 1\nsteps:\n  - run: echo first\n  - run: exit 3\n    name: breaks\n  - run: echo never\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Failed);
+    assert!(!result.success);
+    assert_eq!(result.exit_code, 3);
+    assert_eq!(result.stdout, "first\n");
+    assert_eq!(result.error, None);
+    let statuses: Vec<_> = result
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.status, s.exit_code))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("echo first", StepStatus::Success, Some(0)),
+            ("breaks", StepStatus::Failed, Some(3)),
+            ("echo never", StepStatus::Skipped, None)
+        ]
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn continue_on_error_runs_the_rest_and_files_persist_between_steps() {
+    let agent = test_agent("continue", |_| {}).await;
+    let pipeline = "version: 1\nsteps:\n  - run: echo kept > note.txt\n  - run: exit 5\n    continue_on_error: true\n  - run: cat note.txt; ls /workspace\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.stdout, "kept\nnote.txt\npipeline.yml\n");
+    assert_eq!(result.steps[1].status, StepStatus::Failed);
+    assert_eq!(result.steps[1].exit_code, Some(5));
+    assert_eq!(result.steps[2].status, StepStatus::Success);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn stderr_is_kept_apart_from_stdout() {
+    let agent = test_agent("stderr", |_| {}).await;
+    let rec = Recorder::default();
+    let pipeline = "version: 1\nsteps:\n  - run: echo to-out; echo to-err >&2; echo more-out\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &rec, &JobControl::new())
+        .await;
+    assert_eq!(result.stdout, "to-out\nmore-out\n");
+    assert_eq!(result.stderr, "to-err\n");
+    assert_eq!(rec.stream(OutputStream::Stderr), b"to-err\n");
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn env_vars_reach_the_steps_with_pipeline_and_step_env_layered_on_top() {
+    let agent = test_agent("env", |_| {}).await;
+    let mut spec = job(
+        "version: 1\nenv:\n  FROM_PIPELINE: p\n  OVERRIDDEN: pipeline\n  PORT: 8080\nsteps:\n  - run: echo \"$FROM_JOB $FROM_PIPELINE $OVERRIDDEN $PORT $STEP_ONLY $GRYT_WORKSPACE $(pwd)\"\n    env: {STEP_ONLY: s}\n",
+    );
+    spec.env_vars = [
+        ("FROM_JOB".into(), "j k".into()),
+        ("OVERRIDDEN".into(), "job".into()),
+    ]
+    .into();
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(
+        result.stdout, "j k p pipeline 8080 s /workspace /workspace\n",
+        "{result:?}"
+    );
+    agent.assert_clean().await;
+}
+
+const GRYT_FAILING: &str = "from gryt import Pipeline  # run by the test stand-in\n# step build: echo building\n# step test: echo testing; exit 4\n";
+
+#[tokio::test]
+async fn a_gryt_pipeline_that_fails_inside_is_failed_although_gryt_exits_zero() {
+    let agent = test_agent("gryt-fail", |_| {}).await;
+    let result = agent
+        .executor
+        .run(&job(GRYT_FAILING), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Failed, "{result:?}");
+    assert_eq!(result.exit_code, 4);
+    assert!(
+        result
+            .stdout
+            .starts_with("[hook] pipeline starting\nbuilding\ntesting\n{"),
+        "{}",
+        result.stdout
+    );
+    let steps: Vec<_> = result
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.status, s.exit_code))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("build", StepStatus::Success, Some(0)),
+            ("test", StepStatus::Failed, Some(4))
+        ]
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_gryt_pipeline_that_does_not_load_fails_with_exit_code_2() {
+    let agent = test_agent("gryt-load", |_| {}).await;
+    let result = agent
+        .executor
+        .run(
+            &job("import gryt\nSYNTAX ERROR here\n"),
+            &Discard,
+            &JobControl::new(),
+        )
+        .await;
+    assert_eq!(result.status, JobStatus::Failed, "{result:?}");
+    assert_eq!(result.exit_code, 2);
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("invalid syntax"),
+        "{result:?}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_passing_gryt_pipeline_succeeds_with_its_steps() {
+    let agent = test_agent("gryt-ok", |_| {}).await;
+    let script = "from gryt import Pipeline\n# step lint: true\n# step test: test \"$GRYT_WORKSPACE\" = /workspace && test -f pipeline.py\n";
+    let result = agent
+        .executor
+        .run(&job(script), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.steps.len(), 2);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_job_past_its_time_limit_is_stopped_with_status_timeout() {
+    let agent = test_agent("timeout", |_| {}).await;
+    let mut spec =
+        job("version: 1\nsteps:\n  - run: echo started; sleep 60\n  - run: echo never\n");
+    spec.timeout_seconds = Some(2);
+    let clock = Instant::now();
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Timeout, "{result:?}");
+    assert!(
+        clock.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        clock.elapsed()
+    );
+    assert_eq!(result.stdout, "started\n");
+    assert_eq!(result.error.as_deref(), Some("job timed out after 2s"));
+    assert_eq!(result.steps[0].status, StepStatus::Timeout);
+    assert_eq!(result.steps[1].status, StepStatus::Skipped);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_step_time_limit_stops_only_that_step() {
+    let agent = test_agent("step-timeout", |_| {}).await;
+    let pipeline = "version: 1\nsteps:\n  - run: sleep 60\n    timeout_seconds: 1\n    continue_on_error: true\n  - run: echo after\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.steps[0].status, StepStatus::Timeout);
+    assert_eq!(result.stdout, "after\n");
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn running_out_of_memory_is_reported_as_such() {
+    let agent = test_agent("oom", |_| {}).await;
+    let mut spec =
+        job("version: 1\nsteps:\n  - run: dd if=/dev/zero of=/dev/null bs=128M count=1\n");
+    spec.memory_limit = Some("32m".into());
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Failed, "{result:?}");
+    assert!(result.oom_killed, "{result:?}");
+    assert_eq!(result.exit_code, 137);
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("out of memory"),
+        "{result:?}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_job_stops_quickly_with_status_cancelled() {
+    let agent = test_agent("cancel", |_| {}).await;
+    let control = JobControl::new();
+    let canceller = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        canceller.cancel("the API asked");
+    });
+    let clock = Instant::now();
+    let result = agent
+        .executor
+        .run(
+            &job("version: 1\nsteps:\n  - run: sleep 60\n"),
+            &Discard,
+            &control,
+        )
+        .await;
+    assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some("job cancelled: the API asked")
+    );
+    assert!(
+        clock.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        clock.elapsed()
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn an_abort_kills_at_once() {
+    let agent = test_agent("abort", |s| s.job.stop_grace_seconds = 30).await;
+    let control = JobControl::new();
+    let aborter = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        aborter.abort("lease lost");
+    });
+    let clock = Instant::now();
+    // The step ignores SIGTERM: only a kill ends it, and an abort must not wait for the grace.
+    let result = agent
+        .executor
+        .run(
+            &job("version: 1\nsteps:\n  - run: trap '' TERM; sleep 60\n"),
+            &Discard,
+            &control,
+        )
+        .await;
+    assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
+    assert!(
+        clock.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        clock.elapsed()
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn the_job_runs_as_non_root_without_capabilities_or_network_when_configured() {
+    let agent = test_agent("hardening", |s| s.docker.network = "none".into()).await;
+    let pipeline = "version: 1\nsteps:\n  - run: id -u; id -g; grep -E '^Cap(Eff|Prm|Bnd):' /proc/self/status; grep NoNewPrivs /proc/self/status; ls /sys/class/net\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    let lines: Vec<&str> = result.stdout.lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1], "1000");
+    for cap in &lines[2..5] {
+        assert!(cap.ends_with("0000000000000000"), "capability left: {cap}");
+    }
+    assert!(
+        lines[5].ends_with('1'),
+        "no_new_privs not set: {}",
+        lines[5]
+    );
+    assert_eq!(
+        &lines[6..],
+        ["lo"],
+        "network `none` must leave only loopback"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn docker_inspect_shows_a_hardened_labelled_container() {
+    let agent = test_agent("inspect", |_| {}).await;
+    let docker = support::docker().await;
+    let agent_id = agent.agent_id.clone();
+    let inspector = tokio::spawn(async move {
+        for _ in 0..100 {
+            if let Some(id) = support::containers_of(&agent_id).await.first() {
+                return docker.inspect_container(id, None).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("job container never appeared");
+    });
+    let mut spec = job("version: 1\nsteps:\n  - run: sleep 3\n");
+    spec.memory_limit = Some("256m".into());
+    spec.cpu_limit = Some("0.5".into());
+    spec.job_id = 42;
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    let inspect = inspector.await.unwrap();
+    let config = inspect.config.unwrap();
+    let host = inspect.host_config.unwrap();
+    assert_eq!(config.user.as_deref(), Some("1000:1000"));
+    let labels = config.labels.unwrap();
+    assert_eq!(labels["io.gryt.agent.managed"], "true");
+    assert_eq!(labels["io.gryt.agent.id"], agent.agent_id);
+    assert_eq!(labels["io.gryt.job.id"], "42");
+    assert_eq!(host.privileged, Some(false));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+    assert!(host.cap_add.unwrap_or_default().is_empty());
+    assert_eq!(
+        host.security_opt,
+        Some(vec!["no-new-privileges".to_string()])
+    );
+    assert_eq!(host.memory, Some(256 << 20));
+    assert_eq!(host.nano_cpus, Some(500_000_000));
+    assert!(host.pids_limit.unwrap_or(0) > 0);
+    let binds = host.binds.unwrap_or_default();
+    assert_eq!(binds.len(), 1, "{binds:?}");
+    assert!(
+        binds[0].ends_with(":/workspace") && !binds[0].contains("docker.sock"),
+        "{binds:?}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_missing_image_with_pull_policy_never_is_a_clear_error() {
+    let agent = test_agent("missing-image", |_| {}).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.docker_image = Some("gryt-agent-test/does-not-exist:1".into());
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Error);
+    assert_eq!(
+        result.error.as_deref(),
+        Some(
+            "image gryt-agent-test/does-not-exist:1 is not present and the pull policy is `never`"
+        )
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_any_container_exists() {
+    let agent = test_agent("bad-input", |_| {}).await;
+    let cases = [
+        ("not base64 at all!", "not valid base64"),
+        (
+            &support::b64("version: 1\nsteps:\n  - run: [unclosed\n") as &str,
+            "invalid YAML pipeline",
+        ),
+        (
+            &support::b64("version: 1\nsteps:\n  - run: echo\n    timeout_seconds: soon\n"),
+            "steps[0].timeout_seconds",
+        ),
+        (
+            &support::b64("version: 3\nsteps:\n  - run: echo\n"),
+            "version",
+        ),
+        (&support::b64("version: 1\nsteps: {}\n"), "steps"),
+    ];
+    for (pipeline_b64, expected) in cases {
+        let spec = gryt_agent::wire::JobSpec {
+            job_id: 9,
+            pipeline_b64: pipeline_b64.to_owned(),
+            ..Default::default()
+        };
+        let result = agent
+            .executor
+            .run(&spec, &Discard, &JobControl::new())
+            .await;
+        assert_eq!(result.status, JobStatus::Error);
+        let error = result.error.unwrap_or_default();
+        assert!(error.contains(expected), "{expected:?} not in {error:?}");
+        assert!(agent.containers().await.is_empty());
+    }
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.memory_limit = Some("lots".into());
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert!(result.error.unwrap_or_default().contains("memory_limit"));
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn fifty_megabytes_of_output_keep_memory_bounded_and_the_tail_right() {
+    let agent = test_agent("big-output", |_| {}).await;
+    struct Counter(std::sync::atomic::AtomicU64);
+    impl gryt_agent::executor::JobObserver for Counter {
+        fn output(&self, _: OutputStream, data: &[u8]) {
+            self.0
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let counter = Counter(Default::default());
+    let total: u64 = 50 * 1024 * 1024;
+    // 50 MiB of numbered lines, then a known last line.
+    let pipeline = format!(
+        "version: 1\nsteps:\n  - run: yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {} ; echo; echo THE-END\n",
+        total
+    );
+    let rss_before = rss_kib();
+    let result = agent
+        .executor
+        .run(&job(&pipeline), &counter, &JobControl::new())
+        .await;
+    let rss_after = rss_kib();
+    assert_eq!(
+        result.status,
+        JobStatus::Success,
+        "{}",
+        result.error.unwrap_or_default()
+    );
+    assert_eq!(
+        counter.0.load(std::sync::atomic::Ordering::Relaxed),
+        total + 1 + 8
+    );
+    assert!(result.stdout.ends_with("\nTHE-END\n"));
+    assert!(
+        result.stdout.starts_with("[gryt-agent: "),
+        "no dropped-bytes marker"
+    );
+    let dropped = total + 9 - 1024 * 1024;
+    assert!(
+        result
+            .stdout
+            .contains(&format!("{dropped} earlier bytes dropped")),
+        "{}",
+        &result.stdout[..100]
+    );
+    assert!(result.stdout.len() < 1024 * 1024 + 200);
+    let growth_mib = rss_after.saturating_sub(rss_before) / 1024;
+    assert!(
+        growth_mib < 40,
+        "RSS grew by {growth_mib} MiB while 50 MiB streamed through"
+    );
+    agent.assert_clean().await;
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn files_the_job_wrote_are_removed_with_the_workspace() {
+    let agent = test_agent("cleanup", |_| {}).await;
+    let pipeline = "version: 1\nsteps:\n  - run: mkdir -p a/b/c && echo x > a/b/c/f && chmod 000 a/b/c && chmod 500 a/b && exit 1\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Failed);
+    agent.assert_clean().await;
+}

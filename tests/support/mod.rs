@@ -1,0 +1,252 @@
+//! Shared test support: the local test image, executors wired to it, and leftover checks.
+//!
+//! No registry is reachable here, so the image the tests run in is built locally: Debian's
+//! `busybox-static` binary with its applets, plus `tests/support/gryt-standin.sh` installed as
+//! `/usr/local/bin/gryt` (a TEST STAND-IN for the gryt CLI, see that file), imported through
+//! bollard as `gryt-agent-test/busybox:<content hash>`. Tests that need Docker fail when there
+//! is none: they never skip.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use bollard::Docker;
+use bollard::query_parameters::{CreateImageOptionsBuilder, ListContainersOptionsBuilder};
+use futures_util::StreamExt;
+use gryt_agent::config::Settings;
+use gryt_agent::executor::container::LABEL_AGENT_ID;
+use gryt_agent::executor::{Executor, ExecutorSettings, JobObserver, OutputStream};
+use tokio::sync::OnceCell;
+
+const BUSYBOX: &str = "/bin/busybox";
+const STANDIN: &str = include_str!("gryt-standin.sh");
+
+static IMAGE: OnceCell<String> = OnceCell::const_new();
+
+/// The Docker engine the tests use; panics (fails the test) when there is none.
+pub async fn docker() -> Docker {
+    let docker = gryt_agent::executor::connect(None).expect("no Docker client");
+    let docker = docker.negotiate_version().await.expect(
+        "the Docker engine does not answer: these tests need a running Docker engine (see .ci/run)",
+    );
+    docker.ping().await.expect("Docker ping failed");
+    docker
+}
+
+/// Builds (once) and returns the test image's name.
+pub async fn test_image() -> String {
+    IMAGE.get_or_init(build_test_image).await.clone()
+}
+
+async fn build_test_image() -> String {
+    let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
+        panic!("{BUSYBOX} missing ({e}): install Debian's busybox-static (.ci/run does)")
+    });
+    let tag = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        busybox.len().hash(&mut h);
+        STANDIN.hash(&mut h);
+        format!("{:x}", h.finish())
+    };
+    let name = format!("gryt-agent-test/busybox:{tag}");
+    let docker = docker().await;
+    if docker.inspect_image(&name).await.is_ok() {
+        return name;
+    }
+    let rootfs = rootfs_tar(&busybox);
+    let options = CreateImageOptionsBuilder::default()
+        .from_src("-")
+        .repo("gryt-agent-test/busybox")
+        .tag(&tag)
+        .build();
+    let mut import =
+        docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
+    while let Some(item) = import.next().await {
+        let info = item.expect("image import failed");
+        assert!(info.error_detail.is_none(), "image import failed: {info:?}");
+    }
+    docker
+        .inspect_image(&name)
+        .await
+        .expect("imported test image not found");
+    name
+}
+
+/// A root filesystem: busybox and a link per applet in /bin, the gryt stand-in, /tmp, /workspace.
+fn rootfs_tar(busybox: &[u8]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(mode);
+        h.set_size(0);
+        tar.append_data(&mut h, path, std::io::empty()).unwrap();
+    };
+    let file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_size(data.len() as u64);
+        tar.append_data(&mut h, path, data).unwrap();
+    };
+    for (d, mode) in [
+        ("bin", 0o755),
+        ("etc", 0o755),
+        ("tmp", 0o1777),
+        ("workspace", 0o755),
+        ("usr", 0o755),
+        ("usr/local", 0o755),
+        ("usr/local/bin", 0o755),
+        ("proc", 0o755),
+        ("sys", 0o755),
+        ("dev", 0o755),
+    ] {
+        dir(&mut tar, d, mode);
+    }
+    file(&mut tar, "bin/busybox", busybox);
+    file(&mut tar, "usr/local/bin/gryt", STANDIN.as_bytes());
+    file(
+        &mut tar,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\njob:x:1000:1000:job:/tmp:/bin/sh\n",
+    );
+    file(&mut tar, "etc/group", b"root:x:0:\njob:x:1000:\n");
+    let output = std::process::Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&output.stdout).lines() {
+        if applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .unwrap();
+    }
+    tar.into_inner().unwrap()
+}
+
+/// A unique agent id per test, so leftover checks only see that test's containers.
+pub fn unique_agent_id(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("test-{test}-{}-{nanos}", std::process::id())
+}
+
+/// An executor on the test image with a private work dir. `tweak` adjusts the settings.
+pub struct TestAgent {
+    pub executor: Executor,
+    pub agent_id: String,
+    pub work_dir: tempfile::TempDir,
+}
+
+pub async fn test_agent(test: &str, tweak: impl FnOnce(&mut Settings)) -> TestAgent {
+    let image = test_image().await;
+    let work_dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+    settings.docker.image = image;
+    settings.docker.pull_policy = gryt_agent::config::PullPolicy::Never;
+    settings.work_dir = Some(work_dir.path().to_owned());
+    settings.job.stop_grace_seconds = 2;
+    tweak(&mut settings);
+    let agent_id = unique_agent_id(test);
+    let executor =
+        Executor::new(ExecutorSettings::from_settings(&settings, agent_id.clone())).unwrap();
+    TestAgent {
+        executor,
+        agent_id,
+        work_dir,
+    }
+}
+
+impl TestAgent {
+    /// Containers (running or not) carrying this agent's label.
+    pub async fn containers(&self) -> Vec<String> {
+        containers_of(&self.agent_id).await
+    }
+
+    /// Asserts that no container and no workspace of this agent is left.
+    pub async fn assert_clean(&self) {
+        // Removal of a dropped container happens in the background: give it a moment.
+        for _ in 0..50 {
+            if self.containers().await.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            self.containers().await,
+            Vec::<String>::new(),
+            "containers left behind"
+        );
+        let left: Vec<PathBuf> = std::fs::read_dir(self.work_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "workspaces left behind: {left:?}");
+    }
+}
+
+pub async fn containers_of(agent_id: &str) -> Vec<String> {
+    let filters = HashMap::from([("label", vec![format!("{LABEL_AGENT_ID}={agent_id}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker()
+        .await
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
+}
+
+/// Records everything a job printed, in arrival order.
+#[derive(Default)]
+pub struct Recorder {
+    pub chunks: Mutex<Vec<(OutputStream, Vec<u8>)>>,
+    pub events: Mutex<Vec<String>>,
+}
+
+impl JobObserver for Recorder {
+    fn output(&self, stream: OutputStream, data: &[u8]) {
+        self.chunks.lock().unwrap().push((stream, data.to_vec()));
+    }
+    fn event(&self, event: gryt_agent::executor::JobEvent<'_>) {
+        self.events.lock().unwrap().push(format!("{event:?}"));
+    }
+}
+
+impl Recorder {
+    pub fn stream(&self, which: OutputStream) -> Vec<u8> {
+        self.chunks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, _)| *s == which)
+            .flat_map(|(_, d)| d.clone())
+            .collect()
+    }
+}
+
+pub fn b64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// A job running `pipeline` (YAML or gryt script text).
+pub fn job(pipeline: &str) -> gryt_agent::wire::JobSpec {
+    gryt_agent::wire::JobSpec {
+        job_id: 1,
+        pipeline_b64: b64(pipeline),
+        ..Default::default()
+    }
+}
