@@ -1,4 +1,4 @@
-//! Wire types shared by every mode: the job spec a job arrives as and the result it leaves as.
+//! The job spec a job arrives as and the result it leaves as, shared by every mode.
 //!
 //! Field names are a contract with the main API (push mode's `POST /jobs/execute` body and
 //! response, pull mode's lease and `complete` bodies): rename nothing here. Unknown fields in a

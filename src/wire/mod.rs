@@ -1,0 +1,9 @@
+//! Wire types: every JSON body the agent sends or receives, in one place.
+//!
+//! `job` holds the job spec and result shared by all modes (the push API's body and response,
+//! the pull API's lease payload and completion). Field names here are contracts with the main
+//! API: rename nothing.
+
+pub mod job;
+
+pub use job::{JobResult, JobSpec, JobStatus, SpecError, StepResult, StepStatus, rfc3339};
