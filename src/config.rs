@@ -26,6 +26,16 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_ENCRYPTION_KEY", "encryption_key"),
     ("GRYT_ENCRYPTION_KEY_FILE", "encryption_key_file"),
     ("GRYT_ENCRYPTION_KEY_PREVIOUS", "encryption_key_previous"),
+    ("GRYT_API_URL", "api_url"),
+    ("GRYT_CONCURRENCY", "concurrency"),
+    ("GRYT_ALLOW_INSECURE_HTTP", "allow_insecure_http"),
+    ("GRYT_CA_FILE", "ca_file"),
+    ("GRYT_LEASE_WAIT", "lease_wait_seconds"),
+    ("GRYT_SHUTDOWN_TIMEOUT", "shutdown_timeout_seconds"),
+    ("GRYT_METRICS", "metrics"),
+    ("GRYT_PUSH", "push.enabled"),
+    ("GRYT_CALLBACK_ALLOW", "push.callback_allow"),
+    ("GRYT_MAX_BODY_BYTES", "push.max_body_bytes"),
     ("AGENT_HOST", "host"),
     ("AGENT_PORT", "port"),
     ("GRYT_AGENT_ID", "agent_id"),
@@ -47,7 +57,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 ];
 
 /// Keys whose environment value is a list.
-const LIST_KEYS: &[&str] = &["labels", "job.gryt_command"];
+const LIST_KEYS: &[&str] = &["labels", "job.gryt_command", "push.callback_allow"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,6 +68,21 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Where job workspaces are made; `<state_dir>/work` when unset.
     pub work_dir: Option<PathBuf>,
+    /// Base URL of the main API; pull mode runs when it is set.
+    pub api_url: Option<String>,
+    /// Job slots: how many jobs run at once (pull and push share them).
+    pub concurrency: usize,
+    /// Allow plain `http://` to hosts other than loopback (API and git). Off: HTTPS only.
+    pub allow_insecure_http: bool,
+    /// Extra PEM CA certificate(s) to trust for HTTPS (a private CA); `SSL_CERT_FILE` works too.
+    pub ca_file: Option<PathBuf>,
+    /// How long a lease request may be held by the server (long poll).
+    pub lease_wait_seconds: u64,
+    /// On SIGTERM, how long running jobs may finish before they are cancelled.
+    pub shutdown_timeout_seconds: u64,
+    /// Serve `GET /metrics`.
+    pub metrics: bool,
+    /// Local HTTP endpoint address; `0.0.0.0` with push mode, else `127.0.0.1`.
     pub host: Option<String>,
     pub port: u16,
     pub api_key: Option<SecretString>,
@@ -68,6 +93,28 @@ pub struct Settings {
     pub encryption_key_previous: Option<SecretString>,
     pub docker: DockerSettings,
     pub job: JobSettings,
+    pub push: PushSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushSettings {
+    /// Serve `POST /jobs/execute` for the existing API (needs `api_key`, 32+ characters).
+    pub enabled: bool,
+    /// Hosts a result may be POSTed to as `callback_url` (`host` or `host:port`).
+    pub callback_allow: Vec<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for PushSettings {
+    fn default() -> Self {
+        PushSettings {
+            enabled: false,
+            callback_allow: Vec::new(),
+            max_body_bytes: 10 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +164,13 @@ impl Default for Settings {
             labels: Vec::new(),
             state_dir: default_state_dir(),
             work_dir: None,
+            api_url: None,
+            concurrency: 1,
+            allow_insecure_http: false,
+            ca_file: None,
+            lease_wait_seconds: 25,
+            shutdown_timeout_seconds: 600,
+            metrics: true,
             host: None,
             port: 8080,
             api_key: None,
@@ -127,6 +181,7 @@ impl Default for Settings {
             encryption_key_previous: None,
             docker: DockerSettings::default(),
             job: JobSettings::default(),
+            push: PushSettings::default(),
         }
     }
 }
@@ -274,6 +329,15 @@ impl Settings {
         }
         if j.gryt_command.is_empty() || j.gryt_command[0].is_empty() {
             return Err(key_error("job.gryt_command", "must name a command"));
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return Err(key_error("concurrency", "must be between 1 and 256"));
+        }
+        if self.lease_wait_seconds > 300 {
+            return Err(key_error("lease_wait_seconds", "must be at most 300"));
+        }
+        if self.push.max_body_bytes < 1024 {
+            return Err(key_error("push.max_body_bytes", "must be at least 1024"));
         }
         if let Some(id) = &self.agent_id {
             if !valid_agent_id(id) {

@@ -2,9 +2,13 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; see ARCHITECTURE.md for the map.
 
+pub mod agent;
 pub mod config;
 pub mod executor;
+pub mod metrics;
 pub mod pipeline;
+pub mod server;
+pub mod slots;
 pub mod wire;
 
 /// The agent's version, as reported on `/`, `/health` and in `User-Agent`.

@@ -2,6 +2,7 @@
 //! Nothing here does the work itself.
 
 mod exec;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +21,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Log filter in RUST_LOG syntax (e.g. `info`, `gryt_agent=debug`) [default: RUST_LOG, else warn]
+    /// Log filter in RUST_LOG syntax (e.g. `info`, `gryt_agent=debug`) [default: RUST_LOG, else
+    /// `info` for `run` and `warn` for the one-shot commands]
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
@@ -32,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one pipeline file locally, in a container, and exit with its exit code.
     Exec(exec::ExecArgs),
+    /// Run the long-running agent: pull jobs from the API and/or serve push requests.
+    Run(run::RunArgs),
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -40,7 +44,10 @@ pub fn init_logging(cli: &Cli) {
         .as_deref()
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn"));
+        .unwrap_or_else(|| match cli.command {
+            Command::Run(_) => EnvFilter::new("info"),
+            _ => EnvFilter::new("warn"),
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -50,5 +57,6 @@ pub fn init_logging(cli: &Cli) {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Exec(args) => exec::run(cli.config.as_deref(), args).await,
+        Command::Run(args) => run::run(cli.config.as_deref(), args).await,
     }
 }

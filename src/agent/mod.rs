@@ -1,0 +1,215 @@
+//! The long-running agent (`gryt-agent run`): shared state, the local endpoint, the modes that
+//! feed it jobs, signals and the drain on shutdown.
+//!
+//! Shutdown: the first SIGTERM/SIGINT stops taking jobs at once; running jobs get
+//! `shutdown_timeout_seconds` to finish, then they are cancelled (status `cancelled`); a second
+//! signal kills them at once. The agent exits 0 once every job has been reported.
+
+pub mod identity;
+pub mod jobs;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+
+use crate::config::{ConfigError, Settings};
+use crate::executor::{Executor, ExecutorError, ExecutorSettings};
+use crate::metrics::Metrics;
+use crate::slots::Slots;
+
+use jobs::RunningJobs;
+use status::{ApiStatus, Shutdown};
+
+/// The documented minimum length of the push-mode API key.
+pub const MIN_PUSH_KEY_LEN: usize = 32;
+
+/// Everything the modes and the endpoint share.
+pub struct AgentState {
+    pub settings: Settings,
+    pub agent_id: String,
+    pub api_key: Option<SecretString>,
+    pub executor: Arc<Executor>,
+    pub slots: Slots,
+    pub metrics: Metrics,
+    pub jobs: RunningJobs,
+    pub api_status: ApiStatus,
+    pub shutdown: Shutdown,
+}
+
+/// Ephemeral-agent limits (autoscaled fleets): exit after some work or some idleness.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Exit after one job is completed.
+    pub once: bool,
+    /// Exit after this many jobs are completed.
+    pub max_jobs: Option<u64>,
+    /// Exit after this long without a job.
+    pub idle_exit: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("nothing to do: set GRYT_API_URL (pull mode) and/or GRYT_PUSH=true (push mode)")]
+    NothingToDo,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "push mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE) of at least {MIN_PUSH_KEY_LEN} characters; \
+         make one with `openssl rand -hex 32`"
+    )]
+    PushKey,
+    #[error(
+        "pull mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE): the key the API knows this agent by"
+    )]
+    PullKey,
+    #[error("{0}")]
+    Identity(#[from] identity::IdentityError),
+    #[error("{0}")]
+    Executor(#[from] ExecutorError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+}
+
+impl AgentState {
+    /// Checks the settings for the long-running agent and builds its state (no I/O but files).
+    pub fn new(settings: Settings) -> Result<Arc<Self>, AgentError> {
+        let pull = settings.api_url.is_some();
+        let push = settings.push.enabled;
+        if !pull && !push {
+            return Err(AgentError::NothingToDo);
+        }
+        let api_key = settings.api_key()?;
+        let key_len = api_key
+            .as_ref()
+            .map(|k| k.expose_secret().len())
+            .unwrap_or(0);
+        if push && key_len < MIN_PUSH_KEY_LEN {
+            return Err(AgentError::PushKey);
+        }
+        if pull && key_len == 0 {
+            return Err(AgentError::PullKey);
+        }
+        let agent_id = identity::agent_id(&settings)?;
+        let executor = Arc::new(Executor::new(ExecutorSettings::from_settings(
+            &settings,
+            agent_id.clone(),
+        ))?);
+        let slots = Slots::new(settings.concurrency);
+        let metrics = Metrics::new(settings.concurrency);
+        Ok(Arc::new(AgentState {
+            settings,
+            agent_id,
+            api_key,
+            executor,
+            slots,
+            metrics,
+            jobs: RunningJobs::default(),
+            api_status: ApiStatus::default(),
+            shutdown: Shutdown::default(),
+        }))
+    }
+
+    /// Where the endpoint listens: `AGENT_HOST` else `0.0.0.0` with push mode (the API must
+    /// reach it) or `127.0.0.1` when only pulling (nothing outside needs it).
+    pub fn listen_address(&self) -> (String, u16) {
+        let default_host = if self.settings.push.enabled {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let host = self
+            .settings
+            .host
+            .clone()
+            .unwrap_or_else(|| default_host.to_owned());
+        (host, self.settings.port)
+    }
+}
+
+/// Runs the agent until it is told to stop (or, ephemeral, has done its work).
+pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentError> {
+    let state = AgentState::new(settings)?;
+    let (host, port) = state.listen_address();
+    let address = format!("{host}:{port}");
+    let listener = TcpListener::bind((host.as_str(), port))
+        .await
+        .map_err(|source| AgentError::Listen {
+            address: address.clone(),
+            source,
+        })?;
+    tracing::info!(
+        agent_id = %state.agent_id,
+        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
+        pull = state.settings.api_url.is_some(),
+        push = state.settings.push.enabled,
+        slots = state.slots.total(),
+        "gryt-agent {} running",
+        crate::VERSION
+    );
+    let server = {
+        let shutdown = state.shutdown.clone();
+        tokio::spawn(crate::server::serve(
+            listener,
+            crate::server::router(state.clone()),
+            async move { shutdown.stopped().await },
+        ))
+    };
+    let _ = options;
+
+    wait_for_signal().await;
+    tracing::info!("signal received: taking no new jobs, letting running jobs finish");
+    drain(&state).await;
+    state.shutdown.stop();
+    if let Ok(Err(e)) = server.await {
+        tracing::error!(error = %e, "local endpoint failed");
+    }
+    Ok(())
+}
+
+/// Stops taking jobs, waits for running ones up to the shutdown timeout (a second signal cuts it
+/// short), then cancels what is left and waits for those to be reported.
+pub async fn drain(state: &Arc<AgentState>) {
+    state.shutdown.begin_drain();
+    let timeout = Duration::from_secs(state.settings.shutdown_timeout_seconds);
+    let waited = tokio::select! {
+        _ = wait_until_idle(state) => true,
+        _ = tokio::time::sleep(timeout) => false,
+        _ = wait_for_signal() => {
+            tracing::warn!("second signal: killing running jobs");
+            state.jobs.abort_all("the agent was stopped (second signal)");
+            false
+        }
+    };
+    if !waited {
+        state.jobs.cancel_all("the agent shut down");
+        wait_until_idle(state).await;
+    }
+}
+
+async fn wait_until_idle(state: &AgentState) {
+    while state.jobs.count() > 0 || state.slots.running() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent can only be killed; never return spuriously.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

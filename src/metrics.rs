@@ -1,0 +1,207 @@
+//! Prometheus metrics: what the agent counts, and their text exposition for `GET /metrics`.
+//!
+//! Every mode reports through [`Metrics`]; names carry the `gryt_agent_` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FinishedLabels {
+    mode: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabel {
+    call: &'static str,
+}
+
+/// Which mode a job came through.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    Pull,
+    Push,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Pull => "pull",
+            Mode::Push => "push",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    jobs_started: Family<ModeLabel, Counter>,
+    jobs_finished: Family<FinishedLabels, Counter>,
+    job_duration: Histogram,
+    jobs_running: Gauge,
+    slots: Gauge,
+    lease_calls: Family<OutcomeLabel, Counter>,
+    api_errors: Family<CallLabel, Counter>,
+    log_bytes: Counter,
+    image_pulls: Family<OutcomeLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new(slots: usize) -> Self {
+        let mut registry = Registry::with_prefix("gryt_agent");
+        let jobs_started = Family::<ModeLabel, Counter>::default();
+        let jobs_finished = Family::<FinishedLabels, Counter>::default();
+        let job_duration = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        let jobs_running = Gauge::default();
+        let slots_gauge = Gauge::default();
+        let lease_calls = Family::<OutcomeLabel, Counter>::default();
+        let api_errors = Family::<CallLabel, Counter>::default();
+        let log_bytes = Counter::default();
+        let image_pulls = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "jobs_started",
+            "Jobs started, by mode",
+            jobs_started.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Jobs finished, by mode and status",
+            jobs_finished.clone(),
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Duration of finished jobs",
+            job_duration.clone(),
+        );
+        registry.register("jobs_running", "Jobs running now", jobs_running.clone());
+        registry.register("slots", "Job slots (concurrency)", slots_gauge.clone());
+        registry.register(
+            "lease_calls",
+            "Lease calls to the API, by outcome",
+            lease_calls.clone(),
+        );
+        registry.register(
+            "api_errors",
+            "Failed calls to the API, by call",
+            api_errors.clone(),
+        );
+        registry.register(
+            "log_bytes_streamed",
+            "Bytes of job log delivered to the API",
+            log_bytes.clone(),
+        );
+        registry.register(
+            "image_pulls",
+            "Image pulls, by outcome",
+            image_pulls.clone(),
+        );
+        slots_gauge.set(slots as i64);
+        Metrics {
+            registry,
+            jobs_started,
+            jobs_finished,
+            job_duration,
+            jobs_running,
+            slots: slots_gauge,
+            lease_calls,
+            api_errors,
+            log_bytes,
+            image_pulls,
+        }
+    }
+
+    pub fn job_started(&self, mode: Mode) {
+        self.jobs_started
+            .get_or_create(&ModeLabel {
+                mode: mode.as_str(),
+            })
+            .inc();
+        self.jobs_running.inc();
+    }
+
+    pub fn job_finished(&self, mode: Mode, status: crate::wire::JobStatus, duration_seconds: f64) {
+        let labels = FinishedLabels {
+            mode: mode.as_str(),
+            status: status.as_str(),
+        };
+        self.jobs_finished.get_or_create(&labels).inc();
+        self.job_duration.observe(duration_seconds);
+        self.jobs_running.dec();
+    }
+
+    /// `outcome`: `job`, `empty`, `unauthorized`, `error`.
+    pub fn lease_call(&self, outcome: &'static str) {
+        self.lease_calls
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// `call`: `lease`, `start`, `heartbeat`, `logs`, `complete`, `callback`.
+    pub fn api_error(&self, call: &'static str) {
+        self.api_errors.get_or_create(&CallLabel { call }).inc();
+    }
+
+    pub fn log_bytes_streamed(&self, bytes: u64) {
+        self.log_bytes.inc_by(bytes);
+    }
+
+    /// `outcome`: `ok` or `error`.
+    pub fn image_pull(&self, outcome: &'static str) {
+        self.image_pulls
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    pub fn set_slots(&self, slots: usize) {
+        self.slots.set(slots as i64);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_show_in_the_exposition() {
+        let m = Metrics::new(4);
+        m.job_started(Mode::Push);
+        m.job_finished(Mode::Push, crate::wire::JobStatus::Failed, 1.5);
+        m.lease_call("empty");
+        let text = m.encode();
+        assert!(
+            text.contains("gryt_agent_jobs_started_total{mode=\"push\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gryt_agent_jobs_finished_total{mode=\"push\",status=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("gryt_agent_slots 4"), "{text}");
+        assert!(
+            text.contains("gryt_agent_lease_calls_total{outcome=\"empty\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("gryt_agent_jobs_running 0"), "{text}");
+    }
+}

@@ -1,0 +1,67 @@
+//! `GET /health`: whether this agent can take jobs, and why not.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+
+use crate::agent::AgentState;
+use crate::agent::status::ApiStatusReport;
+
+#[derive(Debug, Serialize)]
+pub struct Health {
+    /// `healthy` or `degraded`.
+    pub status: &'static str,
+    pub version: &'static str,
+    pub docker_available: bool,
+    pub agent_id: String,
+    pub running_jobs: usize,
+    /// Job slots in all.
+    pub capacity: usize,
+    pub free_slots: usize,
+    pub draining: bool,
+    /// Why the status is `degraded` (empty when healthy).
+    pub reasons: Vec<String>,
+    /// Pull mode's view of the API; absent without pull mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiStatusReport>,
+}
+
+pub async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
+    Json(state.health().await)
+}
+
+impl AgentState {
+    pub async fn health(&self) -> Health {
+        let docker_available = self.executor.ping().await;
+        let mut reasons = Vec::new();
+        if !docker_available {
+            reasons.push("the Docker engine does not answer".to_owned());
+        }
+        let api = self
+            .settings
+            .api_url
+            .as_ref()
+            .map(|_| self.api_status.report());
+        if let Some(problem) = api.as_ref().and_then(|a| a.credentials_problem.clone()) {
+            reasons.push(problem);
+        }
+        Health {
+            status: if reasons.is_empty() {
+                "healthy"
+            } else {
+                "degraded"
+            },
+            version: crate::VERSION,
+            docker_available,
+            agent_id: self.agent_id.clone(),
+            running_jobs: self.jobs.count(),
+            capacity: self.slots.total(),
+            free_slots: self.slots.free(),
+            draining: self.shutdown.is_draining(),
+            reasons,
+            api,
+        }
+    }
+}
