@@ -297,7 +297,7 @@ impl Settings {
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            .map_err(|e| ConfigError::Invalid(with_origin(e.to_string(), env, overrides)))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -385,6 +385,21 @@ fn secret_or_file(
     Ok(Some(SecretString::from(
         text.trim_end_matches(['\n', '\r']).to_owned(),
     )))
+}
+
+/// Adds where a bad value came from, so the user knows which variable or flag to fix.
+fn with_origin(message: String, env: &[(String, String)], overrides: &[(&str, String)]) -> String {
+    let mentions = |key: &str| message.contains(&format!("`{key}`"));
+    if let Some((key, _)) = overrides.iter().find(|(k, _)| mentions(k)) {
+        return format!("{message} (set by the command-line flag for `{key}`)");
+    }
+    let from_env = ENV_VARS
+        .iter()
+        .find(|(var, key)| mentions(key) && env.iter().any(|(v, _)| v == var));
+    match from_env {
+        Some((var, _)) => format!("{message} (set by the environment variable {var})"),
+        None => message,
+    }
 }
 
 fn set(
@@ -483,6 +498,19 @@ mod tests {
         let err = Settings::load_from(None, &[], &[("docker.pull_policy", "sometimes".into())])
             .unwrap_err();
         assert!(err.to_string().contains("pull_policy"), "{err}");
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_documents_every_variable() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/agent.example.toml");
+        Settings::load_from(Some(Path::new(example)), &[], &[]).unwrap();
+        let text = std::fs::read_to_string(example).unwrap();
+        for (var, _) in ENV_VARS {
+            assert!(
+                text.contains(var),
+                "config/agent.example.toml does not mention {var}"
+            );
+        }
     }
 
     #[test]
