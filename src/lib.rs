@@ -7,6 +7,7 @@ pub mod config;
 pub mod executor;
 pub mod metrics;
 pub mod pipeline;
+pub mod push;
 pub mod server;
 pub mod slots;
 pub mod wire;

@@ -22,8 +22,22 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::dispatch(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("gryt-agent: {e:#}");
+            eprintln!("gryt-agent: {}", describe(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, skipping causes the message already quotes (the library's errors
+/// name their source in their own message).
+fn describe(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
 }

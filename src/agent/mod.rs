@@ -31,6 +31,8 @@ pub struct AgentState {
     pub settings: Settings,
     pub agent_id: String,
     pub api_key: Option<SecretString>,
+    /// Keys accepted on `POST /jobs/execute`; `Some` exactly when push mode is on.
+    pub push_keys: Option<crate::push::auth::PushKeys>,
     pub executor: Arc<Executor>,
     pub slots: Slots,
     pub metrics: Metrics,
@@ -95,6 +97,13 @@ impl AgentState {
         if pull && key_len == 0 {
             return Err(AgentError::PullKey);
         }
+        let push_keys = match (&api_key, push) {
+            (Some(key), true) => Some(crate::push::auth::PushKeys::new(
+                key.clone(),
+                settings.api_key_previous.clone(),
+            )),
+            _ => None,
+        };
         let agent_id = identity::agent_id(&settings)?;
         let executor = Arc::new(Executor::new(ExecutorSettings::from_settings(
             &settings,
@@ -106,6 +115,7 @@ impl AgentState {
             settings,
             agent_id,
             api_key,
+            push_keys,
             executor,
             slots,
             metrics,

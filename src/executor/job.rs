@@ -202,7 +202,10 @@ async fn prepare_and_run(
         Err(message) => return Outcome::Error(message),
     };
     let settings = &executor.settings;
-    let docker = executor.docker().await;
+    let docker = match executor.docker().await {
+        Ok(docker) => docker,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
 
     // The image: bounded by the job's deadline and by stop requests like everything else.
     let observer = run.observer;

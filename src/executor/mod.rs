@@ -86,9 +86,8 @@ pub enum ExecutorError {
 
 pub struct Executor {
     settings: ExecutorSettings,
-    docker: Docker,
-    /// The client after API version negotiation; negotiated lazily so the agent can start while
-    /// the engine is down and pick it up when it comes back.
+    /// The client after API version negotiation. Made lazily, so the agent starts while the
+    /// engine is down (or its socket does not exist yet) and picks it up when it comes back.
     negotiated: Mutex<Option<Docker>>,
 }
 
@@ -96,12 +95,12 @@ pub struct Executor {
 const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Executor {
-    /// Makes an executor; no I/O happens until the first job or ping.
+    /// Makes an executor; no I/O happens until the first job or ping. Fails only on a Docker
+    /// address that can never work.
     pub fn new(settings: ExecutorSettings) -> Result<Self, ExecutorError> {
-        let docker = connect(settings.docker.host.as_deref())?;
+        check_address(settings.docker.host.as_deref())?;
         Ok(Executor {
             settings,
-            docker,
             negotiated: Mutex::new(None),
         })
     }
@@ -111,25 +110,28 @@ impl Executor {
     }
 
     /// The Docker client, negotiated with the engine when it answers (older engines need an older
-    /// API version; newer ones refuse very old ones).
-    pub async fn docker(&self) -> Docker {
+    /// API version; newer ones refuse very old ones). Until the engine answers, each call tries
+    /// again and returns a client whose calls fail with the engine's error.
+    pub async fn docker(&self) -> Result<Docker, ExecutorError> {
         let mut negotiated = self.negotiated.lock().await;
         if let Some(docker) = negotiated.as_ref() {
-            return docker.clone();
+            return Ok(docker.clone());
         }
-        match tokio::time::timeout(NEGOTIATE_TIMEOUT, self.docker.clone().negotiate_version()).await
-        {
+        let docker = connect(self.settings.docker.host.as_deref())?;
+        match tokio::time::timeout(NEGOTIATE_TIMEOUT, docker.clone().negotiate_version()).await {
             Ok(Ok(docker)) => {
                 *negotiated = Some(docker.clone());
-                docker
+                Ok(docker)
             }
-            _ => self.docker.clone(),
+            _ => Ok(docker),
         }
     }
 
     /// True when the Docker engine answers a ping.
     pub async fn ping(&self) -> bool {
-        let docker = self.docker().await;
+        let Ok(docker) = self.docker().await else {
+            return false;
+        };
         matches!(
             tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
             Ok(Ok(_))
@@ -148,10 +150,25 @@ impl Executor {
     }
 }
 
+fn check_address(address: Option<&str>) -> Result<(), ExecutorError> {
+    match address {
+        None => Ok(()),
+        Some(a)
+            if ["unix://", "tcp://", "http://", "/"]
+                .iter()
+                .any(|p| a.starts_with(p)) =>
+        {
+            Ok(())
+        }
+        Some(other) => Err(ExecutorError::Address(other.to_owned())),
+    }
+}
+
 /// Connects to `address` (`unix://`, `tcp://`, `http://`), else to the platform default
 /// (`DOCKER_HOST`, then the local socket).
 pub fn connect(address: Option<&str>) -> Result<Docker, ExecutorError> {
     let timeout = 600; // seconds per request: long enough for a pull's slow layers.
+    check_address(address)?;
     let result = match address {
         Some(a) if a.starts_with("unix://") => {
             Docker::connect_with_unix(a, timeout, bollard::API_DEFAULT_VERSION)
@@ -162,8 +179,7 @@ pub fn connect(address: Option<&str>) -> Result<Docker, ExecutorError> {
         Some(a) if a.starts_with('/') => {
             Docker::connect_with_unix(a, timeout, bollard::API_DEFAULT_VERSION)
         }
-        Some(other) => return Err(ExecutorError::Address(other.to_owned())),
-        None => Docker::connect_with_local_defaults(),
+        Some(_) | None => Docker::connect_with_local_defaults(),
     };
     result.map_err(|source| ExecutorError::Connect {
         address: address.unwrap_or("the default socket").to_owned(),

@@ -2,6 +2,7 @@
 //! `POST /jobs/execute`. Handlers are thin: they read the agent's state or call the executor.
 
 mod health;
+pub mod push;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/health", get(health::health));
     if state.settings.metrics {
         router = router.route("/metrics", get(metrics));
+    }
+    if state.push_keys.is_some() {
+        router = router.merge(push::routes(&state));
     }
     router.with_state(state)
 }

@@ -1,0 +1,112 @@
+//! Posting a push job's result to its `callback_url`, only to allowed hosts, with retries.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::wire::JobResult;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CallbackError {
+    #[error("callback_url is not a valid http(s) URL")]
+    InvalidUrl,
+    #[error("callback host `{0}` is not in push.callback_allow")]
+    NotAllowed(String),
+}
+
+/// Checks `url` against the allow list (`host` or `host:port` entries; a bare host allows any
+/// port). Returns the URL to post to.
+pub fn check(url: &str, allow: &[String]) -> Result<reqwest::Url, CallbackError> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| CallbackError::InvalidUrl)?;
+    if !matches!(parsed.scheme(), "http" | "https")
+        || !parsed.username().is_empty()
+        || parsed.password().is_some()
+    {
+        return Err(CallbackError::InvalidUrl);
+    }
+    let host = parsed
+        .host_str()
+        .ok_or(CallbackError::InvalidUrl)?
+        .to_ascii_lowercase();
+    let port = parsed.port_or_known_default().unwrap_or(0);
+    let host_port = format!("{host}:{port}");
+    let allowed = allow
+        .iter()
+        .map(|a| a.trim().to_ascii_lowercase())
+        .any(|a| a == host || a == host_port);
+    if allowed {
+        Ok(parsed)
+    } else {
+        Err(CallbackError::NotAllowed(host_port))
+    }
+}
+
+/// Posts `result` to `url` with `X-API-Key`, retrying network errors and 5xx/408/429 with
+/// exponential backoff for about a minute. Logs the outcome; never fails the job.
+pub async fn deliver(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    api_key: &SecretString,
+    result: &JobResult,
+) {
+    let attempt = || async {
+        let response = client
+            .post(url.clone())
+            .header("X-API-Key", api_key.expose_secret())
+            .json(result)
+            .send()
+            .await?;
+        response.error_for_status().map(|_| ())
+    };
+    let retryable = |e: &reqwest::Error| match e.status() {
+        Some(s) => s.is_server_error() || s.as_u16() == 408 || s.as_u16() == 429,
+        None => true,
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(15))
+        .with_max_times(8)
+        .with_jitter();
+    let host = url.host_str().unwrap_or("").to_owned();
+    match attempt.retry(backoff).when(retryable).await {
+        Ok(()) => {
+            tracing::info!(job_id = result.job_id, callback_host = %host, "result delivered to callback")
+        }
+        // reqwest's error names the URL; the URL is the API's own and holds no credentials
+        // (refused by `check`).
+        Err(e) => {
+            tracing::warn!(job_id = result.job_id, callback_host = %host, error = %e, "callback failed")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allowed_hosts() {
+        let allow = vec!["api.internal".to_string(), "127.0.0.1:9000".to_string()];
+        assert!(check("https://api.internal/cb", &allow).is_ok());
+        assert!(check("http://api.internal:8080/cb", &allow).is_ok());
+        assert!(check("http://127.0.0.1:9000/cb", &allow).is_ok());
+        assert_eq!(
+            check("http://127.0.0.1:9001/cb", &allow),
+            Err(CallbackError::NotAllowed("127.0.0.1:9001".into()))
+        );
+        assert_eq!(
+            check("http://evil.example/cb", &allow),
+            Err(CallbackError::NotAllowed("evil.example:80".into()))
+        );
+        assert_eq!(
+            check("ftp://api.internal/cb", &allow),
+            Err(CallbackError::InvalidUrl)
+        );
+        assert_eq!(
+            check("http://u:p@api.internal/cb", &allow),
+            Err(CallbackError::InvalidUrl)
+        );
+        assert_eq!(check("not a url", &allow), Err(CallbackError::InvalidUrl));
+    }
+}

@@ -1,0 +1,117 @@
+//! Push mode: jobs the existing API pushes to `POST /jobs/execute`, run in this agent's slots.
+//!
+//! A pushed job runs in its own task, not in the request's: if the client goes away mid-job, the
+//! request future is dropped, which cancels the job (graceful stop); the job still ends in an
+//! orderly way — container and workspace removed, metrics counted, and the (cancelled) result
+//! sent to `callback_url` when there is one.
+
+pub mod auth;
+pub mod callback;
+
+use std::sync::{Arc, OnceLock};
+
+use secrecy::SecretString;
+
+use crate::agent::AgentState;
+use crate::executor::{Discard, JobControl};
+use crate::metrics::Mode;
+use crate::slots::Slot;
+use crate::wire::{JobResult, JobSpec, JobStatus};
+
+/// Runs `job` in `slot` and returns its result. `presented_key` is the caller's `X-API-Key`,
+/// reused for the callback.
+pub async fn run_job(
+    state: Arc<AgentState>,
+    job: JobSpec,
+    slot: Slot,
+    presented_key: SecretString,
+) -> JobResult {
+    let job_id = job.job_id;
+    let control = JobControl::new();
+    let mut cancel_on_drop = CancelOnDrop(Some(control.clone()));
+    let task = tokio::spawn(run_in_slot(state, job, slot, control, presented_key));
+    let result = match task.await {
+        Ok(result) => result,
+        // The job task panicked: its container and workspace guards cleaned up on unwind.
+        Err(e) => panic_result(job_id, e),
+    };
+    cancel_on_drop.0 = None;
+    result
+}
+
+async fn run_in_slot(
+    state: Arc<AgentState>,
+    job: JobSpec,
+    slot: Slot,
+    control: JobControl,
+    presented_key: SecretString,
+) -> JobResult {
+    let _slot = slot;
+    let _registered = state.jobs.register(job.job_id, control.clone());
+    tracing::info!(job_id = job.job_id, "push job started");
+    state.metrics.job_started(Mode::Push);
+    let result = state.executor.run(&job, &Discard, &control).await;
+    state
+        .metrics
+        .job_finished(Mode::Push, result.status, result.duration_seconds);
+    tracing::info!(
+        job_id = job.job_id,
+        status = result.status.as_str(),
+        exit_code = result.exit_code,
+        "push job finished"
+    );
+
+    if let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) {
+        match callback::check(url, &state.settings.push.callback_allow) {
+            Ok(url) => {
+                let result = result.clone();
+                tokio::spawn(async move {
+                    callback::deliver(http_client(), url, &presented_key, &result).await
+                });
+            }
+            Err(e) => tracing::warn!(job_id = job.job_id, error = %e, "callback ignored"),
+        }
+    }
+    result
+}
+
+/// Cancels the job when the request handling it is dropped before the job ended.
+struct CancelOnDrop(Option<JobControl>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(control) = self.0.take() {
+            tracing::warn!("push client went away mid-job: cancelling the job");
+            control.cancel("the push client disconnected");
+        }
+    }
+}
+
+fn http_client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .user_agent(concat!("gryt-agent/", env!("CARGO_PKG_VERSION")))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .unwrap_or_default()
+    })
+}
+
+fn panic_result(job_id: i64, error: tokio::task::JoinError) -> JobResult {
+    let now = crate::wire::rfc3339(time::OffsetDateTime::now_utc());
+    JobResult {
+        job_id,
+        status: JobStatus::Error,
+        success: false,
+        exit_code: -1,
+        stdout: String::new(),
+        stderr: String::new(),
+        duration_seconds: 0.0,
+        started_at: now.clone(),
+        completed_at: now,
+        error: Some(format!("internal error while running the job: {error}")),
+        steps: Vec::new(),
+        oom_killed: false,
+    }
+}
