@@ -8,6 +8,7 @@
 pub mod identity;
 pub mod jobs;
 pub mod status;
+pub mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,11 +172,13 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         ))
     };
     let _ = options;
+    let sweeper = sweep::spawn(state.clone());
 
     wait_for_signal().await;
     tracing::info!("signal received: taking no new jobs, letting running jobs finish");
     drain(&state).await;
     state.shutdown.stop();
+    sweeper.abort();
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }

@@ -7,6 +7,8 @@
 //! is none: they never skip.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
