@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch to one module per subcommand.
 //! Nothing here does the work itself.
 
+mod check;
 mod exec;
 mod run;
 
@@ -34,6 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one pipeline file locally, in a container, and exit with its exit code.
     Exec(exec::ExecArgs),
+    /// Check the setup (settings, directories, Docker, image, keys) and print what to fix.
+    Check,
     /// Run the long-running agent: pull jobs from the API and/or serve push requests.
     Run(run::RunArgs),
 }
@@ -58,5 +61,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Exec(args) => exec::run(cli.config.as_deref(), args).await,
         Command::Run(args) => run::run(cli.config.as_deref(), args).await,
+        Command::Check => check::run(cli.config.as_deref()).await,
     }
 }

@@ -96,7 +96,15 @@ pub async fn run_command(
             }
         }
     }
-    let exit_code = container.exit_code(&running.exec_id).await.ok().flatten();
+    let exit_code = match container.exit_code(&running.exec_id).await {
+        Ok(code) => code,
+        // The output ended on its own but Docker cannot say how the command ended: the engine
+        // went away (restart, crash) under the job. That is the agent's failure, not the job's.
+        Err(e) if ending.is_none() && stream_error.is_none() => {
+            return CommandEnd::Failed(format!("lost the Docker engine during the job: {e}"));
+        }
+        Err(_) => None,
+    };
     match (ending, stream_error) {
         (Some(Ending::Timeout), _) => CommandEnd::TimedOut(exit_code),
         (Some(Ending::Stop(request)), _) => CommandEnd::Stopped(request, exit_code),

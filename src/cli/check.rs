@@ -1,0 +1,156 @@
+//! `gryt-agent check`: validates the setup and prints a checklist with what to fix.
+//! Exits non-zero when something would stop the agent from running jobs.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use gryt_agent::agent::MIN_PUSH_KEY_LEN;
+use gryt_agent::config::{PullPolicy, Settings};
+use gryt_agent::executor::{Executor, ExecutorSettings};
+use secrecy::ExposeSecret;
+
+#[derive(Default)]
+struct Checklist {
+    failures: usize,
+}
+
+impl Checklist {
+    fn ok(&mut self, what: impl AsRef<str>) {
+        println!("[ok]   {}", what.as_ref());
+    }
+    fn warn(&mut self, what: impl AsRef<str>, fix: impl AsRef<str>) {
+        println!("[warn] {}\n       -> {}", what.as_ref(), fix.as_ref());
+    }
+    fn fail(&mut self, what: impl AsRef<str>, fix: impl AsRef<str>) {
+        self.failures += 1;
+        println!("[FAIL] {}\n       -> {}", what.as_ref(), fix.as_ref());
+    }
+}
+
+pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut list = Checklist::default();
+    let settings = match Settings::load(config, &[]) {
+        Ok(s) => {
+            list.ok("settings load and are valid");
+            s
+        }
+        Err(e) => {
+            list.fail(
+                format!("settings: {e}"),
+                "fix the named key in the file, environment or flags",
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    check_modes(&settings, &mut list);
+    check_dirs(&settings, &mut list);
+    check_docker(&settings, &mut list).await;
+    if list.failures == 0 {
+        println!("\nall checks passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("\n{} check(s) failed", list.failures);
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn check_modes(settings: &Settings, list: &mut Checklist) {
+    let key = match settings.api_key() {
+        Ok(key) => key,
+        Err(e) => {
+            list.fail(
+                format!("API key: {e}"),
+                "make AGENT_API_KEY_FILE point at a readable file",
+            );
+            None
+        }
+    };
+    let key_len = key.as_ref().map(|k| k.expose_secret().len()).unwrap_or(0);
+    match (&settings.api_url, settings.push.enabled) {
+        (None, false) => list.fail(
+            "neither pull mode nor push mode is configured",
+            "set GRYT_API_URL (pull mode) and/or GRYT_PUSH=true (push mode)",
+        ),
+        (url, push) => {
+            if let Some(url) = url {
+                if key_len == 0 {
+                    list.fail(
+                        "pull mode has no API key",
+                        "set AGENT_API_KEY or AGENT_API_KEY_FILE",
+                    );
+                } else {
+                    list.ok(format!("pull mode: API at {url}"));
+                }
+            }
+            if push {
+                if key_len < MIN_PUSH_KEY_LEN {
+                    list.fail(
+                        format!(
+                            "push mode needs an API key of at least {MIN_PUSH_KEY_LEN} characters"
+                        ),
+                        "set AGENT_API_KEY (e.g. `openssl rand -hex 32`), the same on the API",
+                    );
+                } else {
+                    list.ok("push mode: API key set");
+                }
+            }
+        }
+    }
+}
+
+fn check_dirs(settings: &Settings, list: &mut Checklist) {
+    for (what, dir) in [
+        ("state dir", settings.state_dir.clone()),
+        ("work dir", settings.work_dir()),
+    ] {
+        let probe = std::fs::create_dir_all(&dir).and_then(|_| tempfile::tempfile_in(&dir));
+        match probe {
+            Ok(_) => list.ok(format!("{what} {} is writable", dir.display())),
+            Err(e) => list.fail(
+                format!("{what} {} is not writable: {e}", dir.display()),
+                "create it and give the agent's user write access (or set GRYT_STATE_DIR / GRYT_WORK_DIR)",
+            ),
+        }
+    }
+}
+
+async fn check_docker(settings: &Settings, list: &mut Checklist) {
+    let executor = match Executor::new(ExecutorSettings::from_settings(settings, "check".into())) {
+        Ok(e) => e,
+        Err(e) => return list.fail(format!("Docker: {e}"), "fix DOCKER_HOST / docker.host"),
+    };
+    let docker = match executor.docker().await {
+        Ok(d) => d,
+        Err(e) => {
+            return list.fail(
+                format!("Docker: {e}"),
+                "start the Docker engine, or fix DOCKER_HOST",
+            );
+        }
+    };
+    match docker.version().await {
+        Ok(v) => list.ok(format!(
+            "Docker engine {} (API {}) answers",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        )),
+        Err(e) => {
+            return list.fail(
+                format!("the Docker engine does not answer: {e}"),
+                "start it (`systemctl start docker`) and add the agent's user to the `docker` group",
+            );
+        }
+    }
+    let image = &settings.docker.image;
+    match docker.inspect_image(image).await {
+        Ok(_) => list.ok(format!("default image {image} is present")),
+        Err(_) if settings.docker.pull_policy == PullPolicy::Never => list.fail(
+            format!("default image {image} is not present and the pull policy is `never`"),
+            "load the image (`docker load`/`docker import`) or set GRYT_PULL_POLICY=if-not-present",
+        ),
+        Err(_) => list.warn(
+            format!("default image {image} is not present yet"),
+            "it will be pulled before the first job; pull it now to save that time",
+        ),
+    }
+}
