@@ -5,6 +5,7 @@
 pub mod config;
 pub mod executor;
 pub mod pipeline;
+pub mod secrets;
 pub mod wire;
 
 /// The agent's version, as reported on `/`, `/health` and in `User-Agent`.
