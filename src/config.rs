@@ -26,6 +26,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_ENCRYPTION_KEY", "encryption_key"),
     ("GRYT_ENCRYPTION_KEY_FILE", "encryption_key_file"),
     ("GRYT_ENCRYPTION_KEY_PREVIOUS", "encryption_key_previous"),
+    ("GRYT_SECRET_ENV_PATTERNS", "secret_env_patterns"),
     ("AGENT_HOST", "host"),
     ("AGENT_PORT", "port"),
     ("GRYT_AGENT_ID", "agent_id"),
@@ -47,7 +48,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 ];
 
 /// Keys whose environment value is a list.
-const LIST_KEYS: &[&str] = &["labels", "job.gryt_command"];
+const LIST_KEYS: &[&str] = &["labels", "job.gryt_command", "secret_env_patterns"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -66,6 +67,8 @@ pub struct Settings {
     pub encryption_key: Option<SecretString>,
     pub encryption_key_file: Option<PathBuf>,
     pub encryption_key_previous: Option<SecretString>,
+    /// Case-insensitive globs: job environment variables whose names match are masked in output.
+    pub secret_env_patterns: Vec<String>,
     pub docker: DockerSettings,
     pub job: JobSettings,
 }
@@ -125,6 +128,10 @@ impl Default for Settings {
             encryption_key: None,
             encryption_key_file: None,
             encryption_key_previous: None,
+            secret_env_patterns: crate::secrets::mask::DEFAULT_SECRET_ENV_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
             docker: DockerSettings::default(),
             job: JobSettings::default(),
         }
@@ -275,6 +282,10 @@ impl Settings {
         if j.gryt_command.is_empty() || j.gryt_command[0].is_empty() {
             return Err(key_error("job.gryt_command", "must name a command"));
         }
+        for pattern in &self.secret_env_patterns {
+            crate::secrets::mask::glob(pattern)
+                .map_err(|e| key_error("secret_env_patterns", format!("`{pattern}`: {e}")))?;
+        }
         if let Some(id) = &self.agent_id {
             if !valid_agent_id(id) {
                 return Err(key_error(
@@ -419,6 +430,25 @@ mod tests {
         let err = Settings::load_from(None, &[], &[("docker.pull_policy", "sometimes".into())])
             .unwrap_err();
         assert!(err.to_string().contains("pull_policy"), "{err}");
+    }
+
+    #[test]
+    fn secret_env_patterns_from_env_and_validated() {
+        let s = Settings::load_from(None, &[], &[]).unwrap();
+        assert_eq!(
+            s.secret_env_patterns,
+            ["*TOKEN*", "*SECRET*", "*PASSWORD*", "*KEY*"]
+        );
+        let s = Settings::load_from(
+            None,
+            &env(&[("GRYT_SECRET_ENV_PATTERNS", "*TOKEN*, DEPLOY_*,")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.secret_env_patterns, ["*TOKEN*", "DEPLOY_*"]);
+        let err = Settings::load_from(None, &env(&[("GRYT_SECRET_ENV_PATTERNS", "a[")]), &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("secret_env_patterns"), "{err}");
     }
 
     #[test]
