@@ -2,11 +2,13 @@
 //! Nothing here does the work itself.
 
 mod exec;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gryt_agent::secrets::MaskingMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -32,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one pipeline file locally, in a container, and exit with its exit code.
     Exec(exec::ExecArgs),
+    /// Work with the encrypted GitHub tokens the main API sends.
+    Token(token::TokenArgs),
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -43,12 +47,14 @@ pub fn init_logging(cli: &Cli) {
         .unwrap_or_else(|| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Secrets registered with `register_global_secret` never reach the log.
+        .with_writer(MaskingMakeWriter::stderr())
         .init();
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Exec(args) => exec::run(cli.config.as_deref(), args).await,
+        Command::Token(args) => token::run(cli.config.as_deref(), args),
     }
 }
