@@ -36,6 +36,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_PUSH", "push.enabled"),
     ("GRYT_CALLBACK_ALLOW", "push.callback_allow"),
     ("GRYT_MAX_BODY_BYTES", "push.max_body_bytes"),
+    ("GRYT_SECRET_ENV_PATTERNS", "secret_env_patterns"),
     ("AGENT_HOST", "host"),
     ("AGENT_PORT", "port"),
     ("GRYT_AGENT_ID", "agent_id"),
@@ -57,7 +58,12 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 ];
 
 /// Keys whose environment value is a list.
-const LIST_KEYS: &[&str] = &["labels", "job.gryt_command", "push.callback_allow"];
+const LIST_KEYS: &[&str] = &[
+    "labels",
+    "job.gryt_command",
+    "push.callback_allow",
+    "secret_env_patterns",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -91,6 +97,8 @@ pub struct Settings {
     pub encryption_key: Option<SecretString>,
     pub encryption_key_file: Option<PathBuf>,
     pub encryption_key_previous: Option<SecretString>,
+    /// Case-insensitive globs: job environment variables whose names match are masked in output.
+    pub secret_env_patterns: Vec<String>,
     pub docker: DockerSettings,
     pub job: JobSettings,
     pub push: PushSettings,
@@ -179,6 +187,10 @@ impl Default for Settings {
             encryption_key: None,
             encryption_key_file: None,
             encryption_key_previous: None,
+            secret_env_patterns: crate::secrets::mask::DEFAULT_SECRET_ENV_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
             docker: DockerSettings::default(),
             job: JobSettings::default(),
             push: PushSettings::default(),
@@ -338,6 +350,10 @@ impl Settings {
         }
         if self.push.max_body_bytes < 1024 {
             return Err(key_error("push.max_body_bytes", "must be at least 1024"));
+        }
+        for pattern in &self.secret_env_patterns {
+            crate::secrets::mask::glob(pattern)
+                .map_err(|e| key_error("secret_env_patterns", format!("`{pattern}`: {e}")))?;
         }
         if let Some(id) = &self.agent_id {
             if !valid_agent_id(id) {
@@ -511,6 +527,25 @@ mod tests {
                 "config/agent.example.toml does not mention {var}"
             );
         }
+    }
+
+    #[test]
+    fn secret_env_patterns_from_env_and_validated() {
+        let s = Settings::load_from(None, &[], &[]).unwrap();
+        assert_eq!(
+            s.secret_env_patterns,
+            ["*TOKEN*", "*SECRET*", "*PASSWORD*", "*KEY*"]
+        );
+        let s = Settings::load_from(
+            None,
+            &env(&[("GRYT_SECRET_ENV_PATTERNS", "*TOKEN*, DEPLOY_*,")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.secret_env_patterns, ["*TOKEN*", "DEPLOY_*"]);
+        let err = Settings::load_from(None, &env(&[("GRYT_SECRET_ENV_PATTERNS", "a[")]), &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("secret_env_patterns"), "{err}");
     }
 
     #[test]

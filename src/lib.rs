@@ -8,6 +8,7 @@ pub mod executor;
 pub mod metrics;
 pub mod pipeline;
 pub mod push;
+pub mod secrets;
 pub mod server;
 pub mod slots;
 pub mod wire;

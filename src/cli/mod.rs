@@ -4,11 +4,13 @@
 mod check;
 mod exec;
 mod run;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gryt_agent::secrets::MaskingMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -39,6 +41,8 @@ pub enum Command {
     Check,
     /// Run the long-running agent: pull jobs from the API and/or serve push requests.
     Run(run::RunArgs),
+    /// Work with the encrypted GitHub tokens the main API sends.
+    Token(token::TokenArgs),
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -53,7 +57,8 @@ pub fn init_logging(cli: &Cli) {
         });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Secrets registered with `register_global_secret` never reach the log.
+        .with_writer(MaskingMakeWriter::stderr())
         .init();
 }
 
@@ -62,5 +67,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(args) => exec::run(cli.config.as_deref(), args).await,
         Command::Run(args) => run::run(cli.config.as_deref(), args).await,
         Command::Check => check::run(cli.config.as_deref()).await,
+        Command::Token(args) => token::run(cli.config.as_deref(), args),
     }
 }
