@@ -520,3 +520,75 @@ async fn files_the_job_wrote_are_removed_with_the_workspace() {
     assert_eq!(result.status, JobStatus::Failed);
     agent.assert_clean().await;
 }
+
+#[tokio::test]
+async fn secrets_are_masked_in_streamed_output_and_results_even_split_across_chunks() {
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("data/token-crypto.json")).unwrap();
+    let vector = &vectors["valid"][0];
+    let key = vector["key"].as_str().unwrap().to_owned();
+    let agent = test_agent("masking", |s| s.encryption_key = Some(key.into())).await;
+    let token = vector["plaintext"].as_str().unwrap();
+    let (head, tail) = token.split_at(10);
+    // The token arrives encrypted; the job also gets it (and another secret) through env_vars
+    // and prints them whole and in two separate writes, so they straddle output chunks.
+    let pipeline = format!(
+        "version: 1\nsteps:\n  - run: echo \"$GH\"; printf '{head}'; sleep 0.3; printf '{tail}\\n'; echo \"$DEPLOY_PASSWORD\" >&2; echo \"$PLAIN\"\n"
+    );
+    let mut spec = job(&pipeline);
+    spec.github_token_encrypted = Some(vector["token"].as_str().unwrap().to_owned());
+    spec.env_vars = [
+        ("GH".to_string(), token.to_string()),
+        (
+            "DEPLOY_PASSWORD".to_string(),
+            "hunter2-but-longer".to_string(),
+        ),
+        ("PLAIN".to_string(), "visible-value".to_string()),
+    ]
+    .into();
+    let rec = Recorder::default();
+    let result = agent.executor.run(&spec, &rec, &JobControl::new()).await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "[MASKED]\n[MASKED]\nvisible-value\n");
+    assert_eq!(result.stderr, "[MASKED]\n");
+    let streamed = String::from_utf8(rec.stream(OutputStream::Stdout)).unwrap();
+    assert_eq!(streamed, "[MASKED]\n[MASKED]\nvisible-value\n");
+    let everything = format!("{result:?}{streamed}{:?}", rec.events.lock().unwrap());
+    assert!(!everything.contains(token) && !everything.contains("hunter2-but-longer"));
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_token_that_does_not_decrypt_fails_the_job_before_any_container() {
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("data/token-crypto.json")).unwrap();
+    let other_key = vectors["valid"][2]["key"].as_str().unwrap().to_owned();
+    let agent = test_agent("bad-token", |s| s.encryption_key = Some(other_key.into())).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.github_token_encrypted = Some(vectors["valid"][0]["token"].as_str().unwrap().to_owned());
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Error);
+    let error = result.error.unwrap();
+    assert!(
+        error.starts_with("token could not be decrypted with GRYT_ENCRYPTION_KEY"),
+        "{error}"
+    );
+    assert!(!error.contains(vectors["valid"][0]["plaintext"].as_str().unwrap()));
+
+    let agent = test_agent("no-key", |_| {}).await;
+    let result = agent
+        .executor
+        .run(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Error);
+    assert!(
+        result
+            .error
+            .unwrap()
+            .contains("GRYT_ENCRYPTION_KEY is not set")
+    );
+    agent.assert_clean().await;
+}

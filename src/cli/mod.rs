@@ -29,8 +29,18 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
+    /// Log format: `human` for terminals, `json` (one object per line) for log shipping
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,11 +65,18 @@ pub fn init_logging(cli: &Cli) {
             Command::Run(_) => EnvFilter::new("info"),
             _ => EnvFilter::new("warn"),
         });
-    tracing_subscriber::fmt()
+    // Secrets registered with `register_global_secret` never reach the log.
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // Secrets registered with `register_global_secret` never reach the log.
-        .with_writer(MaskingMakeWriter::stderr())
-        .init();
+        .with_writer(MaskingMakeWriter::stderr());
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
@@ -23,6 +24,7 @@ use crate::config::parse_user;
 use crate::pipeline::gryt_report;
 use crate::pipeline::yaml::valid_env_name;
 use crate::pipeline::{Pipeline, YamlPipeline};
+use crate::secrets::mask::{Masker, StreamMasker};
 use crate::wire::{JobResult, JobSpec, JobStatus, StepResult, StepStatus, rfc3339};
 
 /// How the job as a whole ended, before it becomes a result.
@@ -43,9 +45,13 @@ enum Outcome {
     Error(String),
 }
 
-/// The mutable state of one run: captured output, steps so far, OOM.
+/// The mutable state of one run: captured output, steps so far, OOM, and the masking that every
+/// byte of output passes through before anyone (observer or result) sees it.
 struct Run<'a> {
     observer: &'a dyn JobObserver,
+    masker: Masker,
+    stdout_mask: StreamMasker,
+    stderr_mask: StreamMasker,
     stdout: TailBuffer,
     stderr: TailBuffer,
     steps: Vec<StepResult>,
@@ -54,11 +60,37 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn output(&mut self, stream: OutputStream, data: &[u8]) {
+        let masked = match stream {
+            OutputStream::Stdout => self.stdout_mask.push(data),
+            OutputStream::Stderr => self.stderr_mask.push(data),
+        };
+        self.emit(stream, &masked);
+    }
+
+    fn emit(&mut self, stream: OutputStream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
         match stream {
             OutputStream::Stdout => self.stdout.push(data),
             OutputStream::Stderr => self.stderr.push(data),
         }
         self.observer.output(stream, data);
+    }
+
+    /// Releases what the maskers held back in case it was the start of a secret.
+    fn flush_masks(&mut self) {
+        let out = self.stdout_mask.finish();
+        self.emit(OutputStream::Stdout, &out);
+        let err = self.stderr_mask.finish();
+        self.emit(OutputStream::Stderr, &err);
+    }
+
+    /// Masks the secrets known so far (the token is only known once decrypted).
+    fn set_masker(&mut self, masker: Masker) {
+        self.stdout_mask = masker.stream();
+        self.stderr_mask = masker.stream();
+        self.masker = masker;
     }
 }
 
@@ -71,8 +103,18 @@ pub(super) async fn run(
     let started_at = OffsetDateTime::now_utc();
     let clock = Instant::now();
     let cap = executor.settings.job.output_cap_bytes;
+    let masker = Masker::new(
+        executor
+            .settings
+            .agent_secrets
+            .iter()
+            .map(|s| s.expose_secret()),
+    );
     let mut run = Run {
         observer,
+        stdout_mask: masker.stream(),
+        stderr_mask: masker.stream(),
+        masker,
         stdout: TailBuffer::new(cap),
         stderr: TailBuffer::new(cap),
         steps: Vec::new(),
@@ -85,6 +127,7 @@ pub(super) async fn run(
     );
     let deadline = clock + timeout;
     let outcome = prepare_and_run(executor, job, &mut run, control, deadline, timeout).await;
+    run.flush_masks();
 
     let (status, success, exit_code, error) = match outcome {
         Outcome::Finished { success: true, .. } => (JobStatus::Success, true, 0, None),
@@ -117,8 +160,16 @@ pub(super) async fn run(
         duration_seconds: clock.elapsed().as_secs_f64(),
         started_at: rfc3339(started_at),
         completed_at: rfc3339(OffsetDateTime::now_utc()),
-        error,
-        steps: run.steps,
+        error: error.map(|e| run.masker.mask_str(&e)),
+        steps: run
+            .steps
+            .into_iter()
+            .map(|mut s| {
+                s.error = s.error.map(|e| run.masker.mask_str(&e));
+                s.name = run.masker.mask_str(&s.name);
+                s
+            })
+            .collect(),
         oom_killed: run.oom_killed,
     }
 }
@@ -132,6 +183,8 @@ struct Plan {
     memory_text: String,
     nano_cpus: i64,
     user: (u32, u32),
+    /// Every secret of this job: agent secrets, the token, secret-named env values.
+    masker: Masker,
 }
 
 fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
@@ -177,6 +230,26 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     }
     env.insert("GRYT_WORKSPACE".into(), WORKSPACE.into());
     env.insert("GRYT_JOB_ID".into(), job.job_id.to_string());
+    let token = decrypt_token(executor, job)?;
+    let pipeline_env: Vec<(&str, &str)> = match &pipeline {
+        Pipeline::Yaml(p) => p.env_pairs().collect(),
+        Pipeline::Gryt { .. } => Vec::new(),
+    };
+    let names = &executor.secret_names;
+    let secrets = executor
+        .settings
+        .agent_secrets
+        .iter()
+        .map(|s| s.expose_secret())
+        .chain(token.as_ref().map(|t| t.expose_secret()))
+        .chain(names.secret_values(&job.env_vars))
+        .chain(
+            pipeline_env
+                .iter()
+                .filter(|(k, _)| names.matches(k))
+                .map(|(_, v)| *v),
+        );
+    let masker = Masker::new(secrets);
     let env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     Ok(Plan {
         pipeline,
@@ -186,7 +259,29 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         memory_text,
         nano_cpus,
         user,
+        masker,
     })
+}
+
+/// The job's GitHub token in clear, or an error that never holds token or key bytes. A job with
+/// a token is never run without it (a clone would fail later, or worse, half-succeed).
+fn decrypt_token(executor: &Executor, job: &JobSpec) -> Result<Option<SecretString>, String> {
+    let Some(encrypted) = job
+        .github_token_encrypted
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let Some(keys) = &executor.token_keys else {
+        return Err(
+            "the job has a github_token_encrypted but GRYT_ENCRYPTION_KEY is not set on this agent"
+                .into(),
+        );
+    };
+    keys.decrypt(encrypted)
+        .map(|d| Some(d.plaintext))
+        .map_err(|e| e.to_string())
 }
 
 async fn prepare_and_run(
@@ -201,6 +296,7 @@ async fn prepare_and_run(
         Ok(plan) => plan,
         Err(message) => return Outcome::Error(message),
     };
+    run.set_masker(plan.masker.clone());
     let settings = &executor.settings;
     let docker = match executor.docker().await {
         Ok(docker) => docker,

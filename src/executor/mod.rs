@@ -20,7 +20,11 @@ use std::time::Duration;
 use bollard::Docker;
 use tokio::sync::Mutex;
 
+use secrecy::SecretString;
+
 use crate::config::{DockerSettings, JobSettings, Settings};
+use crate::secrets::mask::SecretNames;
+use crate::secrets::token::{KeyError, TokenKeys};
 use crate::wire::{JobResult, JobSpec, StepResult};
 
 pub use container::OutputStream;
@@ -34,15 +38,46 @@ pub struct ExecutorSettings {
     pub work_dir: PathBuf,
     pub docker: DockerSettings,
     pub job: JobSettings,
+    /// Job environment variables whose names match are secrets.
+    pub secret_env_patterns: Vec<String>,
+    /// Decrypts `github_token_encrypted`; jobs with a token fail without it.
+    pub encryption_key: Option<SecretString>,
+    pub encryption_key_previous: Option<SecretString>,
+    /// The agent's own secrets (API keys, encryption keys): masked in every job's output too.
+    pub agent_secrets: Vec<SecretString>,
 }
 
 impl ExecutorSettings {
+    /// Registers the agent's own secrets with the log writer, so no log line can show them.
+    pub fn register_secrets_for_logs(&self) {
+        for secret in &self.agent_secrets {
+            crate::secrets::register_global_secret(secret.clone());
+        }
+    }
+
     pub fn from_settings(settings: &Settings, agent_id: String) -> Self {
+        // A key file that cannot be read is reported where the key is used (agent start, check);
+        // here it only means there is one secret less to mask.
+        let api_key = settings.api_key().ok().flatten();
+        let encryption_key = settings.encryption_key().ok().flatten();
+        let agent_secrets = [
+            api_key,
+            settings.api_key_previous.clone(),
+            encryption_key.clone(),
+            settings.encryption_key_previous.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         ExecutorSettings {
             agent_id,
             work_dir: settings.work_dir(),
             docker: settings.docker.clone(),
             job: settings.job.clone(),
+            secret_env_patterns: settings.secret_env_patterns.clone(),
+            encryption_key,
+            encryption_key_previous: settings.encryption_key_previous.clone(),
+            agent_secrets,
         }
     }
 }
@@ -73,6 +108,10 @@ impl JobObserver for Discard {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
+    #[error("{0}")]
+    EncryptionKey(#[from] KeyError),
+    #[error("invalid secret_env_patterns: {0}")]
+    SecretPatterns(String),
     #[error("cannot connect to the Docker engine at {address}: {source}")]
     Connect {
         address: String,
@@ -86,6 +125,8 @@ pub enum ExecutorError {
 
 pub struct Executor {
     settings: ExecutorSettings,
+    token_keys: Option<TokenKeys>,
+    secret_names: SecretNames,
     /// The client after API version negotiation. Made lazily, so the agent starts while the
     /// engine is down (or its socket does not exist yet) and picks it up when it comes back.
     negotiated: Mutex<Option<Docker>>,
@@ -99,8 +140,22 @@ impl Executor {
     /// address that can never work.
     pub fn new(settings: ExecutorSettings) -> Result<Self, ExecutorError> {
         check_address(settings.docker.host.as_deref())?;
+        let token_keys = match &settings.encryption_key {
+            Some(key) => Some(TokenKeys::new(
+                key,
+                settings.encryption_key_previous.as_ref(),
+            )?),
+            None if settings.encryption_key_previous.is_some() => {
+                return Err(KeyError::PreviousWithoutCurrent.into());
+            }
+            None => None,
+        };
+        let secret_names = SecretNames::new(&settings.secret_env_patterns)
+            .map_err(|e| ExecutorError::SecretPatterns(e.to_string()))?;
         Ok(Executor {
             settings,
+            token_keys,
+            secret_names,
             negotiated: Mutex::new(None),
         })
     }
