@@ -592,3 +592,54 @@ async fn a_token_that_does_not_decrypt_fails_the_job_before_any_container() {
     );
     agent.assert_clean().await;
 }
+
+#[tokio::test]
+async fn every_container_on_every_path_is_hardened() {
+    let agent = test_agent("audit", |_| {}).await;
+    let audit = support::ContainerAudit::start(&agent.agent_id).await;
+    let control = JobControl::new();
+    let canceller = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        canceller.cancel("audit");
+    });
+    let mut timeout = job("version: 1\nsteps:\n  - run: sleep 30\n");
+    timeout.timeout_seconds = Some(1);
+    let mut oom = job(
+        "version: 1\nsteps:\n  - run: sleep 0.3; dd if=/dev/zero of=/dev/null bs=64M count=1\n",
+    );
+    oom.memory_limit = Some("16m".into());
+    let jobs = [
+        (
+            job("version: 1\nsteps:\n  - run: sleep 0.3\n"),
+            JobStatus::Success,
+        ),
+        (
+            job("version: 1\nsteps:\n  - run: sleep 0.3; exit 1\n"),
+            JobStatus::Failed,
+        ),
+        (job(GRYT_FAILING), JobStatus::Failed),
+        (timeout, JobStatus::Timeout),
+        (oom, JobStatus::Failed),
+    ];
+    let never_stopped = JobControl::new();
+    let slow = job("version: 1\nsteps:\n  - run: sleep 30\n");
+    let (results, cancelled) = tokio::join!(
+        futures_util::future::join_all(jobs.iter().map(|(spec, _)| agent.executor.run(
+            spec,
+            &Discard,
+            &never_stopped
+        ))),
+        agent.executor.run(&slow, &Discard, &control),
+    );
+    for ((_, expected), result) in jobs.iter().zip(&results) {
+        assert_eq!(result.status, *expected, "{result:?}");
+    }
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    let audited = audit.finish().await;
+    assert_eq!(
+        audited, 6,
+        "the watcher must have caught every job's container"
+    );
+    agent.assert_clean().await;
+}

@@ -214,6 +214,7 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("HOME".into(), "/tmp".into());
     env.insert("CI".into(), "true".into());
+    check_env_size(&job.env_vars)?;
     for (name, value) in &job.env_vars {
         if !valid_env_name(name) || value.contains('\0') {
             return Err(format!(
@@ -261,6 +262,28 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         user,
         masker,
     })
+}
+
+/// Most `env_vars` entries a job may have, and their total size. A process's environment shares
+/// the kernel's argument space (a few MiB): past it, every exec in the container fails with
+/// E2BIG, so refuse clearly up front instead.
+pub const MAX_ENV_VARS: usize = 1000;
+pub const MAX_ENV_BYTES: usize = 1024 * 1024;
+
+fn check_env_size(env: &BTreeMap<String, String>) -> Result<(), String> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(format!(
+            "env_vars has {} entries; at most {MAX_ENV_VARS} are allowed",
+            env.len()
+        ));
+    }
+    let bytes: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if bytes > MAX_ENV_BYTES {
+        return Err(format!(
+            "env_vars hold {bytes} bytes; at most {MAX_ENV_BYTES} are allowed"
+        ));
+    }
+    Ok(())
 }
 
 /// The job's GitHub token in clear, or an error that never holds token or key bytes. A job with

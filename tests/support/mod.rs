@@ -252,3 +252,105 @@ pub fn job(pipeline: &str) -> gryt_agent::wire::JobSpec {
         ..Default::default()
     }
 }
+
+/// Watches Docker for containers of `agent_id` while jobs run and inspects each one it sees.
+pub struct ContainerAudit {
+    seen: std::sync::Arc<Mutex<HashMap<String, bollard::models::ContainerInspectResponse>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ContainerAudit {
+    pub async fn start(agent_id: &str) -> Self {
+        let docker = docker().await;
+        let seen: std::sync::Arc<
+            Mutex<HashMap<String, bollard::models::ContainerInspectResponse>>,
+        > = Default::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (agent_id, store, stopped) = (agent_id.to_owned(), seen.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            while !stopped.is_cancelled() {
+                for id in containers_of(&agent_id).await {
+                    if store.lock().unwrap().contains_key(&id) {
+                        continue;
+                    }
+                    if let Ok(inspect) = docker.inspect_container(&id, None).await {
+                        store.lock().unwrap().insert(id, inspect);
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        ContainerAudit { seen, stop, task }
+    }
+
+    /// Stops watching and asserts every container seen was hardened; returns how many.
+    pub async fn finish(self) -> usize {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        let seen = self.seen.lock().unwrap();
+        for (id, inspect) in seen.iter() {
+            audit_container(id, inspect);
+        }
+        seen.len()
+    }
+}
+
+/// The hardening every job container must have.
+pub fn audit_container(id: &str, inspect: &bollard::models::ContainerInspectResponse) {
+    let config = inspect.config.as_ref().expect("config");
+    let host = inspect.host_config.as_ref().expect("host config");
+    let user = config.user.as_deref().unwrap_or("");
+    assert!(
+        !user.is_empty() && !user.starts_with("0") && !user.starts_with("root"),
+        "{id}: user {user:?}"
+    );
+    assert_ne!(host.privileged, Some(true), "{id}: privileged");
+    assert_eq!(
+        host.cap_drop.as_deref(),
+        Some(&["ALL".to_string()][..]),
+        "{id}: capabilities"
+    );
+    assert!(
+        host.cap_add.as_ref().is_none_or(|c| c.is_empty()),
+        "{id}: cap_add"
+    );
+    assert!(
+        host.security_opt
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|s| s == "no-new-privileges")),
+        "{id}: no-new-privileges"
+    );
+    assert!(host.pids_limit.unwrap_or(0) > 0, "{id}: pids limit");
+    assert!(host.memory.unwrap_or(0) > 0, "{id}: memory limit");
+    assert!(host.nano_cpus.unwrap_or(0) > 0, "{id}: cpu limit");
+    for bind in host.binds.iter().flatten() {
+        assert!(
+            !bind.contains("docker.sock"),
+            "{id}: Docker socket mounted: {bind}"
+        );
+    }
+    for mount in inspect.mounts.iter().flatten() {
+        let source = mount.source.as_deref().unwrap_or("");
+        assert!(
+            !source.contains("docker.sock"),
+            "{id}: Docker socket mounted: {source}"
+        );
+    }
+    assert_ne!(
+        host.network_mode.as_deref(),
+        Some("host"),
+        "{id}: host network"
+    );
+    assert_ne!(
+        host.pid_mode.as_deref(),
+        Some("host"),
+        "{id}: host pid namespace"
+    );
+    let labels = config.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get("io.gryt.agent.managed").map(String::as_str),
+        Some("true"),
+        "{id}: label"
+    );
+}
