@@ -44,6 +44,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_STOP_GRACE", "job.stop_grace_seconds"),
     ("GRYT_OUTPUT_CAP", "job.output_cap_bytes"),
     ("GRYT_COMMAND", "job.gryt_command"),
+    ("GRYT_ALLOW_INSECURE_HTTP", "allow_insecure_http"),
+    ("GRYT_CHECKOUT_TIMEOUT", "checkout.timeout_seconds"),
+    ("GRYT_CHECKOUT_MAX_BYTES", "checkout.max_bytes"),
+    ("GRYT_ALLOW_FILE_URLS", "checkout.allow_file_urls"),
+    ("GRYT_CA_FILE", "checkout.ca_file"),
 ];
 
 /// Keys whose environment value is a list.
@@ -68,6 +73,9 @@ pub struct Settings {
     pub encryption_key_previous: Option<SecretString>,
     pub docker: DockerSettings,
     pub job: JobSettings,
+    /// Allow plain `http://` to non-loopback hosts (repositories, and the API in pull mode).
+    pub allow_insecure_http: bool,
+    pub checkout: CheckoutConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +95,29 @@ pub struct DockerSettings {
     pub memory_limit: String,
     /// Default CPU limit when the job gives none (`1.5`).
     pub cpu_limit: String,
+}
+
+/// The `[checkout]` section: cloning a job's repository (see `crate::checkout`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckoutConfig {
+    pub timeout_seconds: u64,
+    /// Cap on the bytes of the fetched pack.
+    pub max_bytes: u64,
+    pub allow_file_urls: bool,
+    /// PEM file of extra CA certificates trusted for HTTPS clones.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for CheckoutConfig {
+    fn default() -> Self {
+        CheckoutConfig {
+            timeout_seconds: 600,
+            max_bytes: 2 * 1024 * 1024 * 1024,
+            allow_file_urls: false,
+            ca_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -127,6 +158,8 @@ impl Default for Settings {
             encryption_key_previous: None,
             docker: DockerSettings::default(),
             job: JobSettings::default(),
+            allow_insecure_http: false,
+            checkout: CheckoutConfig::default(),
         }
     }
 }
@@ -274,6 +307,9 @@ impl Settings {
         }
         if j.gryt_command.is_empty() || j.gryt_command[0].is_empty() {
             return Err(key_error("job.gryt_command", "must name a command"));
+        }
+        if self.checkout.timeout_seconds == 0 {
+            return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
         }
         if let Some(id) = &self.agent_id {
             if !valid_agent_id(id) {
