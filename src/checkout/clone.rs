@@ -71,10 +71,12 @@ pub(crate) fn run(job: &Job) -> Result<String, Failure> {
             {
                 return Err(Failure::Gix(e, Stage::Commit));
             }
-            // Servers may refuse to serve an object by id (git's protocol v0/v1 without
-            // uploadpack.allowReachableSHA1InWant, some hosting services). Then fetch the branch
-            // with its history instead and check the commit out if it is on it; the size limit
-            // and the timeout still bound that fetch.
+            // Some servers refuse to serve a commit that is no ref tip (upload-pack over a
+            // stateful connection without uploadpack.allowReachableSHA1InWant, some hosting
+            // services; git's own smart HTTP serves any reachable commit). Then fetch the branch
+            // with its whole history and check the commit out if it is on it: a pinned commit
+            // is rarely the tip, so depth 1 would not do. The size limit and the timeout still
+            // bound that fetch.
             Err(_) => {
                 tracing::debug!("fetching the commit by id failed; fetching the branch instead");
                 // gix deletes a clone destination it found empty when the clone fails.

@@ -10,6 +10,9 @@
 //! - Git LFS files are not fetched: LFS pointer files stay pointer files;
 //! - no git config of the machine or user applies (no helpers, filters, proxies from there).
 //!
+//! `file://` URLs (off unless `checkout.allow_file_urls`; meant for tests and local mirrors) are
+//! the exception to "no git binary": gix serves them by running `git-upload-pack` locally.
+//!
 //! The token is offered only when the server asks (HTTP 401), as Basic credentials
 //! `x-access-token:<token>`; it never goes into the URL, a log line, an error or the result.
 //! A clone is bounded in time ([`CheckoutSettings::timeout`]) and in received pack bytes
