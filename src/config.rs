@@ -55,6 +55,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_STOP_GRACE", "job.stop_grace_seconds"),
     ("GRYT_OUTPUT_CAP", "job.output_cap_bytes"),
     ("GRYT_COMMAND", "job.gryt_command"),
+    ("GRYT_CHECKOUT_TIMEOUT", "checkout.timeout_seconds"),
+    ("GRYT_CHECKOUT_MAX_BYTES", "checkout.max_bytes"),
+    ("GRYT_ALLOW_FILE_URLS", "checkout.allow_file_urls"),
 ];
 
 /// Keys whose environment value is a list.
@@ -102,6 +105,7 @@ pub struct Settings {
     pub docker: DockerSettings,
     pub job: JobSettings,
     pub push: PushSettings,
+    pub checkout: CheckoutConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +146,26 @@ pub struct DockerSettings {
     pub memory_limit: String,
     /// Default CPU limit when the job gives none (`1.5`).
     pub cpu_limit: String,
+}
+
+/// The `[checkout]` section: cloning a job's repository (see `crate::checkout`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckoutConfig {
+    pub timeout_seconds: u64,
+    /// Cap on the bytes of the fetched pack.
+    pub max_bytes: u64,
+    pub allow_file_urls: bool,
+}
+
+impl Default for CheckoutConfig {
+    fn default() -> Self {
+        CheckoutConfig {
+            timeout_seconds: 600,
+            max_bytes: 2 * 1024 * 1024 * 1024,
+            allow_file_urls: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -194,6 +218,7 @@ impl Default for Settings {
             docker: DockerSettings::default(),
             job: JobSettings::default(),
             push: PushSettings::default(),
+            checkout: CheckoutConfig::default(),
         }
     }
 }
@@ -354,6 +379,9 @@ impl Settings {
         for pattern in &self.secret_env_patterns {
             crate::secrets::mask::glob(pattern)
                 .map_err(|e| key_error("secret_env_patterns", format!("`{pattern}`: {e}")))?;
+        }
+        if self.checkout.timeout_seconds == 0 {
+            return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
         }
         if let Some(id) = &self.agent_id {
             if !valid_agent_id(id) {

@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; see ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod checkout;
 pub mod config;
 pub mod executor;
 pub mod metrics;

@@ -20,6 +20,7 @@ use super::image::{self, PullProgress};
 use super::limits::{parse_cpus, parse_memory};
 use super::workspace::Workspace;
 use super::{Executor, JobEvent, JobObserver};
+use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until, validate_url};
 use crate::config::parse_user;
 use crate::pipeline::gryt_report;
 use crate::pipeline::yaml::valid_env_name;
@@ -183,6 +184,8 @@ struct Plan {
     memory_text: String,
     nano_cpus: i64,
     user: (u32, u32),
+    /// The decrypted GitHub token, when the job has one.
+    token: Option<SecretString>,
     /// Every secret of this job: agent secrets, the token, secret-named env values.
     masker: Masker,
 }
@@ -190,6 +193,9 @@ struct Plan {
 fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     let settings = &executor.settings;
     let pipeline = Pipeline::from_b64(&job.pipeline_b64).map_err(|e| e.to_string())?;
+    if let Some(url) = git_url(job) {
+        validate_url(url, &settings.checkout).map_err(|e| e.to_string())?;
+    }
     let memory_text = job
         .memory_limit
         .clone()
@@ -260,8 +266,16 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         memory_text,
         nano_cpus,
         user,
+        token,
         masker,
     })
+}
+
+fn git_url(job: &JobSpec) -> Option<&str> {
+    job.git_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
 }
 
 /// Most `env_vars` entries a job may have, and their total size. A process's environment shares
@@ -360,6 +374,64 @@ async fn prepare_and_run(
                 ));
             }
         };
+    if let Some(url) = git_url(job) {
+        let request = CheckoutRequest {
+            url,
+            branch: job.branch(),
+            commit: job
+                .git_commit
+                .as_deref()
+                .map(str::trim)
+                .filter(|c| !c.is_empty()),
+            token: plan.token.as_ref(),
+        };
+        // The clone gets what is left of the job's time (its own limit permitting) and stops
+        // when the job is stopped: it never outlives the job.
+        let mut limits = settings.checkout.clone();
+        limits.timeout = limits
+            .timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let cloned = checkout_until(&request, workspace.path(), &limits, async {
+            control.stopped().await;
+        })
+        .await;
+        let job_deadline_passed = Instant::now() >= deadline;
+        match cloned {
+            Err(CheckoutError::Stopped { .. }) => {
+                let request = control.request().unwrap_or(StopRequest {
+                    kind: StopKind::Immediate,
+                    reason: "stopped".into(),
+                });
+                cleanup(None, workspace).await;
+                return cancelled(request, None);
+            }
+            Err(CheckoutError::Timeout { .. }) if job_deadline_passed => {
+                cleanup(None, workspace).await;
+                return Outcome::TimedOut {
+                    exit_code: None,
+                    error: format!(
+                        "job timed out after {}s while cloning {url}",
+                        timeout.as_secs()
+                    ),
+                };
+            }
+            _ => {}
+        }
+        match cloned {
+            Ok(done) => run.observer.event(JobEvent::CheckedOut {
+                url,
+                commit: &done.commit,
+            }),
+            Err(e) => {
+                cleanup(None, workspace).await;
+                return Outcome::Error(e.to_string());
+            }
+        }
+        if let Err(e) = workspace.hand_over(plan.user.0, plan.user.1).await {
+            cleanup(None, workspace).await;
+            return Outcome::Error(format!("cannot give the checkout to the job's user: {e}"));
+        }
+    }
     if let Err(e) = workspace.write_file(plan.pipeline.file_name(), plan.pipeline.text()) {
         cleanup(None, workspace).await;
         return Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"));

@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 
 use secrecy::SecretString;
 
+use crate::checkout::CheckoutSettings;
 use crate::config::{DockerSettings, JobSettings, Settings};
 use crate::secrets::mask::SecretNames;
 use crate::secrets::token::{KeyError, TokenKeys};
@@ -38,6 +39,8 @@ pub struct ExecutorSettings {
     pub work_dir: PathBuf,
     pub docker: DockerSettings,
     pub job: JobSettings,
+    /// Cloning the job's repository (`git_url`).
+    pub checkout: CheckoutSettings,
     /// Job environment variables whose names match are secrets.
     pub secret_env_patterns: Vec<String>,
     /// Decrypts `github_token_encrypted`; jobs with a token fail without it.
@@ -74,6 +77,7 @@ impl ExecutorSettings {
             work_dir: settings.work_dir(),
             docker: settings.docker.clone(),
             job: settings.job.clone(),
+            checkout: CheckoutSettings::from_settings(settings),
             secret_env_patterns: settings.secret_env_patterns.clone(),
             encryption_key,
             encryption_key_previous: settings.encryption_key_previous.clone(),
@@ -88,6 +92,7 @@ pub enum JobEvent<'a> {
     PullStarted { image: &'a str },
     PullStatus { image: &'a str, status: &'a str },
     PullFinished { image: &'a str },
+    CheckedOut { url: &'a str, commit: &'a str },
     StepStarted { index: usize, name: &'a str },
     StepFinished { index: usize, step: &'a StepResult },
 }

@@ -54,11 +54,42 @@ impl Workspace {
             .unwrap_or_default()
     }
 
-    /// Writes a file into the workspace, readable by the container user.
+    /// Writes a file into the workspace, readable by the container user. The name may already
+    /// exist in a checked-out repository, possibly as a symlink pointing anywhere: the old entry is
+    /// removed and the file created anew (`create_new` does not follow symlinks), so the agent
+    /// never writes through a link.
     pub fn write_file(&self, name: &str, contents: &str) -> io::Result<()> {
+        use std::io::Write;
         let path = self.path.join(name);
-        std::fs::write(&path, contents)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(io::Error::other(format!(
+                    "{name} is a directory in the repository"
+                )));
+            }
+            Ok(_) => std::fs::remove_file(&path)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        file.write_all(contents.as_bytes())?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+    }
+
+    /// Gives everything in the workspace to the job's user (a checkout made by a root agent is
+    /// root's otherwise, and the job could not change its own repository). Symlinks are changed
+    /// themselves, never followed. A no-op when the agent is not root.
+    pub async fn hand_over(&self, uid: u32, gid: u32) -> io::Result<()> {
+        if !self.handed_over {
+            return Ok(());
+        }
+        let root = self.path.clone();
+        tokio::task::spawn_blocking(move || chown_tree(&root, uid, gid))
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// Removes the workspace and everything in it. Off the runtime: a build tree can be large.
@@ -72,4 +103,16 @@ impl Workspace {
             Err(e) => Err(io::Error::other(e)),
         }
     }
+}
+
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        if entry.file_type()?.is_dir() {
+            chown_tree(&path, uid, gid)?;
+        }
+    }
+    Ok(())
 }

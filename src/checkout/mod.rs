@@ -1,0 +1,329 @@
+//! Repository checkout: a shallow clone of a job's repository into its workspace, with gix.
+//!
+//! The clone speaks HTTPS itself (gix over reqwest + rustls); the agent runs no `git` binary and
+//! links no OpenSSL. It fetches one branch at depth 1, or one commit at depth 1 when the job
+//! names one (falling back to the branch's history when the server refuses to serve a commit by
+//! id), then writes the worktree into the destination, which the caller mounts as `/workspace`.
+//!
+//! What the job gets is the repository's files as committed, plus `.git`:
+//! - submodules are not fetched (their directories stay empty);
+//! - Git LFS files are not fetched: LFS pointer files stay pointer files;
+//! - no git config of the machine or user applies (no helpers, filters, proxies from there).
+//!
+//! `file://` URLs (off unless `checkout.allow_file_urls`; meant for tests and local mirrors) are
+//! the exception to "no git binary": gix serves them by running `git-upload-pack` locally.
+//!
+//! The token is offered only when the server asks (HTTP 401), as Basic credentials
+//! `x-access-token:<token>`; it never goes into the URL, a log line, an error or the result.
+//! A clone is bounded in time ([`CheckoutSettings::timeout`]) and in received pack bytes
+//! ([`CheckoutSettings::max_bytes`]); both stop the clone itself, not only the wait for it.
+//! Trust for HTTPS is the platform's (on Linux: the system store, honouring `SSL_CERT_FILE`),
+//! plus [`CheckoutSettings::ca_file`] when set.
+
+mod clone;
+mod dest;
+mod error;
+mod limit;
+mod url;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::Settings;
+
+pub use error::CheckoutError;
+pub use url::validate_url;
+
+use clone::{Failure, Stage};
+use error::Cause;
+
+/// What the settings say about checkouts.
+#[derive(Debug, Clone)]
+pub struct CheckoutSettings {
+    pub timeout: Duration,
+    /// Cap on received pack bytes.
+    pub max_bytes: u64,
+    /// Allow plain `http://` to hosts other than loopback.
+    pub allow_insecure_http: bool,
+    pub allow_file_urls: bool,
+    /// PEM file of extra CA certificates trusted for the clone, on top of the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl CheckoutSettings {
+    pub fn from_settings(settings: &Settings) -> Self {
+        CheckoutSettings {
+            timeout: Duration::from_secs(settings.checkout.timeout_seconds),
+            max_bytes: settings.checkout.max_bytes,
+            allow_insecure_http: settings.allow_insecure_http,
+            allow_file_urls: settings.checkout.allow_file_urls,
+            ca_file: settings.ca_file.clone(),
+        }
+    }
+}
+
+/// One job's repository: the fields of its spec, with the token already decrypted.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckoutRequest<'a> {
+    pub url: &'a str,
+    pub branch: &'a str,
+    pub commit: Option<&'a str>,
+    pub token: Option<&'a SecretString>,
+}
+
+/// What was checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedOut {
+    /// Hex id of the commit in the worktree.
+    pub commit: String,
+}
+
+/// How long a clone may take to stop after its deadline before it is left behind. gix notices
+/// the interrupt flag within one read; only a request blocked on a silent server waits for the
+/// HTTP client's own timeout, which is the checkout timeout too.
+const STOP_GRACE_MAX: Duration = Duration::from_secs(60);
+
+/// Clones `req` into `dest` (an existing, empty directory) and checks out its worktree.
+///
+/// On failure `dest` is left as it was found: present and empty.
+pub async fn checkout(
+    req: &CheckoutRequest<'_>,
+    dest: &Path,
+    settings: &CheckoutSettings,
+) -> Result<CheckedOut, CheckoutError> {
+    checkout_until(req, dest, settings, std::future::pending()).await
+}
+
+/// [`checkout`] that also stops, through the same interrupt as its time limit, when `stop`
+/// resolves (the job was cancelled): the clone thread itself stops instead of writing on into
+/// a workspace that is about to be removed.
+pub async fn checkout_until(
+    req: &CheckoutRequest<'_>,
+    dest: &Path,
+    settings: &CheckoutSettings,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<CheckedOut, CheckoutError> {
+    validate_url(req.url, settings)?;
+    validate_branch(req.branch)?;
+    let commit = req.commit.map(validate_commit).transpose()?;
+    let dest = dest::Dest::inspect(dest)?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let budget = limit::Budget::new(settings.max_bytes, interrupt.clone());
+    let job = clone::Job {
+        url: req.url.to_owned(),
+        branch: req.branch.to_owned(),
+        commit,
+        token: req.token.cloned(),
+        dest: dest.clone(),
+        request_timeout: settings.timeout,
+        ca_file: settings.ca_file.clone(),
+        interrupt: interrupt.clone(),
+        budget: budget.clone(),
+    };
+    let mut task = tokio::task::spawn_blocking(move || clone::run(&job));
+    let mut timed_out = false;
+    let mut stopped = false;
+    let first = tokio::select! {
+        joined = tokio::time::timeout(settings.timeout, &mut task) => joined.ok(),
+        _ = stop => {
+            stopped = true;
+            None
+        }
+    };
+    let joined = match first {
+        Some(joined) => joined,
+        None => {
+            timed_out = !stopped;
+            interrupt.store(true, Ordering::SeqCst);
+            let grace = settings.timeout.min(STOP_GRACE_MAX);
+            match tokio::time::timeout(grace, task).await {
+                Ok(joined) => joined,
+                Err(_) if stopped => {
+                    tracing::warn!(url = req.url, "stopped clone has not stopped; leaving it");
+                    return Err(CheckoutError::Stopped {
+                        url: req.url.to_owned(),
+                    });
+                }
+                Err(_) => {
+                    tracing::warn!(url = req.url, "timed-out clone has not stopped; leaving it");
+                    return Err(CheckoutError::Timeout {
+                        url: req.url.to_owned(),
+                        after: settings.timeout,
+                    });
+                }
+            }
+        }
+    };
+    if stopped {
+        if let Err(e) = dest.reset() {
+            tracing::warn!(path = %dest.path().display(), "cannot empty the checkout destination: {e}");
+        }
+        return Err(CheckoutError::Stopped {
+            url: req.url.to_owned(),
+        });
+    }
+    let result = match joined {
+        Ok(result) => result,
+        Err(e) => Err(Failure::Dest(format!("the clone task failed: {e}"))),
+    };
+    match result {
+        Ok(commit) => Ok(CheckedOut { commit }),
+        Err(failure) => {
+            if let Err(e) = dest.reset() {
+                tracing::warn!(path = %dest.path().display(), "cannot empty the checkout destination: {e}");
+            }
+            Err(explain(
+                failure,
+                req,
+                dest.path(),
+                settings,
+                timed_out,
+                budget.exceeded(),
+            ))
+        }
+    }
+}
+
+fn explain(
+    failure: Failure,
+    req: &CheckoutRequest<'_>,
+    dest: &Path,
+    settings: &CheckoutSettings,
+    timed_out: bool,
+    too_large: bool,
+) -> CheckoutError {
+    let url = req.url.to_owned();
+    // The limits set the interrupt flag; whatever gix then said is a consequence.
+    if too_large {
+        return CheckoutError::TooLarge {
+            url,
+            limit: settings.max_bytes,
+        };
+    }
+    if timed_out {
+        return CheckoutError::Timeout {
+            url,
+            after: settings.timeout,
+        };
+    }
+    let secrets = secrets(req.token);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    match failure {
+        Failure::Gix(e, stage) => match (error::cause(&e), stage) {
+            (Cause::Auth, _) => CheckoutError::AuthFailed { url },
+            (Cause::NotFound, Stage::Branch) => CheckoutError::BranchNotFound {
+                branch: req.branch.to_owned(),
+                url,
+            },
+            (Cause::NotFound, Stage::Commit) => CheckoutError::CommitNotFound {
+                commit: req.commit.unwrap_or_default().to_owned(),
+                branch: req.branch.to_owned(),
+                url,
+            },
+            _ => CheckoutError::Other {
+                url,
+                message: error::message(&e, &secrets),
+            },
+        },
+        Failure::CommitMissing => CheckoutError::CommitNotFound {
+            commit: req.commit.unwrap_or_default().to_owned(),
+            branch: req.branch.to_owned(),
+            url,
+        },
+        Failure::Interrupted => CheckoutError::Other {
+            url,
+            message: "the clone was interrupted".into(),
+        },
+        Failure::CaFile(message) => CheckoutError::Other {
+            url,
+            message: format!("ca_file: {message}"),
+        },
+        Failure::Dest(message) => CheckoutError::Destination {
+            path: dest.to_owned(),
+            reason: error::scrub(&message, &secrets),
+        },
+    }
+}
+
+/// The token as it could appear in any message: raw, and inside a Basic credential.
+fn secrets(token: Option<&SecretString>) -> Vec<String> {
+    let Some(token) = token.map(ExposeSecret::expose_secret) else {
+        return Vec::new();
+    };
+    if token.is_empty() {
+        return Vec::new();
+    }
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+    vec![token.to_owned(), basic]
+}
+
+fn validate_branch(branch: &str) -> Result<(), CheckoutError> {
+    let bad = branch.is_empty()
+        || branch.starts_with('-')
+        || branch.chars().any(|c| c.is_control() || c.is_whitespace())
+        || gix::validate::reference::name_partial(branch.into()).is_err();
+    if bad {
+        return Err(CheckoutError::InvalidRequest {
+            reason: format!("`{}` is not a valid branch name", branch.escape_debug()),
+        });
+    }
+    Ok(())
+}
+
+/// Full hex ids only: a clone by id cannot resolve abbreviations on the server.
+fn validate_commit(commit: &str) -> Result<String, CheckoutError> {
+    if commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(commit.to_ascii_lowercase());
+    }
+    Err(CheckoutError::InvalidRequest {
+        reason: format!(
+            "`{}` is not a full 40-character hex commit id",
+            commit.escape_debug()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_come_from_the_environment_table() {
+        let env: Vec<(String, String)> = [
+            ("GRYT_CHECKOUT_TIMEOUT", "30"),
+            ("GRYT_CHECKOUT_MAX_BYTES", "1048576"),
+            ("GRYT_ALLOW_FILE_URLS", "true"),
+            ("GRYT_ALLOW_INSECURE_HTTP", "true"),
+            ("GRYT_CA_FILE", "/etc/ssl/extra.pem"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = CheckoutSettings::from_settings(&Settings::load_from(None, &env, &[]).unwrap());
+        assert_eq!(s.timeout, Duration::from_secs(30));
+        assert_eq!(s.max_bytes, 1 << 20);
+        assert!(s.allow_file_urls && s.allow_insecure_http);
+        assert_eq!(s.ca_file.as_deref(), Some(Path::new("/etc/ssl/extra.pem")));
+
+        let d = CheckoutSettings::from_settings(&Settings::default());
+        assert_eq!(d.timeout, Duration::from_secs(600));
+        assert_eq!(d.max_bytes, 2 << 30);
+        assert!(!d.allow_file_urls && !d.allow_insecure_http && d.ca_file.is_none());
+    }
+
+    #[test]
+    fn branch_and_commit_are_checked() {
+        assert!(validate_branch("feature/x").is_ok());
+        for bad in ["", "-upload-pack=evil", "a b", "a..b", "x\n"] {
+            assert!(validate_branch(bad).is_err(), "{bad:?}");
+        }
+        let id = "0123456789ABCDEF0123456789abcdef01234567";
+        assert_eq!(validate_commit(id).unwrap(), id.to_ascii_lowercase());
+        assert!(validate_commit("abc123").is_err());
+    }
+}
