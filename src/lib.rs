@@ -3,10 +3,12 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; see ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod executor;
 pub mod metrics;
 pub mod pipeline;
+pub mod pull;
 pub mod server;
 pub mod slots;
 pub mod wire;

@@ -37,7 +37,7 @@ pub async fn run_command(
     deadline: Instant,
     grace: Duration,
     control: &JobControl,
-    on_output: &mut dyn FnMut(OutputStream, &[u8]),
+    on_output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
 ) -> CommandEnd {
     let mut stop_rx = control.subscribe();
     if let Some(request) = stop_rx.borrow_and_update().clone() {
