@@ -109,8 +109,12 @@ async fn replay_spool(ctx: Arc<Ctx>) {
         let control = JobControl::new();
         let _registered = ctx.state.jobs.register(job_id, control.clone());
         let give_up = CancellationToken::new();
-        let watcher = tokio::spawn(cancel_on_abort(control.clone(), give_up.clone()));
         let lost = CancellationToken::new();
+        let watcher = tokio::spawn(cancel_on_abort(
+            control.clone(),
+            lost.clone(),
+            give_up.clone(),
+        ));
         let log = entry
             .log_file
             .as_ref()

@@ -84,7 +84,11 @@ pub async fn run_job(ctx: Arc<Ctx>, lease: Lease, received: Instant, slot: Slot)
     ));
     // Stops streaming and delivery at once: the lease was lost or a second signal came.
     let give_up = CancellationToken::new();
-    let watcher = tokio::spawn(cancel_on_abort(control.clone(), give_up.clone()));
+    let watcher = tokio::spawn(cancel_on_abort(
+        control.clone(),
+        lost.clone(),
+        give_up.clone(),
+    ));
 
     let name = Spool::new_name(job_id);
     let log_path = ctx.spool.log_path(&name);
@@ -179,12 +183,29 @@ pub async fn deliver(
     }
 }
 
-/// Cancels `give_up` when the job is stopped at once (lease lost, second signal).
-pub async fn cancel_on_abort(control: JobControl, give_up: CancellationToken) {
+/// After a second signal, how long the killed job's log and result may still take to deliver
+/// before they are left in the spool for the next start.
+pub const DELIVERY_AFTER_ABORT: Duration = Duration::from_secs(10);
+
+/// Cancels `give_up` when the job is stopped at once: immediately when its lease was lost,
+/// after [`DELIVERY_AFTER_ABORT`] on a second signal (the result is still sent if the API
+/// answers in time).
+pub async fn cancel_on_abort(
+    control: JobControl,
+    lost: CancellationToken,
+    give_up: CancellationToken,
+) {
     let mut rx = control.subscribe();
     let _ = rx
         .wait_for(|r| matches!(r, Some(r) if r.kind == StopKind::Immediate))
         .await;
+    // The heartbeat marks the lease lost before it aborts the job.
+    if !lost.is_cancelled() {
+        tokio::select! {
+            _ = lost.cancelled() => {}
+            _ = tokio::time::sleep(DELIVERY_AFTER_ABORT) => {}
+        }
+    }
     give_up.cancel();
 }
 
