@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Ctx;
-use super::heartbeat::keep_alive;
+use super::heartbeat::{LEASE_LOST, keep_alive};
 use super::logs::LogFile;
 use super::spool::{Spool, SpoolEntry};
 use super::streamer::{StreamEnd, Streamer};
@@ -97,10 +97,19 @@ pub async fn run_job(ctx: Arc<Ctx>, lease: Lease, received: Instant, slot: Slot)
         Ok(log) => {
             let log = Arc::new(log);
             let done = CancellationToken::new();
-            let streamer = tokio::spawn(
-                Streamer::new(ctx.clone(), job_id, lease.lease_id.clone(), log.clone())
-                    .run(done.clone(), give_up.clone()),
-            );
+            let stream = Streamer::new(ctx.clone(), job_id, lease.lease_id.clone(), log.clone())
+                .run(done.clone(), give_up.clone());
+            let (lost_by_logs, abort) = (lost.clone(), control.clone());
+            let streamer = tokio::spawn(async move {
+                let end = stream.await;
+                if end == StreamEnd::Lost {
+                    // A logs call said the lease is gone: same as a lost heartbeat.
+                    tracing::warn!(job_id, "lease lost (logs): killing the job");
+                    lost_by_logs.cancel();
+                    abort.abort(LEASE_LOST);
+                }
+                end
+            });
             let result = ctx.state.executor.run(&lease.job, &*log, &control).await;
             log.finish();
             done.cancel();
