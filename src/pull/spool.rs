@@ -129,3 +129,57 @@ impl Spool {
         entries
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{JobResult, JobStatus};
+
+    fn entry(job_id: i64) -> SpoolEntry {
+        SpoolEntry {
+            job_id,
+            log_file: None,
+            request: CompleteRequest {
+                lease_id: "L".into(),
+                result: JobResult {
+                    job_id,
+                    status: JobStatus::Failed,
+                    success: false,
+                    exit_code: 2,
+                    stdout: String::new(),
+                    stderr: "boom".into(),
+                    duration_seconds: 0.1,
+                    started_at: "a".into(),
+                    completed_at: "b".into(),
+                    error: None,
+                    steps: Vec::new(),
+                    oom_killed: false,
+                },
+                log_bytes: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn entries_survive_and_are_removed_with_their_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let name = Spool::new_name(9);
+        spool.write(&name, &entry(9)).unwrap();
+        std::fs::write(spool.log_path(&name), "log").unwrap();
+        std::fs::write(spool.dir().join("job-1-dead.log"), "orphan").unwrap();
+        std::fs::write(spool.dir().join("job-2-bad.json"), "{not json").unwrap();
+        spool.remove_orphan_logs();
+        assert!(!spool.dir().join("job-1-dead.log").exists());
+        assert!(spool.log_path(&name).exists());
+
+        let reopened = Spool::open(dir.path()).unwrap();
+        let entries = reopened.entries();
+        assert_eq!(entries.len(), 1, "the unreadable entry is skipped");
+        assert_eq!(entries[0].0, name);
+        assert_eq!(entries[0].1.request, entry(9).request);
+        reopened.remove(&name);
+        assert!(reopened.entries().is_empty());
+        assert!(!reopened.log_path(&name).exists());
+    }
+}

@@ -51,8 +51,9 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
             if in_flight == 0 {
                 return WorkEnd::LimitReached;
             }
-            if wait_or_stop(&ctx, options, TICK).await.is_some() {
-                continue;
+            // The last jobs are still running: wait for them, leasing nothing more.
+            if let Some(end) = wait_or_stop(&ctx, options, TICK).await {
+                return end;
             }
             continue;
         }
