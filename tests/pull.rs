@@ -601,6 +601,7 @@ async fn bad_credentials_degrade_health_without_a_crash_or_a_flood() {
     assert_eq!(agent.wait_exit(Duration::from_secs(10)).await, 0);
     assert_eq!(agent.log_text().matches("credentials problem").count(), 1);
     assert!(!agent.log_text().contains(KEY));
+    agent.assert_clean().await;
 }
 
 #[tokio::test]
