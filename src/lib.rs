@@ -3,11 +3,13 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; see ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod api;
 pub mod checkout;
 pub mod config;
 pub mod executor;
 pub mod metrics;
 pub mod pipeline;
+pub mod pull;
 pub mod push;
 pub mod secrets;
 pub mod server;

@@ -72,6 +72,8 @@ pub enum AgentError {
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
     Executor(#[from] ExecutorError),
+    #[error("{0}")]
+    Pull(#[from] crate::pull::PullError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: String,
@@ -145,6 +147,11 @@ impl AgentState {
 /// Runs the agent until it is told to stop (or, ephemeral, has done its work).
 pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentError> {
     let state = AgentState::new(settings)?;
+    // Checked before anything listens or connects: a refused URL means no traffic at all.
+    let pull = match state.settings.api_url {
+        Some(_) => Some(crate::pull::Ctx::new(state.clone())?),
+        None => None,
+    };
     let (host, port) = state.listen_address();
     let address = format!("{host}:{port}");
     let listener = TcpListener::bind((host.as_str(), port))
@@ -170,18 +177,41 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
             async move { shutdown.stopped().await },
         ))
     };
-    let _ = options;
     let sweeper = sweep::spawn(state.clone());
+    let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options)));
 
-    wait_for_signal().await;
-    tracing::info!("signal received: taking no new jobs, letting running jobs finish");
-    drain(&state).await;
+    let limits_reached = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = finished(&mut pull_task) => true,
+    };
+    if limits_reached {
+        tracing::info!("ephemeral limit reached: exiting");
+    } else {
+        tracing::info!("signal received: taking no new jobs, letting running jobs finish");
+        drain(&state).await;
+        if let Some(task) = pull_task {
+            // Returns at once: draining ended leasing, and drain waited for the jobs.
+            let _ = task.await;
+        }
+    }
     state.shutdown.stop();
     sweeper.abort();
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }
     Ok(())
+}
+
+/// Resolves when pull mode ends by itself (ephemeral limits); never without pull mode.
+async fn finished(task: &mut Option<tokio::task::JoinHandle<crate::pull::WorkEnd>>) {
+    match task {
+        Some(task) => {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "pull mode failed");
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Stops taking jobs, waits for running ones up to the shutdown timeout (a second signal cuts it

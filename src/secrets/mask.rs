@@ -38,6 +38,8 @@ enum Matcher {
     Secrets {
         automaton: AhoCorasick,
         longest: usize,
+        /// The secrets' bytes, to tell which held-back tails could still become one.
+        secrets: Vec<Box<[u8]>>,
     },
     /// The automaton could not be built (only for absurdly large secret sets). Failing closed:
     /// everything is masked rather than anything leaked.
@@ -76,7 +78,14 @@ impl Masker {
             .match_kind(MatchKind::LeftmostLongest)
             .build(secrets.iter().map(|s| s.as_ref().as_bytes()))
         {
-            Ok(automaton) => Matcher::Secrets { automaton, longest },
+            Ok(automaton) => Matcher::Secrets {
+                automaton,
+                longest,
+                secrets: secrets
+                    .iter()
+                    .map(|s| s.as_ref().as_bytes().into())
+                    .collect(),
+            },
             Err(_) => Matcher::Everything,
         };
         Masker {
@@ -145,8 +154,8 @@ impl Masker {
 }
 
 /// Masks a stream chunk by chunk, so that a secret split across chunks is still masked. Holds
-/// back at most (longest secret − 1) bytes between calls: the tail that could be the start of a
-/// secret whose rest has not arrived yet. The concatenated output of [`StreamMasker::push`]es and
+/// back at most (longest secret − 1) bytes between calls, and only a tail that could be the start
+/// of a secret whose rest has not arrived yet. The concatenated output of [`StreamMasker::push`]es and
 /// [`StreamMasker::finish`] equals [`Masker::mask_bytes`] of the concatenated input.
 pub struct StreamMasker {
     masker: Masker,
@@ -167,31 +176,51 @@ impl fmt::Debug for StreamMasker {
 impl StreamMasker {
     /// Takes the next chunk; returns the bytes that are now safe to emit (possibly none).
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
-        let (automaton, longest) = match self.masker.matcher.as_deref() {
+        let (automaton, longest, secrets) = match self.masker.matcher.as_deref() {
             None => return data.to_vec(),
             Some(Matcher::Everything) => {
                 self.saw_output |= !data.is_empty();
                 return Vec::new();
             }
-            Some(Matcher::Secrets { automaton, longest }) => (automaton, *longest),
+            Some(Matcher::Secrets {
+                automaton,
+                longest,
+                secrets,
+            }) => (automaton, *longest, secrets),
         };
         let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(data);
-        // A match starting before `settled` ends within `buf` (no secret is longer than
-        // `longest`), so later input cannot change it, nor whether one starts there. Later
-        // positions may begin a secret whose rest is still to come: they are held back.
-        let settled = (buf.len() + 1).saturating_sub(longest);
+        // Held back: the shortest tail that is a proper prefix of some secret, i.e. a secret
+        // that may still complete with the next chunk. Everything before it is settled: a match
+        // starting there either ends within `buf` or could not be extended (else its start would
+        // begin such a tail). Holding back only real prefixes keeps ordinary output flowing and
+        // in order with the other stream.
+        let tail_from = |from: usize| {
+            let earliest = from.max(buf.len().saturating_sub(longest.saturating_sub(1)));
+            (earliest..buf.len())
+                .find(|&i| {
+                    let tail = &buf[i..];
+                    secrets
+                        .iter()
+                        .any(|s| s.len() > tail.len() && s.starts_with(tail))
+                })
+                .unwrap_or(buf.len())
+        };
+        let mut hold = tail_from(0);
         let mut out = Vec::with_capacity(buf.len());
         let mut pos = 0;
         for m in automaton.find_iter(&buf) {
-            if m.start() >= settled {
+            if m.start() >= hold {
                 break;
             }
             out.extend_from_slice(&buf[pos..m.start()]);
             out.extend_from_slice(MASK.as_bytes());
             pos = m.end();
+            if pos > hold {
+                hold = tail_from(pos);
+            }
         }
-        let keep_from = pos.max(settled);
+        let keep_from = pos.max(hold);
         out.extend_from_slice(&buf[pos..keep_from]);
         // `split_off` leaves the held-back tail in its own small allocation, so a large chunk's
         // buffer is not kept alive between calls.
@@ -587,5 +616,23 @@ mod tests {
             w.write_all(b"1te-secret b\n").unwrap();
         }
         assert_eq!(sink.text(), "a [MASKED] b\n");
+    }
+}
+
+#[cfg(test)]
+mod hold_back_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_possible_secret_start_is_held_back() {
+        let masker = Masker::new(["s3cret-value"]);
+        let mut stream = masker.stream();
+        assert_eq!(stream.push(b"plain text"), b"plain text");
+        assert_eq!(stream.held_back(), 0);
+        assert_eq!(stream.push(b"then s3c"), b"then ");
+        assert_eq!(stream.held_back(), 3);
+        assert_eq!(stream.push(b"ret-value!"), b"[MASKED]!");
+        assert_eq!(stream.push(b"s3x"), b"s3x");
+        assert_eq!(stream.finish(), b"");
     }
 }

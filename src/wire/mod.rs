@@ -5,5 +5,6 @@
 //! API: rename nothing.
 
 pub mod job;
+pub mod pull;
 
 pub use job::{JobResult, JobSpec, JobStatus, SpecError, StepResult, StepStatus, rfc3339};

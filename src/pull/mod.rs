@@ -1,0 +1,169 @@
+//! Pull mode: lease jobs from the main API, run them, stream their logs and report their results
+//! (protocol v1, `docs/protocol.md`).
+//!
+//! `worker` leases, `runner` carries one job through start/run/complete, `heartbeat` keeps its
+//! lease, `logs` and `streamer` buffer and send its output, `spool` keeps results across restarts.
+//! Nothing here speaks HTTP directly: that is `crate::api`.
+
+pub mod heartbeat;
+pub mod logs;
+pub mod runner;
+pub mod spool;
+pub mod streamer;
+pub mod worker;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{AgentOptions, AgentState};
+use crate::api::{ApiClient, ApiError, Call, CallHooks};
+use crate::executor::JobControl;
+use runner::{JobEnd, cancel_on_abort, deliver};
+use spool::{Spool, SpoolError};
+use streamer::{StreamEnd, Streamer};
+pub use worker::WorkEnd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("pull mode needs api_url (GRYT_API_URL)")]
+    NoUrl,
+    #[error("pull mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE)")]
+    NoKey,
+}
+
+/// What every part of pull mode shares.
+pub struct Ctx {
+    pub state: Arc<AgentState>,
+    pub client: ApiClient,
+    pub spool: Spool,
+    pub hostname: String,
+    /// Jobs run to their end by this agent (for `--once` / `--max-jobs`).
+    pub ran: AtomicU64,
+    last_busy: Mutex<Instant>,
+}
+
+impl Ctx {
+    /// Checks the settings and prepares the client and the spool; makes no connection.
+    pub fn new(state: Arc<AgentState>) -> Result<Arc<Self>, PullError> {
+        let settings = &state.settings;
+        let url = settings.api_url.clone().ok_or(PullError::NoUrl)?;
+        let key = state.api_key.clone().ok_or(PullError::NoKey)?;
+        let hooks: Arc<dyn CallHooks> = Arc::new(StateHooks(state.clone()));
+        let client = ApiClient::new(
+            &url,
+            settings.allow_insecure_http,
+            &key,
+            settings.ca_file.as_deref(),
+            hooks,
+        )?;
+        let spool = Spool::open(&settings.state_dir)?;
+        Ok(Arc::new(Ctx {
+            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            state,
+            client,
+            spool,
+            ran: AtomicU64::new(0),
+            last_busy: Mutex::new(Instant::now()),
+        }))
+    }
+
+    fn touch(&self) {
+        *self.last_busy.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> std::time::Duration {
+        self.last_busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+/// Runs pull mode until shutdown begins or an ephemeral limit is reached; returns once every
+/// job it took has been reported (or given up on by a second signal).
+pub async fn run(ctx: Arc<Ctx>, options: AgentOptions) -> WorkEnd {
+    let mut tasks: JoinSet<JobEnd> = JoinSet::new();
+    let replay = tokio::spawn(replay_spool(ctx.clone()));
+    let end = worker::work(ctx.clone(), &options, &mut tasks).await;
+    tracing::info!(?end, "no more leases");
+    while tasks.join_next().await.is_some() {}
+    let _ = replay.await;
+    end
+}
+
+/// Sends what earlier runs left in the spool: the rest of each log, then the completion.
+async fn replay_spool(ctx: Arc<Ctx>) {
+    ctx.spool.remove_orphan_logs();
+    for (name, entry) in ctx.spool.entries() {
+        let job_id = entry.job_id;
+        tracing::info!(job_id, "resending a spooled result");
+        // Registered so that shutdown waits for it and a second signal stops it.
+        let control = JobControl::new();
+        let _registered = ctx.state.jobs.register(job_id, control.clone());
+        let give_up = CancellationToken::new();
+        let lost = CancellationToken::new();
+        let watcher = tokio::spawn(cancel_on_abort(
+            control.clone(),
+            lost.clone(),
+            give_up.clone(),
+        ));
+        let log = entry
+            .log_file
+            .as_ref()
+            .map(|f| ctx.spool.dir().join(f))
+            .and_then(|p| logs::LogFile::open(&p).ok());
+        let end = match log {
+            Some(log) => {
+                Streamer::new(
+                    ctx.clone(),
+                    job_id,
+                    entry.request.lease_id.clone(),
+                    Arc::new(log),
+                )
+                .resume(give_up.clone())
+                .await
+            }
+            None => StreamEnd::Delivered,
+        };
+        match end {
+            StreamEnd::Lost => {
+                tracing::warn!(
+                    job_id,
+                    "the API no longer holds the lease: spooled result dropped"
+                );
+                lost.cancel();
+            }
+            StreamEnd::Stopped if give_up.is_cancelled() => {
+                watcher.abort();
+                return;
+            }
+            _ => {}
+        }
+        deliver(&ctx, &name, &entry, &give_up, &lost).await;
+        watcher.abort();
+    }
+}
+
+/// Reports every call's fate to `/health` and the metrics.
+struct StateHooks(Arc<AgentState>);
+
+impl CallHooks for StateHooks {
+    fn succeeded(&self, _call: Call) {
+        self.0.api_status.record_success();
+    }
+
+    fn failed(&self, call: Call, message: &str) {
+        self.0.metrics.api_error(call.as_str());
+        self.0
+            .api_status
+            .record_error(format!("{}: {message}", call.as_str()));
+    }
+}

@@ -1,0 +1,624 @@
+//! Pull mode end to end: the real agent binary against the conformance fake of the API, with the
+//! real Docker engine. Every test checks that no container and no workspace is left.
+
+#[path = "support/fake_api.rs"]
+mod fake_api;
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_api::FakeApi;
+use serde_json::{Value, json};
+use support::{b64, containers_of, test_image, unique_agent_id};
+
+const KEY: &str = "test-agent-key-0123456789abcdef";
+
+fn job(id: i64, pipeline: &str) -> Value {
+    json!({"job_id": id, "pipeline_b64": b64(pipeline)})
+}
+
+fn shell_job(id: i64, script: &str) -> Value {
+    job(id, &format!("version: 1\nsteps:\n  - run: {script}\n"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `gryt-agent run` process with its own state and work directories.
+struct Agent {
+    child: Child,
+    agent_id: String,
+    state: tempfile::TempDir,
+    work: tempfile::TempDir,
+    port: u16,
+    log: PathBuf,
+}
+
+struct Opts<'a> {
+    env: Vec<(&'a str, String)>,
+    args: Vec<&'a str>,
+}
+
+impl Agent {
+    async fn start(test: &str, api: &FakeApi, opts: Opts<'_>) -> Agent {
+        let state = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        Self::start_in(unique_agent_id(test), state, work, api, opts).await
+    }
+
+    async fn start_in(
+        agent_id: String,
+        state: tempfile::TempDir,
+        work: tempfile::TempDir,
+        api: &FakeApi,
+        opts: Opts<'_>,
+    ) -> Agent {
+        let image = test_image().await;
+        let port = free_port();
+        let log = state.path().join(format!("agent-{}.log", port));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+        cmd.arg("run")
+            .args(&opts.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", state.path())
+            .env("RUST_LOG", "gryt_agent=debug,info")
+            .env("GRYT_API_URL", &api.url)
+            .env("AGENT_API_KEY", KEY)
+            .env("GRYT_STATE_DIR", state.path())
+            .env("GRYT_WORK_DIR", work.path())
+            .env("GRYT_DOCKER_IMAGE", image)
+            .env("GRYT_PULL_POLICY", "never")
+            .env("GRYT_AGENT_ID", &agent_id)
+            .env("GRYT_STOP_GRACE", "1")
+            // Jobs here need no network (and the CI engine may have no bridge).
+            .env("GRYT_NETWORK", "none")
+            .env("GRYT_LEASE_WAIT", "2")
+            .env("AGENT_PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(out);
+        if let Ok(h) = std::env::var("DOCKER_HOST") {
+            cmd.env("DOCKER_HOST", h);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("cannot start gryt-agent");
+        Agent {
+            child,
+            agent_id,
+            state,
+            work,
+            port,
+            log,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    async fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "agent did not exit in {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn health(&self) -> Value {
+        let url = format!("http://127.0.0.1:{}/health", self.port);
+        for _ in 0..50 {
+            if let Ok(r) = reqwest::get(&url).await {
+                return r.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no /health; log:\n{}", self.log_text());
+    }
+
+    /// No container of this agent and no workspace left.
+    async fn assert_clean(&self) {
+        for _ in 0..50 {
+            if containers_of(&self.agent_id).await.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(containers_of(&self.agent_id).await, Vec::<String>::new());
+        let left: Vec<_> = std::fs::read_dir(self.work.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "workspaces left: {left:?}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn opts<'a>(args: &[&'a str], env: &[(&'a str, &str)]) -> Opts<'a> {
+    Opts {
+        args: args.to_vec(),
+        env: env.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+    }
+}
+
+fn spool_entries(agent: &Agent) -> Vec<PathBuf> {
+    std::fs::read_dir(agent.state.path().join("spool"))
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_job_end_to_end_with_once() {
+    let api = FakeApi::start(KEY, 30).await;
+    // stdout and stderr interleaved, a multi-byte character, no trailing newline at the end.
+    api.push_job(shell_job(
+        1,
+        "echo 'héllo €'; sleep 0.3; echo to-err >&2; sleep 0.3; printf 'last'",
+    ));
+    let mut agent = Agent::start(
+        "e2e",
+        &api,
+        opts(&["--once"], &[("GRYT_AGENT_LABELS", "linux,x86")]),
+    )
+    .await;
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+
+    let rec = api.job(1);
+    let done = rec.completion.clone().expect("no completion");
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(done["stdout"], "héllo €\nlast");
+    assert_eq!(rec.log, "héllo €\nto-err\nlast");
+    assert_eq!(done["log_bytes"], rec.log.len());
+    assert_eq!(rec.completes_accepted, 1);
+
+    let reqs = api.requests();
+    let calls: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r.job_id == Some(1) && r.call != "heartbeat")
+        .map(|r| r.call.as_str())
+        .collect();
+    assert_eq!(calls.first(), Some(&"start"));
+    assert_eq!(calls.last(), Some(&"complete"));
+    assert!(calls.contains(&"logs"));
+    let lease = &reqs[0];
+    assert_eq!(lease.call, "lease");
+    assert_eq!(lease.body["agent_id"], agent.agent_id.as_str());
+    assert_eq!(lease.body["labels"], json!(["linux", "x86"]));
+    assert_eq!(lease.body["capacity"], 1);
+    assert_eq!(lease.body["wait_seconds"], 2);
+    for r in &reqs {
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(format!("Bearer {KEY}").as_str())
+        );
+        assert!(r.user_agent.as_deref().unwrap().starts_with("gryt-agent/"));
+    }
+    // --once: exactly one lease, nothing after the completion.
+    assert_eq!(api.count("lease"), 1);
+    assert!(
+        !agent.log_text().contains(KEY),
+        "the key must never be logged"
+    );
+    assert!(spool_entries(&agent).is_empty());
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn idle_long_poll_is_no_busy_loop_and_idle_exit_exits() {
+    let api = FakeApi::start(KEY, 30).await;
+    let started = Instant::now();
+    let mut agent = Agent::start("idle", &api, opts(&["--idle-exit", "5"], &[])).await;
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(20)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
+    // Lease wait is 2 s: over ~5 s that is at most 3 or 4 polls, not a busy loop.
+    let leases = api.count("lease");
+    assert!((1..=4).contains(&leases), "{leases} lease requests");
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn twenty_jobs_with_concurrency_four_and_max_jobs() {
+    let api = FakeApi::start(KEY, 30).await;
+    for id in 1..=20 {
+        api.push_job(shell_job(id, &format!("sleep 0.5; echo job-{id}")));
+    }
+    // One more than --max-jobs: it must never be leased.
+    api.push_job(shell_job(21, "echo never"));
+    let mut agent = Agent::start(
+        "many",
+        &api,
+        opts(&["--max-jobs", "20"], &[("GRYT_CONCURRENCY", "4")]),
+    )
+    .await;
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(150)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    assert!(api.max_running() <= 4, "{} at once", api.max_running());
+    assert!(api.max_running() >= 2, "jobs never overlapped");
+    for id in 1..=20 {
+        let rec = api.job(id);
+        let done = rec
+            .completion
+            .unwrap_or_else(|| panic!("job {id} not completed"));
+        assert_eq!(done["status"], "success");
+        assert_eq!(rec.completes_accepted, 1);
+        assert_eq!(rec.log, format!("job-{id}\n"));
+    }
+    assert_eq!(api.queued(), 1, "job 21 was leased");
+    for r in api.requests().iter().filter(|r| r.call == "lease") {
+        let cap = r.body["capacity"].as_u64().unwrap();
+        assert!((1..=4).contains(&cap), "capacity {cap}");
+    }
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn faults_on_every_call_still_deliver_everything_once() {
+    let api = FakeApi::start(KEY, 30).await;
+    for id in 1..=3 {
+        api.push_job(shell_job(
+            id,
+            &format!("for i in 1 2 3; do echo line-$i-{id}; sleep 0.4; done"),
+        ));
+    }
+    api.faults(|f| {
+        for call in ["lease", "start", "heartbeat", "logs", "complete"] {
+            f.errors.insert(call.into(), 2);
+            f.drops.insert(call.into(), 1);
+        }
+        f.retry_after = Some(1);
+        f.lower_committed = 2;
+        f.slow = Some(Duration::from_millis(300));
+    });
+    let mut agent = Agent::start("faults", &api, opts(&["--max-jobs", "3"], &[])).await;
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(120)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    for id in 1..=3 {
+        let rec = api.job(id);
+        let done = rec
+            .completion
+            .unwrap_or_else(|| panic!("job {id} not completed"));
+        assert_eq!(done["status"], "success");
+        assert_eq!(rec.log, format!("line-1-{id}\nline-2-{id}\nline-3-{id}\n"));
+        assert_eq!(done["log_bytes"], rec.log.len());
+    }
+    // Retry-After: 1 was honoured: retries after an injected 503 came no sooner than ~1 s.
+    let reqs = api.requests();
+    let outage = reqs
+        .iter()
+        .position(|r| r.call == "lease" && r.status == 503)
+        .expect("no injected 503");
+    let retry = reqs[outage + 1..]
+        .iter()
+        .find(|r| r.call == "lease")
+        .unwrap();
+    assert!(
+        retry.at - reqs[outage].at >= Duration::from_millis(900),
+        "Retry-After ignored"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn cancel_from_the_api_stops_the_job_within_a_heartbeat() {
+    let api = FakeApi::start(KEY, 3).await;
+    api.push_job(shell_job(1, "echo started; sleep 60"));
+    let mut agent = Agent::start("cancel", &api, opts(&["--once"], &[])).await;
+    api.wait_for("job output", Duration::from_secs(30), |a| {
+        a.job(1).log.contains("started")
+    })
+    .await;
+    let asked = Instant::now();
+    api.faults(|f| {
+        f.cancel.insert(1);
+    });
+    loop {
+        if containers_of(&agent.agent_id).await.is_empty() {
+            break;
+        }
+        // One heartbeat (1 s) plus the stop grace (1 s) plus slack.
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "container still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
+    let done = api.job(1).completion.expect("no completion");
+    assert_eq!(done["status"], "cancelled", "{done}");
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_lost_lease_kills_the_job_and_sends_nothing_more() {
+    let api = FakeApi::start(KEY, 3).await;
+    api.push_job(shell_job(1, "echo started; sleep 60"));
+    let mut agent = Agent::start("lost", &api, opts(&[], &[])).await;
+    api.wait_for("job output", Duration::from_secs(30), |a| {
+        a.job(1).log.contains("started")
+    })
+    .await;
+    let revoked = Instant::now();
+    api.faults(|f| {
+        f.revoke.insert(1);
+    });
+    loop {
+        if containers_of(&agent.agent_id).await.is_empty() {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(4),
+            "container still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give the agent time to (wrongly) send more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reqs = api.requests();
+    let first_lost = reqs
+        .iter()
+        .find(|r| r.job_id == Some(1) && r.status == 410)
+        .expect("no heartbeat saw the revoked lease")
+        .at;
+    let after: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.job_id == Some(1) && r.at > first_lost + Duration::from_millis(500))
+        .collect();
+    assert!(after.is_empty(), "calls after the loss: {after:?}");
+    assert!(api.job(1).completion.is_none());
+    assert_eq!(api.count("complete"), 0);
+    assert!(agent.running(), "the agent must survive a lost lease");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
+    assert!(spool_entries(&agent).is_empty());
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_refused_start_means_the_job_is_not_run() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(1, "echo must-not-run"));
+    api.push_job(shell_job(2, "echo ok"));
+    api.faults(|f| {
+        f.refuse_start.insert(1);
+    });
+    let mut agent = Agent::start("refused", &api, opts(&["--once"], &[])).await;
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    let calls: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.job_id == Some(1))
+        .map(|r| r.call)
+        .collect();
+    assert_eq!(calls, ["start"]);
+    assert_eq!(api.job(1).log, "");
+    // --once counts jobs run: the refused one does not count, job 2 runs.
+    assert_eq!(api.job(2).completion.unwrap()["status"], "success");
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_result_survives_sigkill_in_the_spool() {
+    let api = FakeApi::start(KEY, 60).await;
+    api.push_job(shell_job(1, "echo spooled"));
+    api.faults(|f| f.complete_down = true);
+    let mut agent = Agent::start("spool", &api, opts(&[], &[])).await;
+    api.wait_for("a complete attempt", Duration::from_secs(60), |a| {
+        a.count("complete") > 0
+    })
+    .await;
+    assert_eq!(spool_entries(&agent).len(), 1);
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(10)).await;
+    assert!(api.job(1).completion.is_none());
+    api.faults(|f| f.complete_down = false);
+
+    let agent_id = agent.agent_id.clone();
+    let state = std::mem::replace(&mut agent.state, tempfile::tempdir().unwrap());
+    let work = std::mem::replace(&mut agent.work, tempfile::tempdir().unwrap());
+    drop(agent);
+    let mut agent = Agent::start_in(agent_id, state, work, &api, opts(&[], &[])).await;
+    api.wait_for("the spooled result", Duration::from_secs(30), |a| {
+        a.job(1).completion.is_some()
+    })
+    .await;
+    let rec = api.job(1);
+    assert_eq!(rec.completion.unwrap()["status"], "success");
+    assert_eq!(rec.log, "spooled\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(spool_entries(&agent).is_empty());
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_job_finish_and_leases_nothing_more() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(1, "echo begin; sleep 3; echo end"));
+    let mut agent = Agent::start("drain", &api, opts(&[], &[])).await;
+    api.wait_for("job output", Duration::from_secs(30), |a| {
+        a.job(1).log.contains("begin")
+    })
+    .await;
+    api.push_job(shell_job(2, "echo never"));
+    let leases = api.count("lease");
+    agent.signal("TERM");
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(30)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    let rec = api.job(1);
+    assert_eq!(rec.completion.unwrap()["status"], "success");
+    assert_eq!(rec.log, "begin\nend\n");
+    assert_eq!(api.count("lease"), leases, "leased after SIGTERM");
+    assert_eq!(api.queued(), 1);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_second_signal_cancels_at_once() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(1, "echo begin; sleep 60"));
+    let mut agent = Agent::start("second", &api, opts(&[], &[])).await;
+    api.wait_for("job output", Duration::from_secs(30), |a| {
+        a.job(1).log.contains("begin")
+    })
+    .await;
+    agent.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(agent.running());
+    let second = Instant::now();
+    agent.signal("INT");
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(20)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    assert!(second.elapsed() < Duration::from_secs(10));
+    let done = api
+        .job(1)
+        .completion
+        .expect("the cancelled job is still reported");
+    assert_eq!(done["status"], "cancelled");
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn shutdown_timeout_cancels_with_a_reason() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(1, "echo begin; sleep 60"));
+    let mut agent = Agent::start(
+        "timeout",
+        &api,
+        opts(&[], &[("GRYT_SHUTDOWN_TIMEOUT", "1")]),
+    )
+    .await;
+    api.wait_for("job output", Duration::from_secs(30), |a| {
+        a.job(1).log.contains("begin")
+    })
+    .await;
+    agent.signal("TERM");
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(20)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    let done = api.job(1).completion.expect("no completion");
+    assert_eq!(done["status"], "cancelled");
+    assert!(
+        done["error"].as_str().unwrap().contains("shut down"),
+        "{done}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_degrade_health_without_a_crash_or_a_flood() {
+    let api = FakeApi::start("the-right-key-that-the-agent-lacks", 30).await;
+    let mut agent = Agent::start("creds", &api, opts(&[], &[])).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let health = agent.health().await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    let reasons = health["reasons"].to_string();
+    assert!(reasons.contains("401"), "{reasons}");
+    assert!(!health.to_string().contains(KEY));
+    assert!(agent.running());
+    let leases = api.count("lease");
+    assert!((1..=2).contains(&leases), "{leases} lease requests in 3 s");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).await, 0);
+    assert_eq!(agent.log_text().matches("credentials problem").count(), 1);
+    assert!(!agent.log_text().contains(KEY));
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn plain_http_to_a_non_loopback_host_is_refused_before_any_connection() {
+    let api = FakeApi::start(KEY, 30).await;
+    let started = Instant::now();
+    // 192.0.2.1 (TEST-NET-1) is only a string here: the URL check refuses it before connecting.
+    let mut agent = Agent::start(
+        "insecure",
+        &api,
+        opts(&[], &[("GRYT_API_URL", "http://192.0.2.1:8000")]),
+    )
+    .await;
+    let code = agent.wait_exit(Duration::from_secs(10)).await;
+    assert_ne!(code, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let log = agent.log_text();
+    assert!(log.contains("allow_insecure_http"), "{log}");
+    assert!(!log.contains(KEY));
+}

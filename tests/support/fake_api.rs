@@ -1,0 +1,457 @@
+//! A conformance fake of the main API's pull protocol v1, written from `docs/protocol.md` (not
+//! from the agent's client): lease long poll, lease TTL and expiry, start/heartbeat/logs/complete
+//! with lease checks (404 unknown, 409 not this lease, 410 expired or revoked), `committed`
+//! semantics, idempotent complete. It records every request and has switchable faults.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+pub const PREFIX: &str = "/api/v1/agent";
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub call: String,
+    pub job_id: Option<i64>,
+    pub at: Instant,
+    pub body: Value,
+    pub authorization: Option<String>,
+    pub user_agent: Option<String>,
+    /// The status the fake answered (0 when it dropped the connection).
+    pub status: u16,
+}
+
+/// Switchable misbehaviour. Counters are "the next N calls of that kind".
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// call name → how many of its next requests get a 503.
+    pub errors: HashMap<String, u32>,
+    /// Sent as `Retry-After` with every injected 503.
+    pub retry_after: Option<u64>,
+    /// call name → how many of its next requests have their connection dropped unanswered.
+    pub drops: HashMap<String, u32>,
+    /// Every answer is delayed this long.
+    pub slow: Option<Duration>,
+    /// How many of the next log answers report (and keep) only half of what was committed.
+    pub lower_committed: u32,
+    /// Jobs whose heartbeat says `cancel: true`.
+    pub cancel: HashSet<i64>,
+    /// Jobs whose lease is revoked: every call for them answers 410.
+    pub revoke: HashSet<i64>,
+    /// Jobs whose start answers 409.
+    pub refuse_start: HashSet<i64>,
+    /// Every complete answers 503.
+    pub complete_down: bool,
+    /// Every request answers 401.
+    pub unauthorized: bool,
+}
+
+#[derive(Debug, Clone)]
+struct LeaseInfo {
+    job_id: i64,
+    expires: Instant,
+}
+
+/// What the fake knows of a job.
+#[derive(Debug, Clone, Default)]
+pub struct JobRecord {
+    pub lease_id: Option<String>,
+    pub started: bool,
+    pub log: String,
+    /// The accepted completion (the first one).
+    pub completion: Option<Value>,
+    /// How many completes were answered 200 (repeats included).
+    pub completes_accepted: u32,
+}
+
+#[derive(Default)]
+struct Inner {
+    key: String,
+    ttl: u64,
+    queue: VecDeque<Value>,
+    leases: HashMap<String, LeaseInfo>,
+    jobs: HashMap<i64, JobRecord>,
+    requests: Vec<Recorded>,
+    faults: Faults,
+    running: HashSet<i64>,
+    max_running: usize,
+}
+
+#[derive(Clone)]
+pub struct FakeApi {
+    inner: Arc<Mutex<Inner>>,
+    pub url: String,
+}
+
+impl FakeApi {
+    /// Starts the fake on a free loopback port; leases last `ttl` seconds.
+    pub async fn start(key: &str, ttl: u64) -> FakeApi {
+        let inner = Arc::new(Mutex::new(Inner {
+            key: key.to_owned(),
+            ttl,
+            ..Default::default()
+        }));
+        let app = Router::new()
+            .route(&format!("{PREFIX}/lease"), post(lease))
+            .route(
+                &format!("{PREFIX}/jobs/{{job_id}}/{{call}}"),
+                post(job_call),
+            )
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeApi { inner, url }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job (a JobSpec as JSON).
+    pub fn push_job(&self, job: Value) {
+        self.lock().queue.push_back(job);
+    }
+
+    pub fn faults(&self, f: impl FnOnce(&mut Faults)) {
+        f(&mut self.lock().faults);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    pub fn count(&self, call: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.call == call)
+            .count()
+    }
+
+    pub fn job(&self, id: i64) -> JobRecord {
+        self.lock().jobs.get(&id).cloned().unwrap_or_default()
+    }
+
+    pub fn max_running(&self) -> usize {
+        self.lock().max_running
+    }
+
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Waits until `cond` holds (panics after `timeout`).
+    pub async fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&FakeApi) -> bool) {
+        let until = Instant::now() + timeout;
+        while !cond(self) {
+            assert!(Instant::now() < until, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Inner> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Records the request and applies the faults common to every call; `Some` is the answer to
+/// give instead of the real one.
+async fn common(
+    s: &Shared,
+    call: &str,
+    job_id: Option<i64>,
+    headers: &HeaderMap,
+    body: &Value,
+) -> Option<Response> {
+    let slow = lock(s).faults.slow;
+    if let Some(slow) = slow {
+        tokio::time::sleep(slow).await;
+    }
+    let mut g = lock(s);
+    let auth = header(headers, "authorization");
+    let mut rec = Recorded {
+        call: call.to_owned(),
+        job_id,
+        at: Instant::now(),
+        body: body.clone(),
+        authorization: auth.clone(),
+        user_agent: header(headers, "user-agent"),
+        status: 0,
+    };
+    if let Some(n) = g.faults.drops.get_mut(call).filter(|n| **n > 0) {
+        *n -= 1;
+        g.requests.push(rec);
+        drop(g);
+        // A panicking handler makes hyper close the connection without an answer.
+        panic!("fake API: dropping the connection (injected fault)");
+    }
+    let expected = format!("Bearer {}", g.key);
+    let answer = if g.faults.unauthorized || auth.as_deref() != Some(expected.as_str()) {
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"detail": "invalid agent key"})),
+            )
+                .into_response(),
+        )
+    } else if let Some(n) = g.faults.errors.get_mut(call).filter(|n| **n > 0) {
+        *n -= 1;
+        Some(unavailable(g.faults.retry_after))
+    } else if call == "complete" && g.faults.complete_down {
+        Some(unavailable(g.faults.retry_after))
+    } else {
+        None
+    };
+    if let Some(a) = &answer {
+        rec.status = a.status().as_u16();
+    }
+    g.requests.push(rec);
+    answer
+}
+
+fn unavailable(retry_after: Option<u64>) -> Response {
+    let mut r = (StatusCode::SERVICE_UNAVAILABLE, "injected outage").into_response();
+    if let Some(after) = retry_after {
+        r.headers_mut()
+            .insert("retry-after", after.to_string().parse().unwrap());
+    }
+    r
+}
+
+fn set_status(s: &Shared, status: StatusCode) {
+    if let Some(last) = lock(s).requests.last_mut() {
+        last.status = status.as_u16();
+    }
+}
+
+async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).into_response(),
+    };
+    if let Some(answer) = common(&s, "lease", None, &headers, &body).await {
+        return answer;
+    }
+    for field in [
+        "agent_id",
+        "hostname",
+        "version",
+        "labels",
+        "capacity",
+        "wait_seconds",
+    ] {
+        if body.get(field).is_none() {
+            return (StatusCode::UNPROCESSABLE_ENTITY, format!("{field} missing")).into_response();
+        }
+    }
+    let capacity = body["capacity"].as_u64().unwrap_or(0);
+    let wait = Duration::from_secs(body["wait_seconds"].as_u64().unwrap_or(0));
+    let until = Instant::now() + wait;
+    loop {
+        {
+            let mut g = lock(&s);
+            if capacity > 0 {
+                if let Some(job) = g.queue.pop_front() {
+                    let job_id = job["job_id"].as_i64().unwrap();
+                    let lease_id = format!("lease-{}", uuid::Uuid::new_v4());
+                    let ttl = g.ttl;
+                    g.leases.insert(
+                        lease_id.clone(),
+                        LeaseInfo {
+                            job_id,
+                            expires: Instant::now() + Duration::from_secs(ttl),
+                        },
+                    );
+                    let rec = g.jobs.entry(job_id).or_default();
+                    rec.lease_id = Some(lease_id.clone());
+                    drop(g);
+                    set_status(&s, StatusCode::OK);
+                    return (
+                        StatusCode::OK,
+                        axum::Json(
+                            json!({"lease_id": lease_id, "lease_ttl_seconds": ttl, "job": job}),
+                        ),
+                    )
+                        .into_response();
+                }
+            }
+        }
+        if Instant::now() >= until {
+            set_status(&s, StatusCode::NO_CONTENT);
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks that `lease_id` holds `job_id` now: 404 unknown lease, 409 another job's or a
+/// superseded lease, 410 expired or revoked.
+fn check_lease(g: &mut Inner, job_id: i64, lease_id: &str) -> Result<(), StatusCode> {
+    let Some(info) = g.leases.get(lease_id).cloned() else {
+        return Err(StatusCode::NOT_FOUND);
+    };
+    if info.job_id != job_id {
+        return Err(StatusCode::CONFLICT);
+    }
+    if g.jobs.get(&job_id).and_then(|j| j.lease_id.as_deref()) != Some(lease_id) {
+        return Err(StatusCode::CONFLICT);
+    }
+    if g.faults.revoke.contains(&job_id) || Instant::now() > info.expires {
+        g.running.remove(&job_id);
+        return Err(StatusCode::GONE);
+    }
+    Ok(())
+}
+
+async fn job_call(
+    State(s): State<Shared>,
+    Path((job_id, call)): Path<(i64, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).into_response(),
+    };
+    if let Some(answer) = common(&s, &call, Some(job_id), &headers, &body).await {
+        return answer;
+    }
+    let Some(lease_id) = body["lease_id"].as_str().map(str::to_owned) else {
+        return (StatusCode::UNPROCESSABLE_ENTITY, "lease_id missing").into_response();
+    };
+    let mut g = lock(&s);
+    // A repeated complete of an already completed job with the same lease is answered 200.
+    let done = g
+        .jobs
+        .get(&job_id)
+        .is_some_and(|j| j.completion.is_some() && j.lease_id.as_deref() == Some(&lease_id));
+    if call == "complete" && done {
+        g.jobs.get_mut(&job_id).unwrap().completes_accepted += 1;
+        drop(g);
+        set_status(&s, StatusCode::OK);
+        return StatusCode::OK.into_response();
+    }
+    if done {
+        drop(g);
+        set_status(&s, StatusCode::CONFLICT);
+        return (StatusCode::CONFLICT, "job already completed").into_response();
+    }
+    if let Err(status) = check_lease(&mut g, job_id, &lease_id) {
+        drop(g);
+        set_status(&s, status);
+        return (status, "lease not held").into_response();
+    }
+    let ttl = g.ttl;
+    let answer = match call.as_str() {
+        "start" => {
+            if g.faults.refuse_start.contains(&job_id) {
+                (StatusCode::CONFLICT, "start refused").into_response()
+            } else if body["started_at"].as_str().is_none() {
+                (StatusCode::UNPROCESSABLE_ENTITY, "started_at missing").into_response()
+            } else {
+                g.jobs.get_mut(&job_id).unwrap().started = true;
+                g.running.insert(job_id);
+                g.max_running = g.max_running.max(g.running.len());
+                StatusCode::OK.into_response()
+            }
+        }
+        "heartbeat" => {
+            g.leases.get_mut(&lease_id).unwrap().expires =
+                Instant::now() + Duration::from_secs(ttl);
+            let cancel = g.faults.cancel.contains(&job_id);
+            axum::Json(json!({"cancel": cancel, "lease_ttl_seconds": ttl})).into_response()
+        }
+        "logs" => {
+            let (Some(offset), Some(data)) = (body["offset"].as_u64(), body["data"].as_str())
+            else {
+                return (StatusCode::UNPROCESSABLE_ENTITY, "offset and data required")
+                    .into_response();
+            };
+            let lower = g.faults.lower_committed > 0;
+            if lower {
+                g.faults.lower_committed -= 1;
+            }
+            let job = g.jobs.get_mut(&job_id).unwrap();
+            let committed = job.log.len() as u64;
+            // Only what continues the log is kept: a chunk past `committed` is ignored, the
+            // part of a chunk the server already has is skipped.
+            if offset <= committed {
+                let skip = (committed - offset) as usize;
+                if skip < data.len() {
+                    match data.get(skip..) {
+                        Some(rest) => job.log.push_str(rest),
+                        None => {
+                            return (
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "offset splits a character",
+                            )
+                                .into_response();
+                        }
+                    }
+                }
+            }
+            if lower {
+                // The server "lost" the second half of what it had (at a character boundary).
+                let mut cut = job.log.len() / 2;
+                while !job.log.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                job.log.truncate(cut);
+            }
+            axum::Json(json!({"committed": job.log.len()})).into_response()
+        }
+        "complete" => {
+            let missing: Vec<&str> = [
+                "job_id",
+                "status",
+                "success",
+                "exit_code",
+                "stdout",
+                "stderr",
+                "duration_seconds",
+                "started_at",
+                "completed_at",
+                "error",
+                "steps",
+                "log_bytes",
+            ]
+            .into_iter()
+            .filter(|f| body.get(*f).is_none())
+            .collect();
+            if !missing.is_empty() {
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("missing {missing:?}"),
+                )
+                    .into_response()
+            } else {
+                g.running.remove(&job_id);
+                let job = g.jobs.get_mut(&job_id).unwrap();
+                job.completion = Some(body.clone());
+                job.completes_accepted += 1;
+                StatusCode::OK.into_response()
+            }
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    };
+    drop(g);
+    set_status(&s, answer.status());
+    answer
+}
