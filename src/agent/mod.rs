@@ -162,6 +162,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         "gryt-agent {} running",
         crate::VERSION
     );
+    // Readiness for systemd (Type=notify); a no-op when not started by systemd.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let server = {
         let shutdown = state.shutdown.clone();
         tokio::spawn(crate::server::serve(
