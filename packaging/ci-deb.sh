@@ -43,6 +43,11 @@ cleanup() {
 trap cleanup EXIT
 
 step "cargo-deb"
+# dpkg-shlibdeps (dpkg-dev) works out the libc dependency (`$auto` in Cargo.toml).
+if ! command -v dpkg-shlibdeps >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends dpkg-dev
+fi
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
 fi
