@@ -146,6 +146,9 @@ impl AgentState {
 
 /// Runs the agent until it is told to stop (or, ephemeral, has done its work).
 pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentError> {
+    // Installed first and kept for the whole run: a signal that arrives at any moment from here
+    // on (even before readiness is announced, or between the first and the second) is seen.
+    let mut signals = Signals::install();
     let state = AgentState::new(settings)?;
     // Checked before anything listens or connects: a refused URL means no traffic at all.
     let pull = match state.settings.api_url {
@@ -169,6 +172,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         "gryt-agent {} running",
         crate::VERSION
     );
+    // Readiness for systemd (Type=notify); a no-op when not started by systemd.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let server = {
         let shutdown = state.shutdown.clone();
         tokio::spawn(crate::server::serve(
@@ -181,14 +186,14 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options)));
 
     let limits_reached = tokio::select! {
-        _ = wait_for_signal() => false,
+        _ = signals.next() => false,
         _ = finished(&mut pull_task) => true,
     };
     if limits_reached {
         tracing::info!("ephemeral limit reached: exiting");
     } else {
         tracing::info!("signal received: taking no new jobs, letting running jobs finish");
-        drain(&state).await;
+        drain(&state, &mut signals).await;
         if let Some(task) = pull_task {
             // Returns at once: draining ended leasing, and drain waited for the jobs.
             let _ = task.await;
@@ -214,24 +219,30 @@ async fn finished(task: &mut Option<tokio::task::JoinHandle<crate::pull::WorkEnd
     }
 }
 
-/// Stops taking jobs, waits for running ones up to the shutdown timeout (a second signal cuts it
-/// short), then cancels what is left and waits for those to be reported.
-pub async fn drain(state: &Arc<AgentState>) {
+/// Stops taking jobs, waits for running ones up to the shutdown timeout, then cancels what is
+/// left and waits for those to be reported. A further signal at any point kills at once.
+pub async fn drain(state: &Arc<AgentState>, signals: &mut Signals) {
     state.shutdown.begin_drain();
     let timeout = Duration::from_secs(state.settings.shutdown_timeout_seconds);
-    let waited = tokio::select! {
-        _ = wait_until_idle(state) => true,
-        _ = tokio::time::sleep(timeout) => false,
-        _ = wait_for_signal() => {
-            tracing::warn!("second signal: killing running jobs");
-            state.jobs.abort_all("the agent was stopped (second signal)");
-            false
-        }
-    };
-    if !waited {
-        state.jobs.cancel_all("the agent shut down");
-        wait_until_idle(state).await;
+    tokio::select! {
+        _ = wait_until_idle(state) => return,
+        _ = tokio::time::sleep(timeout) => state.jobs.cancel_all("the agent shut down"),
+        _ = signals.next() => abort_all(state),
     }
+    tokio::select! {
+        _ = wait_until_idle(state) => {}
+        _ = signals.next() => {
+            abort_all(state);
+            wait_until_idle(state).await;
+        }
+    }
+}
+
+fn abort_all(state: &AgentState) {
+    tracing::warn!("second signal: killing running jobs");
+    state
+        .jobs
+        .abort_all("the agent was stopped (second signal)");
 }
 
 async fn wait_until_idle(state: &AgentState) {
@@ -240,18 +251,37 @@ async fn wait_until_idle(state: &AgentState) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the agent can only be killed; never return spuriously.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, registered once for the agent's whole life.
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    pub fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT; never, if no handler could be installed (the
+    /// agent can then only be killed, but never stops spuriously).
+    pub async fn next(&mut self) {
+        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.term) => {}
+            _ = recv(&mut self.int) => {}
+        }
     }
 }
