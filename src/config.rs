@@ -33,6 +33,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_LEASE_WAIT", "lease_wait_seconds"),
     ("GRYT_SHUTDOWN_TIMEOUT", "shutdown_timeout_seconds"),
     ("GRYT_METRICS", "metrics"),
+    ("GRYT_MIN_FREE_DISK_MB", "min_free_disk_mb"),
     ("GRYT_PUSH", "push.enabled"),
     ("GRYT_CALLBACK_ALLOW", "push.callback_allow"),
     ("GRYT_MAX_BODY_BYTES", "push.max_body_bytes"),
@@ -91,6 +92,8 @@ pub struct Settings {
     pub shutdown_timeout_seconds: u64,
     /// Serve `GET /metrics`.
     pub metrics: bool,
+    /// No new job is taken while the work dir's filesystem has less free space (MiB; 0: off).
+    pub min_free_disk_mb: u64,
     /// Local HTTP endpoint address; `0.0.0.0` with push mode, else `127.0.0.1`.
     pub host: Option<String>,
     pub port: u16,
@@ -203,6 +206,7 @@ impl Default for Settings {
             lease_wait_seconds: 25,
             shutdown_timeout_seconds: 600,
             metrics: true,
+            min_free_disk_mb: 1024,
             host: None,
             port: 8080,
             api_key: None,

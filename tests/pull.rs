@@ -622,3 +622,28 @@ async fn plain_http_to_a_non_loopback_host_is_refused_before_any_connection() {
     assert!(log.contains("allow_insecure_http"), "{log}");
     assert!(!log.contains(KEY));
 }
+
+#[tokio::test]
+async fn too_little_free_disk_means_no_lease_and_a_degraded_health() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(job(90, "version: 1\nsteps:\n  - run: echo never\n"));
+    // More free space than any disk has: the guard must hold the agent back.
+    let mut agent = Agent::start(
+        "disk-guard",
+        &api,
+        opts(&[], &[("GRYT_MIN_FREE_DISK_MB", "1000000000000")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = agent.health().await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(
+        health["reasons"].to_string().contains("min_free_disk_mb"),
+        "{health}"
+    );
+    assert_eq!(api.count("lease"), 0, "leased with a full disk");
+    assert_eq!(api.queued(), 1);
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).await, 0);
+    agent.assert_clean().await;
+}

@@ -332,3 +332,18 @@ async fn push_mode_refuses_to_start_with_a_short_or_missing_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn too_little_free_disk_is_a_503_and_a_degraded_health() {
+    let agent = Agent::start("push-disk", &[("GRYT_MIN_FREE_DISK_MB", "1000000000000")]).await;
+    let health: Value = agent.get("/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "degraded");
+    assert!(
+        health["reasons"].to_string().contains("min_free_disk_mb"),
+        "{health}"
+    );
+    let response = agent.execute(Some(KEY), hello_body()).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some());
+    agent.assert_clean().await;
+}

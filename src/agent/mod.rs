@@ -7,6 +7,7 @@
 
 pub mod identity;
 pub mod jobs;
+pub mod resources;
 pub mod status;
 pub mod sweep;
 
@@ -125,6 +126,14 @@ impl AgentState {
             api_status: ApiStatus::default(),
             shutdown: Shutdown::default(),
         }))
+    }
+
+    /// Why this agent cannot take a job now (too little free disk), if it cannot.
+    pub fn capacity_problem(&self) -> Option<String> {
+        resources::disk_problem(
+            &self.executor.settings().work_dir,
+            self.settings.min_free_disk_mb,
+        )
     }
 
     /// Where the endpoint listens: `AGENT_HOST` else `0.0.0.0` with push mode (the API must

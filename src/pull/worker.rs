@@ -57,6 +57,14 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
             }
             continue;
         }
+        if let Some(problem) = state.capacity_problem() {
+            // Health shows the reason; look again soon, the space may come back.
+            tracing::debug!(reason = %problem, "not leasing");
+            if let Some(end) = wait_or_stop(&ctx, options, Duration::from_secs(5)).await {
+                return end;
+            }
+            continue;
+        }
         let slot = tokio::select! {
             slot = state.slots.take() => slot,
             _ = state.shutdown.draining() => return WorkEnd::Draining,

@@ -39,6 +39,9 @@ impl AgentState {
         if !docker_available {
             reasons.push("the Docker engine does not answer".to_owned());
         }
+        if let Some(problem) = self.capacity_problem() {
+            reasons.push(problem);
+        }
         let api = self
             .settings
             .api_url

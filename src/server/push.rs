@@ -92,6 +92,9 @@ async fn execute(
             "the agent is shutting down",
         );
     }
+    if let Some(problem) = state.capacity_problem() {
+        return busy(StatusCode::SERVICE_UNAVAILABLE, &problem);
+    }
     let Some(slot) = state.slots.try_take() else {
         return busy(StatusCode::TOO_MANY_REQUESTS, "all job slots are busy");
     };
