@@ -269,22 +269,45 @@ impl Drop for JobContainer {
     }
 }
 
+/// How long a container whose removal failed is retried in the background: long enough to
+/// outlast an engine restart.
+const REMOVAL_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 async fn remove_container(docker: &Docker, id: &str) {
+    for _ in 0..3 {
+        if try_remove(docker, id).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The engine is gone or busy (restarting, say): keep trying without holding up the job's
+    // result. The orphan sweep at the next start catches what even this misses.
+    tracing::warn!(container = %id, "cannot remove the job container yet; retrying in the background");
+    let (docker, id) = (docker.clone(), id.to_owned());
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + REMOVAL_RETRY_FOR;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            if try_remove(&docker, &id).await.is_ok() {
+                tracing::info!(container = %id, "removed the job container after all");
+                return;
+            }
+        }
+        tracing::error!(container = %id, "cannot remove the job container; the orphan sweep will");
+    });
+}
+
+/// Removes a container; a container that is already gone counts as removed.
+async fn try_remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
         .v(true)
         .build();
-    for attempt in 0..3 {
-        match docker.remove_container(id, Some(options.clone())).await {
-            Ok(()) => return,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return,
-            Err(e) if attempt == 2 => {
-                tracing::error!(container = %id, error = %e, "cannot remove job container");
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
-        }
+    match docker.remove_container(id, Some(options)).await {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        other => other,
     }
 }
 

@@ -42,6 +42,11 @@ pub async fn test_image() -> String {
 }
 
 async fn build_test_image() -> String {
+    import_test_image(&docker().await).await
+}
+
+/// Imports the test image into `docker` (when it is not there yet) and returns its name.
+pub async fn import_test_image(docker: &Docker) -> String {
     let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
         panic!("{BUSYBOX} missing ({e}): install Debian's busybox-static (.ci/run does)")
     });
@@ -53,7 +58,6 @@ async fn build_test_image() -> String {
         format!("{:x}", h.finish())
     };
     let name = format!("gryt-agent-test/busybox:{tag}");
-    let docker = docker().await;
     if docker.inspect_image(&name).await.is_ok() {
         return name;
     }

@@ -1,0 +1,257 @@
+//! The Docker engine restarting under a running job: the job fails with status `error` and a
+//! clear message, `/health` turns `degraded`, and once the engine is back the agent takes jobs
+//! again and the stranded container is removed, with no restart of the agent.
+//!
+//! The test runs its OWN `dockerd` (Debian's docker.io) on a private socket and data root, in a
+//! private network namespace (`unshare --net`, which keeps the mounts, cgroups included), so it
+//! never touches the machine's engine: a `dockerd` without a bridge deletes `docker0` in its
+//! network namespace, and here that namespace is its own. Needs root.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use serde_json::{Value, json};
+use support::process::{Agent, KEY};
+
+struct PrivateEngine {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateEngine {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gryt-engine-")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join("daemon.json"), "{}").unwrap();
+        PrivateEngine { dir, child: None }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    fn address(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    async fn start(&mut self) -> Docker {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .unwrap();
+        let child = Command::new("unshare")
+            .args(["--net", "--", "dockerd"])
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--host")
+            .arg(self.address())
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge",
+                "none",
+            ])
+            .args([
+                "--shutdown-timeout",
+                "1",
+                "--cgroup-parent",
+                "gryt-engine-test",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (Debian's docker.io) is needed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // The socket only exists once dockerd listens.
+            let client =
+                Docker::connect_with_unix(&self.address(), 30, bollard::API_DEFAULT_VERSION);
+            if let Ok(docker) = client {
+                if let Ok(negotiated) = docker.negotiate_version().await {
+                    if negotiated.ping().await.is_ok() {
+                        return negotiated;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private dockerd did not come up: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the engine as a restart would (SIGTERM; its containers are stopped).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // `unshare` execs dockerd, so the child's pid is dockerd's.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateEngine {
+    fn drop(&mut self) {
+        self.stop();
+        // vfs layers are plain directories; containerd may leave mounts under exec-root.
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.path().join("exec"))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn health(agent: &Agent) -> Value {
+    agent.get("/health").await.json().await.unwrap()
+}
+
+async fn wait_health(agent: &Agent, status: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = health(agent).await;
+        if h["status"] == status {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health never became {status}: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
+    let mut engine = PrivateEngine::new();
+    let docker = engine.start().await;
+    support::import_test_image(&docker).await;
+    let address = engine.address();
+    let agent = Agent::start(
+        "engine-restart",
+        &[("DOCKER_HOST", &address), ("GRYT_NETWORK", "none")],
+    )
+    .await;
+    assert_eq!(health(&agent).await["status"], "healthy");
+
+    let slow = json!({"job_id": 70, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo started; sleep 60\n")});
+    let running = {
+        let url = agent.url.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/jobs/execute"))
+                .header("X-API-Key", KEY)
+                .body(slow.to_string())
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    // Wait until the job's container runs in the private engine, then restart the engine.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containers(&docker, &agent.agent_id).await.is_empty() {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    engine.stop();
+
+    let result = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the job never ended")
+        .unwrap();
+    assert_eq!(result["status"], "error", "{result}");
+    let error = result["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("Docker engine") || error.contains("Docker"),
+        "unclear error: {error}"
+    );
+    let down = wait_health(&agent, "degraded", Duration::from_secs(15)).await;
+    assert_eq!(down["docker_available"], false);
+
+    let docker = engine.start().await;
+    wait_health(&agent, "healthy", Duration::from_secs(30)).await;
+    let hello = json!({"job_id": 71, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo back\n")});
+    let result: Value = agent
+        .execute(Some(KEY), hello.to_string())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    assert_eq!(result["stdout"], "back\n");
+
+    // The container stranded by the restart is removed once the engine answers again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !containers(&docker, &agent.agent_id).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stranded job container was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        std::fs::read_dir(agent.work_dir.path()).unwrap().count(),
+        0,
+        "workspace left behind"
+    );
+    assert!(
+        agent.log().contains("removed the job container after all"),
+        "{}",
+        agent.log()
+    );
+}
+
+async fn containers(docker: &Docker, agent_id: &str) -> Vec<String> {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let filters =
+        std::collections::HashMap::from([("label", vec![format!("io.gryt.agent.id={agent_id}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker
+        .list_containers(Some(options))
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
+}
