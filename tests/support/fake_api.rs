@@ -315,13 +315,11 @@ async fn common(
         *n -= 1;
         g.injected.errors += 1;
         Some(unavailable(g.faults.retry_after))
-    } else if call == "complete"
+    } else if (call == "complete"
         && (g.faults.complete_down
-            || job_id.is_some_and(|id| g.faults.refuse_complete.contains(&id)))
+            || job_id.is_some_and(|id| g.faults.refuse_complete.contains(&id))))
+        || (g.faults.error_rate > 0.0 && g.roll() < g.faults.error_rate)
     {
-        g.injected.errors += 1;
-        Some(unavailable(g.faults.retry_after))
-    } else if g.faults.error_rate > 0.0 && g.roll() < g.faults.error_rate {
         g.injected.errors += 1;
         Some(unavailable(g.faults.retry_after))
     } else {
