@@ -1,7 +1,9 @@
 //! A conformance fake of the main API's pull protocol v1, written from `docs/protocol.md` (not
 //! from the agent's client): lease long poll, lease TTL and expiry, start/heartbeat/logs/complete
 //! with lease checks (404 unknown, 409 not this lease, 410 expired or revoked), `committed`
-//! semantics, idempotent complete. It records every request and has switchable faults.
+//! semantics, idempotent complete. It records every request and has switchable faults, counted
+//! ones ("the next N calls") and random ones (a rate of 5xx answers and dropped connections, from
+//! a seeded generator so a run can be repeated).
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -27,8 +29,11 @@ pub struct Recorded {
     pub body: Value,
     pub authorization: Option<String>,
     pub user_agent: Option<String>,
-    /// The status the fake answered (0 when it dropped the connection).
+    /// The status the fake answered (0 when it dropped the connection unanswered).
     pub status: u16,
+    /// The fake applied the call (answer `status`) but dropped the connection instead of
+    /// answering: the agent cannot know whether it got through.
+    pub answer_dropped: bool,
 }
 
 /// Switchable misbehaviour. Counters are "the next N calls of that kind".
@@ -54,6 +59,26 @@ pub struct Faults {
     pub complete_down: bool,
     /// Every request answers 401.
     pub unauthorized: bool,
+    /// Jobs whose complete answers 503.
+    pub refuse_complete: HashSet<i64>,
+    /// Share (0.0–1.0) of all requests answered 503 at random.
+    pub error_rate: f64,
+    /// Share (0.0–1.0) of all requests whose connection is dropped at random. For job calls half
+    /// of these are dropped after the call took effect (the answer is lost); `lease` is always
+    /// dropped before (this fake never offers a leased job again, so a lost lease answer would
+    /// be a job lost on the server's side, not the agent's).
+    pub drop_rate: f64,
+}
+
+/// How many faults were injected, by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// 503 answers (counted and random).
+    pub errors: u64,
+    /// Connections dropped before the call took effect.
+    pub drops_before: u64,
+    /// Connections dropped after the call took effect (answer lost).
+    pub drops_after: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +110,21 @@ struct Inner {
     faults: Faults,
     running: HashSet<i64>,
     max_running: usize,
+    injected: FaultCounts,
+    /// splitmix64 state for the random faults.
+    rng: u64,
+}
+
+impl Inner {
+    /// A uniform number in [0, 1) (splitmix64).
+    fn roll(&mut self) -> f64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 #[derive(Clone)]
@@ -99,6 +139,7 @@ impl FakeApi {
         let inner = Arc::new(Mutex::new(Inner {
             key: key.to_owned(),
             ttl,
+            rng: 0x5EED,
             ..Default::default()
         }));
         let app = Router::new()
@@ -125,6 +166,31 @@ impl FakeApi {
 
     pub fn faults(&self, f: impl FnOnce(&mut Faults)) {
         f(&mut self.lock().faults);
+    }
+
+    /// Seeds the generator behind the random faults.
+    pub fn seed(&self, seed: u64) {
+        self.lock().rng = seed;
+    }
+
+    /// The faults injected so far.
+    pub fn injected(&self) -> FaultCounts {
+        self.lock().injected
+    }
+
+    /// Whether the job's current lease has run out of time without a completion (the server
+    /// would give the job to someone else now).
+    pub fn lease_expired(&self, job_id: i64) -> bool {
+        let g = self.lock();
+        let Some(job) = g.jobs.get(&job_id) else {
+            return false;
+        };
+        job.completion.is_none()
+            && job
+                .lease_id
+                .as_ref()
+                .and_then(|l| g.leases.get(l))
+                .is_some_and(|info| Instant::now() > info.expires)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -171,15 +237,38 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// Records the request and applies the faults common to every call; `Some` is the answer to
-/// give instead of the real one.
+/// What [`common`] decided for a request.
+enum Verdict {
+    /// Answer this instead of the real answer.
+    Answer(Response),
+    /// Handle the call (recorded at this index); then drop the connection instead of
+    /// answering when `true`.
+    Handle(usize, bool),
+}
+
+const DROP: &str = "fake API: dropping the connection (injected fault)";
+
+/// Makes the panics that drop connections silent (other panics are reported as usual).
+pub fn quiet_injected_drops() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&DROP) {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// Records the request and applies the faults common to every call.
 async fn common(
     s: &Shared,
     call: &str,
     job_id: Option<i64>,
     headers: &HeaderMap,
     body: &Value,
-) -> Option<Response> {
+) -> Verdict {
     let slow = lock(s).faults.slow;
     if let Some(slow) = slow {
         tokio::time::sleep(slow).await;
@@ -194,13 +283,24 @@ async fn common(
         authorization: auth.clone(),
         user_agent: header(headers, "user-agent"),
         status: 0,
+        answer_dropped: false,
     };
-    if let Some(n) = g.faults.drops.get_mut(call).filter(|n| **n > 0) {
+    let mut drop_after = false;
+    let drop_now = if let Some(n) = g.faults.drops.get_mut(call).filter(|n| **n > 0) {
         *n -= 1;
+        true
+    } else if g.faults.drop_rate > 0.0 && g.roll() < g.faults.drop_rate {
+        drop_after = call != "lease" && g.roll() < 0.5;
+        !drop_after
+    } else {
+        false
+    };
+    if drop_now {
+        g.injected.drops_before += 1;
         g.requests.push(rec);
         drop(g);
         // A panicking handler makes hyper close the connection without an answer.
-        panic!("fake API: dropping the connection (injected fault)");
+        std::panic::panic_any(DROP);
     }
     let expected = format!("Bearer {}", g.key);
     let answer = if g.faults.unauthorized || auth.as_deref() != Some(expected.as_str()) {
@@ -213,17 +313,27 @@ async fn common(
         )
     } else if let Some(n) = g.faults.errors.get_mut(call).filter(|n| **n > 0) {
         *n -= 1;
+        g.injected.errors += 1;
         Some(unavailable(g.faults.retry_after))
-    } else if call == "complete" && g.faults.complete_down {
+    } else if (call == "complete"
+        && (g.faults.complete_down
+            || job_id.is_some_and(|id| g.faults.refuse_complete.contains(&id))))
+        || (g.faults.error_rate > 0.0 && g.roll() < g.faults.error_rate)
+    {
+        g.injected.errors += 1;
         Some(unavailable(g.faults.retry_after))
     } else {
         None
     };
     if let Some(a) = &answer {
         rec.status = a.status().as_u16();
+        drop_after = false;
     }
     g.requests.push(rec);
-    answer
+    match answer {
+        Some(a) => Verdict::Answer(a),
+        None => Verdict::Handle(g.requests.len() - 1, drop_after),
+    }
 }
 
 fn unavailable(retry_after: Option<u64>) -> Response {
@@ -235,9 +345,10 @@ fn unavailable(retry_after: Option<u64>) -> Response {
     r
 }
 
-fn set_status(s: &Shared, status: StatusCode) {
-    if let Some(last) = lock(s).requests.last_mut() {
-        last.status = status.as_u16();
+/// Records the answer given to request number `index`.
+fn set_status(s: &Shared, index: usize, status: StatusCode) {
+    if let Some(rec) = lock(s).requests.get_mut(index) {
+        rec.status = status.as_u16();
     }
 }
 
@@ -246,9 +357,10 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
         Ok(v) => v,
         Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).into_response(),
     };
-    if let Some(answer) = common(&s, "lease", None, &headers, &body).await {
-        return answer;
-    }
+    let index = match common(&s, "lease", None, &headers, &body).await {
+        Verdict::Answer(answer) => return answer,
+        Verdict::Handle(index, _) => index,
+    };
     for field in [
         "agent_id",
         "hostname",
@@ -282,7 +394,7 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
                     let rec = g.jobs.entry(job_id).or_default();
                     rec.lease_id = Some(lease_id.clone());
                     drop(g);
-                    set_status(&s, StatusCode::OK);
+                    set_status(&s, index, StatusCode::OK);
                     return (
                         StatusCode::OK,
                         axum::Json(
@@ -294,7 +406,7 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
             }
         }
         if Instant::now() >= until {
-            set_status(&s, StatusCode::NO_CONTENT);
+            set_status(&s, index, StatusCode::NO_CONTENT);
             return StatusCode::NO_CONTENT.into_response();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -330,13 +442,28 @@ async fn job_call(
         Ok(v) => v,
         Err(e) => return (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).into_response(),
     };
-    if let Some(answer) = common(&s, &call, Some(job_id), &headers, &body).await {
-        return answer;
+    let (index, drop_after) = match common(&s, &call, Some(job_id), &headers, &body).await {
+        Verdict::Answer(answer) => return answer,
+        Verdict::Handle(index, drop_after) => (index, drop_after),
+    };
+    let answer = job_answer(&s, job_id, &call, &body);
+    set_status(&s, index, answer.status());
+    if drop_after {
+        let mut g = lock(&s);
+        g.requests[index].answer_dropped = true;
+        g.injected.drops_after += 1;
+        drop(g);
+        std::panic::panic_any(DROP);
     }
+    answer
+}
+
+/// The real answer to a job call (after the common checks).
+fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
     let Some(lease_id) = body["lease_id"].as_str().map(str::to_owned) else {
         return (StatusCode::UNPROCESSABLE_ENTITY, "lease_id missing").into_response();
     };
-    let mut g = lock(&s);
+    let mut g = lock(s);
     // A repeated complete of an already completed job with the same lease is answered 200.
     let done = g
         .jobs
@@ -344,22 +471,16 @@ async fn job_call(
         .is_some_and(|j| j.completion.is_some() && j.lease_id.as_deref() == Some(&lease_id));
     if call == "complete" && done {
         g.jobs.get_mut(&job_id).unwrap().completes_accepted += 1;
-        drop(g);
-        set_status(&s, StatusCode::OK);
         return StatusCode::OK.into_response();
     }
     if done {
-        drop(g);
-        set_status(&s, StatusCode::CONFLICT);
         return (StatusCode::CONFLICT, "job already completed").into_response();
     }
     if let Err(status) = check_lease(&mut g, job_id, &lease_id) {
-        drop(g);
-        set_status(&s, status);
         return (status, "lease not held").into_response();
     }
     let ttl = g.ttl;
-    let answer = match call.as_str() {
+    match call {
         "start" => {
             if g.faults.refuse_start.contains(&job_id) {
                 (StatusCode::CONFLICT, "start refused").into_response()
@@ -450,8 +571,5 @@ async fn job_call(
             }
         }
         _ => StatusCode::NOT_FOUND.into_response(),
-    };
-    drop(g);
-    set_status(&s, answer.status());
-    answer
+    }
 }

@@ -1,0 +1,227 @@
+//! Crash: SIGKILL the agent with 4 jobs running and one finished job's result waiting in the
+//! spool (the fake refuses that `complete` with 503 until after the kill), restart it with the
+//! same state dir, work dir and agent id, and check what a crash must not cost:
+//!
+//! - the killed jobs' containers are gone within 5 s of the restart (the orphan sweep), and their
+//!   workspaces too;
+//! - the server sees those leases expire (TTL 3 s, nobody renews them) and the restarted agent
+//!   sends nothing for those jobs: no completion, no call at all (it has no spool for them);
+//! - the spooled result is delivered by the restarted agent, exactly once;
+//! - nothing is reported twice, and the restarted agent takes new work.
+//!
+//! The agent runs with 5 slots: 4 for the long jobs and the one the spooled job holds while its
+//! delivery is refused. The figures are printed and repeated in the assertion messages.
+
+#[path = "support/fake_api.rs"]
+mod fake_api;
+#[path = "support/pull_agent.rs"]
+mod pull_agent;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fake_api::FakeApi;
+use pull_agent::{KEY, PullAgent};
+use serde_json::{Value, json};
+use support::{b64, containers_of, unique_agent_id};
+
+const TTL: u64 = 3;
+const SPOOLED: i64 = 5;
+const KILLED: [i64; 4] = [1, 2, 3, 4];
+const AFTER: i64 = 6;
+
+fn shell_job(id: i64, script: &str) -> Value {
+    let pipeline = format!("version: 1\nsteps:\n  - run: {script}\n");
+    json!({"job_id": id, "pipeline_b64": b64(&pipeline)})
+}
+
+fn from_agent(r: &fake_api::Recorded) -> bool {
+    r.user_agent
+        .as_deref()
+        .is_some_and(|u| u.starts_with("gryt-agent/"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_jobs_running_then_restart_loses_and_repeats_nothing() {
+    let api = FakeApi::start(KEY, TTL).await;
+    api.push_job(shell_job(SPOOLED, "echo spooled-5"));
+    for id in KILLED {
+        api.push_job(shell_job(id, &format!("echo started-{id}; sleep 300")));
+    }
+    api.faults(|f| {
+        f.refuse_complete.insert(SPOOLED);
+    });
+    let state = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let agent_id = unique_agent_id("crash");
+    let env = [("GRYT_CONCURRENCY", "5")];
+    let mut agent = PullAgent::start(&agent_id, state.path(), work.path(), &api.url, &env).await;
+
+    api.wait_for(
+        "4 jobs running and a refused complete",
+        Duration::from_secs(60),
+        |a| {
+            KILLED
+                .iter()
+                .all(|id| a.job(*id).log.contains(&format!("started-{id}")))
+                && a.requests()
+                    .iter()
+                    .any(|r| r.call == "complete" && r.job_id == Some(SPOOLED))
+        },
+    )
+    .await;
+    let spooled: Vec<_> = agent
+        .spool_files()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(spooled.len(), 1, "{spooled:?}");
+    assert!(
+        spooled[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("job-5-")
+    );
+    // The spooled job's container is gone (it finished); the 4 long jobs' are running.
+    let until = Instant::now() + Duration::from_secs(10);
+    while containers_of(&agent_id).await.len() != 4 {
+        assert!(Instant::now() < until, "not 4 containers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.workspaces().len(), 4, "{:?}", agent.workspaces());
+
+    agent.sigkill();
+    let killed = Instant::now();
+    let refused_before_kill = api
+        .requests()
+        .iter()
+        .filter(|r| r.call == "complete" && r.status == 503)
+        .count();
+    assert_eq!(api.job(SPOOLED).completion, None);
+    assert_eq!(
+        containers_of(&agent_id).await.len(),
+        4,
+        "the killed agent's containers outlive it"
+    );
+    api.faults(|f| f.refuse_complete.clear());
+
+    let mut agent = PullAgent::start(&agent_id, state.path(), work.path(), &api.url, &env).await;
+    let restarted = Instant::now();
+    while !containers_of(&agent_id).await.is_empty() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "the killed jobs' containers are still there {:?} after the restart; log:\n{}",
+            restarted.elapsed(),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let swept_after = restarted.elapsed();
+
+    api.wait_for("the spooled result", Duration::from_secs(30), |a| {
+        a.job(SPOOLED).completion.is_some()
+    })
+    .await;
+    let delivered_after = restarted.elapsed();
+    api.wait_for(
+        "the killed jobs' leases to expire",
+        Duration::from_secs(TTL + 10),
+        |a| KILLED.iter().all(|id| a.lease_expired(*id)),
+    )
+    .await;
+    let expired_after = killed.elapsed();
+    // And the server acts on it: a call with such a lease is answered 410 Gone.
+    let http = reqwest::Client::new();
+    for id in KILLED {
+        let lease_id = api.job(id).lease_id.unwrap();
+        let status = http
+            .post(format!(
+                "{}{}/jobs/{id}/heartbeat",
+                api.url,
+                fake_api::PREFIX
+            ))
+            .bearer_auth(KEY)
+            .json(&json!({"lease_id": lease_id}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 410, "job {id}");
+    }
+
+    // The restarted agent still takes work.
+    api.push_job(shell_job(AFTER, "echo after-restart"));
+    api.wait_for("the job after the restart", Duration::from_secs(30), |a| {
+        a.job(AFTER).completion.is_some()
+    })
+    .await;
+    // Time to (wrongly) send more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let requests = api.requests();
+    let rec = api.job(SPOOLED);
+    let done = rec.completion.clone().unwrap();
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(done["stdout"], "spooled-5\n");
+    assert_eq!(rec.log, "spooled-5\n");
+    assert_eq!(done["log_bytes"], rec.log.len());
+    let accepted_5 = requests
+        .iter()
+        .filter(|r| r.call == "complete" && r.job_id == Some(SPOOLED) && r.status == 200)
+        .count();
+    assert_eq!(
+        (rec.completes_accepted, accepted_5),
+        (1, 1),
+        "the spooled result was reported more than once"
+    );
+    for id in KILLED {
+        assert_eq!(api.job(id).completion, None, "job {id} was completed");
+        let after: Vec<_> = requests
+            .iter()
+            .filter(|r| r.job_id == Some(id) && from_agent(r) && r.at > killed)
+            .map(|r| r.call.clone())
+            .collect();
+        assert!(
+            after.is_empty(),
+            "job {id}: calls after the kill: {after:?}"
+        );
+        assert!(
+            !requests
+                .iter()
+                .any(|r| r.job_id == Some(id) && r.call == "complete"),
+            "job {id}: a complete was sent"
+        );
+    }
+    let after = api.job(AFTER);
+    assert_eq!(after.completes_accepted, 1);
+    assert_eq!(after.log, "after-restart\n");
+    let log = agent.log_text();
+    let swept = log.matches("orphan sweep removed a container").count();
+    assert_eq!(swept, 4, "{log}");
+    let swept_workspaces = log.matches("orphan sweep removed a workspace").count();
+    assert_eq!(swept_workspaces, 4, "{log}");
+    assert!(log.contains("resending a spooled result"), "{log}");
+    let files = agent.spool_files();
+    assert!(files.is_empty(), "spool not empty: {files:?}");
+
+    assert!(agent.running(), "the restarted agent died");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
+    agent.assert_clean().await;
+
+    eprintln!(
+        "\n| figure | value |\n|---|---|\n\
+         | jobs killed with the agent (SIGKILL) | 4 running + 1 result in the spool |\n\
+         | complete refusals (503) before the kill | {refused_before_kill} |\n\
+         | containers left by the killed agent | 4, all removed {:.2} s after the restart (limit 5 s) |\n\
+         | workspaces left | 4, all removed by the sweep |\n\
+         | killed jobs' leases expired (TTL {TTL} s) | {:.1} s after the kill |\n\
+         | calls for the killed jobs after the kill | 0 (no completion) |\n\
+         | spooled result delivered | {:.2} s after the restart, exactly once |\n\
+         | completions per job | 1 for job {SPOOLED} and job {AFTER}, 0 for jobs 1-4 |\n",
+        swept_after.as_secs_f64(),
+        expired_after.as_secs_f64(),
+        delivered_after.as_secs_f64(),
+    );
+}
