@@ -1,0 +1,3 @@
+from gryt import Pipeline, CommandStep
+
+PIPELINE = Pipeline([CommandStep("a", {"cmd": ["true"]})])
