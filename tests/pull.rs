@@ -647,3 +647,46 @@ async fn too_little_free_disk_means_no_lease_and_a_degraded_health() {
     assert_eq!(agent.wait_exit(Duration::from_secs(10)).await, 0);
     agent.assert_clean().await;
 }
+
+#[tokio::test]
+async fn check_makes_one_authenticated_call_and_says_what_to_fix() {
+    let api = FakeApi::start(KEY, 30).await;
+    let image = test_image().await;
+    let state = tempfile::tempdir().unwrap();
+    let run = |key: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+        cmd.arg("check")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GRYT_API_URL", &api.url)
+            .env("AGENT_API_KEY", key)
+            .env("GRYT_DOCKER_IMAGE", &image)
+            .env("GRYT_PULL_POLICY", "never")
+            .env("GRYT_STATE_DIR", state.path());
+        cmd
+    };
+    let mut good = run(KEY);
+    let out = tokio::task::spawn_blocking(move || good.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("[ok]   the API at"), "{text}");
+    assert_eq!(api.count("lease"), 0, "check must never lease");
+    assert_eq!(api.count("heartbeat"), 1);
+
+    let mut bad = run("a-key-the-api-does-not-know-0123456789");
+    let out = tokio::task::spawn_blocking(move || bad.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("[FAIL]") && text.contains("refused this agent's key"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("a-key-the-api-does-not-know"),
+        "the key was printed: {text}"
+    );
+}

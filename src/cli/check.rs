@@ -5,8 +5,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use gryt_agent::agent::MIN_PUSH_KEY_LEN;
+use gryt_agent::api::{ApiClient, ApiError, Call, CallHooks, HeartbeatOutcome};
 use gryt_agent::config::{PullPolicy, Settings};
 use gryt_agent::executor::{Executor, ExecutorSettings};
+use gryt_agent::wire::pull::HeartbeatRequest;
 use secrecy::ExposeSecret;
 
 #[derive(Default)]
@@ -45,6 +47,7 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     check_modes(&settings, &mut list);
     check_dirs(&settings, &mut list);
     check_docker(&settings, &mut list).await;
+    check_api(&settings, &mut list).await;
     if list.failures == 0 {
         println!("\nall checks passed");
         Ok(ExitCode::SUCCESS)
@@ -151,6 +154,58 @@ async fn check_docker(settings: &Settings, list: &mut Checklist) {
         Err(_) => list.warn(
             format!("default image {image} is not present yet"),
             "it will be pulled before the first job; pull it now to save that time",
+        ),
+    }
+}
+
+struct Quiet;
+
+impl CallHooks for Quiet {
+    fn succeeded(&self, _: Call) {}
+    fn failed(&self, _: Call, _: &str) {}
+}
+
+/// Pull mode: one authenticated call. A heartbeat for a job that cannot exist is safe (it can
+/// never hand out a job, unlike a lease) and tells the key's fate: 404/409/410 means the API
+/// knows this key and simply holds no such lease; 401/403 means it refuses the key.
+async fn check_api(settings: &Settings, list: &mut Checklist) {
+    let Some(url) = &settings.api_url else { return };
+    let Ok(Some(key)) = settings.api_key() else {
+        return;
+    };
+    let client = match ApiClient::new(
+        url,
+        settings.allow_insecure_http,
+        &key,
+        settings.ca_file.as_deref(),
+        std::sync::Arc::new(Quiet),
+    ) {
+        Ok(c) => c,
+        Err(e) => return list.fail(format!("API: {e}"), "fix GRYT_API_URL / GRYT_CA_FILE"),
+    };
+    let probe = HeartbeatRequest {
+        lease_id: "gryt-agent-check".into(),
+    };
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        client.heartbeat(0, &probe),
+    )
+    .await;
+    match answer {
+        Ok(Ok(HeartbeatOutcome::Lost(_))) | Ok(Ok(HeartbeatOutcome::Renewed { .. })) => {
+            list.ok(format!("the API at {url} accepts this agent's key"))
+        }
+        Ok(Err(e @ ApiError::Unauthorized { .. })) => list.fail(
+            format!("{e}"),
+            "give the agent the key the API has for it (AGENT_API_KEY)",
+        ),
+        Ok(Err(e)) => list.fail(
+            format!("API: {e}"),
+            "check GRYT_API_URL and that the API is up",
+        ),
+        Err(_) => list.fail(
+            format!("the API at {url} did not answer within 20 s"),
+            "check GRYT_API_URL, DNS, the firewall/Tailscale route and the API",
         ),
     }
 }
