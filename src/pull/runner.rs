@@ -18,7 +18,7 @@ use crate::executor::{JobControl, StopKind};
 use crate::metrics::Mode;
 use crate::slots::Slot;
 use crate::wire::pull::{CompleteRequest, Lease, StartRequest};
-use crate::wire::{JobResult, JobStatus, rfc3339};
+use crate::wire::{JobResult, rfc3339};
 
 /// What became of a leased job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub async fn run_job(ctx: Arc<Ctx>, lease: Lease, received: Instant, slot: Slot)
         }
         Err(e) => {
             let message = format!("cannot buffer the job's log in {}: {e}", log_path.display());
-            (error_result(job_id, message), None)
+            (JobResult::agent_error(job_id, message), None)
         }
     };
     ctx.state
@@ -216,23 +216,4 @@ pub async fn cancel_on_abort(
         }
     }
     give_up.cancel();
-}
-
-/// The result of a job that could not even be prepared by the agent.
-fn error_result(job_id: i64, message: String) -> JobResult {
-    let now = rfc3339(OffsetDateTime::now_utc());
-    JobResult {
-        job_id,
-        status: JobStatus::Error,
-        success: false,
-        exit_code: -1,
-        stdout: String::new(),
-        stderr: String::new(),
-        duration_seconds: 0.0,
-        started_at: now.clone(),
-        completed_at: now,
-        error: Some(message),
-        steps: Vec::new(),
-        oom_killed: false,
-    }
 }

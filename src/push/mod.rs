@@ -16,7 +16,7 @@ use crate::agent::AgentState;
 use crate::executor::{Discard, JobControl};
 use crate::metrics::Mode;
 use crate::slots::Slot;
-use crate::wire::{JobResult, JobSpec, JobStatus};
+use crate::wire::{JobResult, JobSpec};
 
 /// Runs `job` in `slot` and returns its result. `presented_key` is the caller's `X-API-Key`,
 /// reused for the callback.
@@ -99,19 +99,8 @@ fn http_client() -> &'static reqwest::Client {
 }
 
 fn panic_result(job_id: i64, error: tokio::task::JoinError) -> JobResult {
-    let now = crate::wire::rfc3339(time::OffsetDateTime::now_utc());
-    JobResult {
+    JobResult::agent_error(
         job_id,
-        status: JobStatus::Error,
-        success: false,
-        exit_code: -1,
-        stdout: String::new(),
-        stderr: String::new(),
-        duration_seconds: 0.0,
-        started_at: now.clone(),
-        completed_at: now,
-        error: Some(format!("internal error while running the job: {error}")),
-        steps: Vec::new(),
-        oom_killed: false,
-    }
+        format!("internal error while running the job: {error}"),
+    )
 }

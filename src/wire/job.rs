@@ -173,6 +173,27 @@ pub struct JobResult {
     pub oom_killed: bool,
 }
 
+impl JobResult {
+    /// The result of a job the agent could not run at all (status `error`, no process ran).
+    pub fn agent_error(job_id: i64, message: String) -> Self {
+        let now = rfc3339(OffsetDateTime::now_utc());
+        JobResult {
+            job_id,
+            status: JobStatus::Error,
+            success: false,
+            exit_code: -1,
+            stdout: String::new(),
+            stderr: String::new(),
+            duration_seconds: 0.0,
+            started_at: now.clone(),
+            completed_at: now,
+            error: Some(message),
+            steps: Vec::new(),
+            oom_killed: false,
+        }
+    }
+}
+
 /// RFC 3339 in UTC with millisecond precision and a `Z`, as the result's timestamps are written.
 pub fn rfc3339(at: OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
