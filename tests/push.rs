@@ -190,11 +190,28 @@ async fn health_reports_docker_and_degrades_when_it_is_unreachable() {
 
 #[tokio::test]
 async fn metrics_count_jobs() {
-    let agent = Agent::start("push-metrics", &[]).await;
+    let agent = Agent::start("push-metrics", &[("GRYT_PULL_POLICY", "if-not-present")]).await;
     agent.execute(Some(KEY), hello_body()).await;
+    // No registry is reachable here: the pull of an absent image fails, and is counted.
+    let absent = json!({"job_id": 5, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: true\n"),
+                        "docker_image": "gryt-agent-test/absent:1"});
+    let result: Value = agent
+        .execute(Some(KEY), absent.to_string())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result["status"], "error");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot pull image gryt-agent-test/absent:1"),
+        "{result}"
+    );
     let text = agent.get("/metrics").await.text().await.unwrap();
     assert!(
-        text.contains("gryt_agent_jobs_started_total{mode=\"push\"} 1"),
+        text.contains("gryt_agent_jobs_started_total{mode=\"push\"} 2"),
         "{text}"
     );
     assert!(

@@ -143,6 +143,7 @@ impl JobObserver for Terminal {
             JobEvent::PullStarted { image } => eprintln!("==> pulling image {image}"),
             JobEvent::PullStatus { image: _, status } => eprintln!("    {status}"),
             JobEvent::PullFinished { image } => eprintln!("==> pulled {image}"),
+            JobEvent::PullFailed { image } => eprintln!("==> cannot pull {image}"),
             JobEvent::CheckedOut { url, commit } => eprintln!("==> checked out {url} at {commit}"),
             JobEvent::StepStarted { index, name } => eprintln!("==> step {}: {name}", index + 1),
             JobEvent::StepFinished { index, step } => {

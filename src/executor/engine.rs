@@ -78,6 +78,7 @@ pub enum JobEvent<'a> {
     PullStarted { image: &'a str },
     PullStatus { image: &'a str, status: &'a str },
     PullFinished { image: &'a str },
+    PullFailed { image: &'a str },
     CheckedOut { url: &'a str, commit: &'a str },
     StepStarted { index: usize, name: &'a str },
     StepFinished { index: usize, step: &'a StepResult },

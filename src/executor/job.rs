@@ -357,12 +357,17 @@ async fn prepare_and_run(
         },
     );
     tokio::select! {
-        result = pull => if let Err(e) = result { return Outcome::Error(e.to_string()) },
-        _ = tokio::time::sleep_until(deadline) => {
-            return Outcome::TimedOut { exit_code: None, error: format!("job timed out after {}s while getting image {}", timeout.as_secs(), plan.image) };
+    result = pull => if let Err(e) = result {
+                if matches!(e, image::ImageError::Pull { .. }) {
+                    observer.event(JobEvent::PullFailed { image: &image_name });
+                }
+                return Outcome::Error(e.to_string());
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                return Outcome::TimedOut { exit_code: None, error: format!("job timed out after {}s while getting image {}", timeout.as_secs(), plan.image) };
+            }
+            request = control.stopped() => return cancelled(request, None),
         }
-        request = control.stopped() => return cancelled(request, None),
-    }
 
     let workspace =
         match Workspace::create(&settings.work_dir, job.job_id, plan.user.0, plan.user.1) {

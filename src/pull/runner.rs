@@ -15,6 +15,7 @@ use super::spool::{Spool, SpoolEntry};
 use super::streamer::{StreamEnd, Streamer};
 use crate::api::{CompleteOutcome, StartOutcome};
 use crate::executor::{JobControl, StopKind};
+use crate::metrics::CountingObserver;
 use crate::metrics::Mode;
 use crate::slots::Slot;
 use crate::wire::pull::{CompleteRequest, Lease, StartRequest};
@@ -110,7 +111,18 @@ pub async fn run_job(ctx: Arc<Ctx>, lease: Lease, received: Instant, slot: Slot)
                 }
                 end
             });
-            let result = ctx.state.executor.run(&lease.job, &*log, &control).await;
+            let result = ctx
+                .state
+                .executor
+                .run(
+                    &lease.job,
+                    &CountingObserver {
+                        inner: &*log,
+                        metrics: &ctx.state.metrics,
+                    },
+                    &control,
+                )
+                .await;
             log.finish();
             done.cancel();
             let end = streamer.await.unwrap_or(StreamEnd::Stopped);

@@ -14,7 +14,7 @@ use secrecy::SecretString;
 
 use crate::agent::AgentState;
 use crate::executor::{Discard, JobControl};
-use crate::metrics::Mode;
+use crate::metrics::{CountingObserver, Mode};
 use crate::slots::Slot;
 use crate::wire::{JobResult, JobSpec};
 
@@ -50,7 +50,11 @@ async fn run_in_slot(
     let _registered = state.jobs.register(job.job_id, control.clone());
     tracing::info!(job_id = job.job_id, "push job started");
     state.metrics.job_started(Mode::Push);
-    let result = state.executor.run(&job, &Discard, &control).await;
+    let observer = CountingObserver {
+        inner: &Discard,
+        metrics: &state.metrics,
+    };
+    let result = state.executor.run(&job, &observer, &control).await;
     state
         .metrics
         .job_finished(Mode::Push, result.status, result.duration_seconds);
