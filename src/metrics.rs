@@ -178,6 +178,27 @@ impl Metrics {
     }
 }
 
+/// Wraps a job's observer and counts what the metrics need from its events (image pulls).
+pub struct CountingObserver<'a> {
+    pub inner: &'a dyn crate::executor::JobObserver,
+    pub metrics: &'a Metrics,
+}
+
+impl crate::executor::JobObserver for CountingObserver<'_> {
+    fn output(&self, stream: crate::executor::OutputStream, data: &[u8]) {
+        self.inner.output(stream, data);
+    }
+
+    fn event(&self, event: crate::executor::JobEvent<'_>) {
+        match event {
+            crate::executor::JobEvent::PullFinished { .. } => self.metrics.image_pull("ok"),
+            crate::executor::JobEvent::PullFailed { .. } => self.metrics.image_pull("error"),
+            _ => {}
+        }
+        self.inner.event(event);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,26 +224,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gryt_agent_jobs_running 0"), "{text}");
-    }
-}
-
-/// Wraps a job's observer and counts what the metrics need from its events (image pulls).
-pub struct CountingObserver<'a> {
-    pub inner: &'a dyn crate::executor::JobObserver,
-    pub metrics: &'a Metrics,
-}
-
-impl crate::executor::JobObserver for CountingObserver<'_> {
-    fn output(&self, stream: crate::executor::OutputStream, data: &[u8]) {
-        self.inner.output(stream, data);
-    }
-
-    fn event(&self, event: crate::executor::JobEvent<'_>) {
-        match event {
-            crate::executor::JobEvent::PullFinished { .. } => self.metrics.image_pull("ok"),
-            crate::executor::JobEvent::PullFailed { .. } => self.metrics.image_pull("error"),
-            _ => {}
-        }
-        self.inner.event(event);
     }
 }

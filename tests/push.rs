@@ -219,7 +219,11 @@ async fn metrics_count_jobs() {
         "{text}"
     );
     assert!(
-        text.contains("gryt_agent_job_duration_seconds_count 1"),
+        text.contains("gryt_agent_job_duration_seconds_count 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gryt_agent_image_pulls_total{outcome=\"error\"} 1"),
         "{text}"
     );
 
