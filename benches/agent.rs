@@ -604,7 +604,10 @@ impl PullAgent {
         let child = bin
             .command(hard, work, state.path())
             .arg("run")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("GRYT_BENCH_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("GRYT_API_URL", &fake.url)
             .env("AGENT_API_KEY", KEY)
             .env("GRYT_STATE_DIR", state.path())
@@ -638,25 +641,11 @@ impl PullAgent {
 
     fn tail(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = log.len().saturating_sub(3000);
-        format!(
-            "agent log ({}):\n{}",
-            self.log.display(),
-            &log[log.floor_char_boundary_compat(start)..]
-        )
-    }
-}
-
-trait FloorBoundary {
-    fn floor_char_boundary_compat(&self, i: usize) -> usize;
-}
-
-impl FloorBoundary for str {
-    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
-        while !self.is_char_boundary(i) {
-            i -= 1;
-        }
-        i
+        let from = log.len().saturating_sub(3000);
+        let start = (from..=log.len())
+            .find(|&i| log.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("agent log ({}):\n{}", self.log.display(), &log[start..])
     }
 }
 
@@ -664,6 +653,11 @@ impl Drop for PullAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::env::var_os("GRYT_BENCH_KEEP_LOGS").is_some() {
+            let kept = std::env::temp_dir().join(format!("{}.log", self.agent_id));
+            let _ = std::fs::copy(&self.log, &kept);
+            eprintln!("  agent log kept: {}", kept.display());
+        }
     }
 }
 
@@ -932,7 +926,7 @@ impl Bench {
         Ok(agent)
     }
 
-    /// 1. Per-job overhead: the variants run round-robin, one job each per round, so drift on a
+    /// Figure 1, per-job overhead: the variants run round-robin, one job each per round, so drift on a
     /// shared machine hits them all alike. Medians of M jobs each.
     async fn overhead(&mut self) -> anyhow::Result<Vec<Row>> {
         let m = self.sizes.m;
@@ -1041,7 +1035,7 @@ impl Bench {
         Ok(rows)
     }
 
-    /// 2. Throughput at concurrency 4: pull mode vs 4 parallel direct runners, in ABBA order.
+    /// Figure 2, throughput at concurrency 4: pull mode vs 4 parallel direct runners, in ABBA order.
     async fn throughput(&mut self) -> anyhow::Result<Vec<Row>> {
         let k = self.sizes.k;
         let half = k / 2;
@@ -1129,7 +1123,7 @@ impl Bench {
         Ok(last - clock)
     }
 
-    /// 3. Pickup latency: an idle agent (parked in its long poll), a job enqueued, `start` seen.
+    /// Figure 3, pickup latency: an idle agent (parked in its long poll), a job enqueued, `start` seen.
     /// Baseline: the same protocol done by a bare HTTP client in this process.
     async fn pickup(&mut self) -> anyhow::Result<Vec<Row>> {
         let j = self.sizes.j;
@@ -1199,7 +1193,7 @@ impl Bench {
         Ok(latencies)
     }
 
-    /// 4. Footprint: an idle agent over S seconds, then a job printing G bytes.
+    /// Figure 4, footprint: an idle agent over S seconds, then a job printing G bytes.
     async fn footprint(&mut self) -> anyhow::Result<Vec<Row>> {
         let fake = FakeApi::start().await?;
         let pull = self.pull_agent(&fake, 1).await?;
