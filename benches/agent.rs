@@ -32,7 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -437,10 +437,18 @@ async fn direct_run(
     let options = CreateContainerOptionsBuilder::default()
         .name(&container_name())
         .build();
-    let id = docker
-        .create_container(Some(options), hard.body(script, ws.path()))
-        .await?
-        .id;
+    let mut body = hard.body(script, ws.path());
+    if attach {
+        // The output is read through the attach only: Docker's log driver would also write it
+        // to disk, which an agent job (an exec) does not pay for.
+        if let Some(h) = body.host_config.as_mut() {
+            h.log_config = Some(HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            });
+        }
+    }
+    let id = docker.create_container(Some(options), body).await?.id;
     let result = async {
         let mut bytes = 0u64;
         if attach {
