@@ -82,17 +82,7 @@ impl LogFile {
     pub fn create(path: &Path) -> std::io::Result<Self> {
         let file = File::create(path)?;
         let reader = File::open(path)?;
-        Ok(LogFile {
-            path: path.to_owned(),
-            reader,
-            inner: Mutex::new(Writer {
-                file,
-                stdout: Utf8Decoder::default(),
-                stderr: Utf8Decoder::default(),
-                broken: false,
-            }),
-            written: AtomicU64::new(0),
-        })
+        Ok(Self::from_files(path, file, reader, false, 0))
     }
 
     /// Opens an existing log (a spooled job's) for reading only.
@@ -100,17 +90,22 @@ impl LogFile {
         let reader = File::open(path)?;
         let len = reader.metadata()?.len();
         let file = File::options().append(true).open(path)?;
-        Ok(LogFile {
+        Ok(Self::from_files(path, file, reader, true, len))
+    }
+
+    /// `broken`: no more output is taken (a reopened log is complete as it is).
+    fn from_files(path: &Path, file: File, reader: File, broken: bool, written: u64) -> Self {
+        LogFile {
             path: path.to_owned(),
             reader,
             inner: Mutex::new(Writer {
                 file,
                 stdout: Utf8Decoder::default(),
                 stderr: Utf8Decoder::default(),
-                broken: true,
+                broken,
             }),
-            written: AtomicU64::new(len),
-        })
+            written: AtomicU64::new(written),
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -73,9 +73,10 @@ pub async fn deliver(
         Ok(()) => {
             tracing::info!(job_id = result.job_id, callback_host = %host, "result delivered to callback")
         }
-        // reqwest's error names the URL; the URL is the API's own and holds no credentials
-        // (refused by `check`).
+        // Without the URL: `check` refuses credentials in it, but a query string could still
+        // carry a token of the API's; the host is logged instead.
         Err(e) => {
+            let e = e.without_url();
             tracing::warn!(job_id = result.job_id, callback_host = %host, error = %e, "callback failed")
         }
     }
