@@ -257,8 +257,13 @@ pub fn job(pipeline: &str) -> gryt_agent::wire::JobSpec {
     }
 }
 
-/// Watches Docker for containers of `agent_id` while jobs run and inspects each one it sees.
+/// Watches Docker's `create` events for containers of `agent_id` while jobs run and inspects
+/// each one as it is created.
+///
+/// Events rather than polling: a short job's container can live for less than one round of
+/// listing and inspecting on a loaded machine, and a missed container would hide a regression.
 pub struct ContainerAudit {
+    created: std::sync::Arc<Mutex<Vec<String>>>,
     seen: std::sync::Arc<Mutex<HashMap<String, bollard::models::ContainerInspectResponse>>>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -266,37 +271,72 @@ pub struct ContainerAudit {
 
 impl ContainerAudit {
     pub async fn start(agent_id: &str) -> Self {
+        use bollard::query_parameters::EventsOptionsBuilder;
         let docker = docker().await;
+        let created: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
         let seen: std::sync::Arc<
             Mutex<HashMap<String, bollard::models::ContainerInspectResponse>>,
         > = Default::default();
         let stop = tokio_util::sync::CancellationToken::new();
-        let (agent_id, store, stopped) = (agent_id.to_owned(), seen.clone(), stop.clone());
+        let label = format!("{LABEL_AGENT_ID}={agent_id}");
+        // `since` replays what happened before the subscription reached the engine.
+        let since = (std::time::SystemTime::now() - std::time::Duration::from_secs(2))
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs()
+            .to_string();
+        let (ids, store, stopped) = (created.clone(), seen.clone(), stop.clone());
         let task = tokio::spawn(async move {
-            while !stopped.is_cancelled() {
-                for id in containers_of(&agent_id).await {
-                    if store.lock().unwrap().contains_key(&id) {
-                        continue;
-                    }
-                    if let Ok(inspect) = docker.inspect_container(&id, None).await {
-                        store.lock().unwrap().insert(id, inspect);
-                    }
+            let filters = HashMap::from([
+                ("type", vec!["container"]),
+                ("event", vec!["create"]),
+                ("label", vec![label.as_str()]),
+            ]);
+            let options = EventsOptionsBuilder::default()
+                .since(&since)
+                .filters(&filters)
+                .build();
+            let mut events = docker.events(Some(options));
+            loop {
+                let event = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    event = events.next() => event,
+                };
+                let Some(event) = event else { return };
+                let event = event.expect("Docker event stream failed");
+                let Some(id) = event.actor.and_then(|a| a.id) else {
+                    continue;
+                };
+                ids.lock().unwrap().push(id.clone());
+                if let Ok(inspect) = docker.inspect_container(&id, None).await {
+                    store.lock().unwrap().insert(id, inspect);
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         });
-        ContainerAudit { seen, stop, task }
+        ContainerAudit {
+            created,
+            seen,
+            stop,
+            task,
+        }
     }
 
-    /// Stops watching and asserts every container seen was hardened; returns how many.
+    /// Stops watching and asserts every container created was inspected and hardened; returns
+    /// how many there were.
     pub async fn finish(self) -> usize {
+        // Let the last events arrive: the jobs have finished, so nothing new is being created.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         self.stop.cancel();
         self.task.await.unwrap();
+        let created = self.created.lock().unwrap().clone();
         let seen = self.seen.lock().unwrap();
-        for (id, inspect) in seen.iter() {
+        for id in &created {
+            let inspect = seen
+                .get(id)
+                .unwrap_or_else(|| panic!("container {id} was gone before it could be inspected"));
             audit_container(id, inspect);
         }
-        seen.len()
+        created.len()
     }
 }
 
