@@ -172,6 +172,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
             address: address.clone(),
             source,
         })?;
+    // Leftovers of an earlier run go before the first job can arrive.
+    let sweeper = sweep::start(state.clone()).await;
     tracing::info!(
         agent_id = %state.agent_id,
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
@@ -191,7 +193,6 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
             async move { shutdown.stopped().await },
         ))
     };
-    let sweeper = sweep::spawn(state.clone());
     let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options)));
 
     let limits_reached = tokio::select! {

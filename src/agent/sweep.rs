@@ -1,11 +1,12 @@
 //! The orphan sweep: removes this agent's containers and workspaces that no running job owns.
 //!
-//! Runs at start (what a crashed or killed agent left behind) and then on a slow timer. Only
+//! Runs at start, before the agent takes a job (what a crashed or killed agent left behind), and
+//! then on a slow timer while jobs run. Only
 //! containers labelled with this agent's id are touched: other agents sharing the Docker engine
 //! keep theirs.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,74 +25,106 @@ pub struct Swept {
     pub workspaces: usize,
 }
 
-/// Sweeps now, then every [`INTERVAL`] until the agent stops.
-pub fn spawn(state: Arc<AgentState>) -> tokio::task::JoinHandle<()> {
+/// How long the sweep at start may hold up the agent: an engine that does not answer must not
+/// keep `/health` and the rest from coming up (the timer sweeps again later).
+const FIRST_SWEEP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Sweeps once before the agent takes jobs (what a crashed or killed agent left behind), then
+/// returns the task that sweeps every [`INTERVAL`] until the agent stops.
+pub async fn start(state: Arc<AgentState>) -> tokio::task::JoinHandle<()> {
+    match tokio::time::timeout(FIRST_SWEEP_LIMIT, sweep(&state)).await {
+        Ok(swept) => report(&swept),
+        Err(_) => {
+            tracing::warn!("orphan sweep at start did not finish in time; the timer sweeps again")
+        }
+    }
     tokio::spawn(async move {
         loop {
-            let swept = sweep(&state).await;
-            if swept != Swept::default() {
-                tracing::warn!(
-                    containers = swept.containers,
-                    workspaces = swept.workspaces,
-                    "removed leftovers of earlier jobs"
-                );
-            }
             tokio::select! {
                 _ = tokio::time::sleep(INTERVAL) => {}
                 _ = state.shutdown.stopped() => return,
             }
+            report(&sweep(&state).await);
         }
     })
 }
 
+fn report(swept: &Swept) {
+    if *swept != Swept::default() {
+        tracing::warn!(
+            containers = swept.containers,
+            workspaces = swept.workspaces,
+            "removed leftovers of earlier jobs"
+        );
+    }
+}
+
 /// One sweep. Failures are logged, never fatal: the next sweep tries again.
 pub async fn sweep(state: &AgentState) -> Swept {
+    let docker = state.executor.docker().await.ok();
+    let containers = match &docker {
+        Some(docker) => list_containers(docker, &state.agent_id).await,
+        None => Vec::new(),
+    };
+    let workspaces = list_workspaces(&state.executor.settings().work_dir);
+    // Read AFTER the listings. A job is registered before its workspace and container exist,
+    // so whatever was listed for a job that is running now has its id in this set; a set read
+    // before the listings would miss a job that started during them, and its fresh container
+    // and workspace would be removed under it.
     let running: HashSet<String> = state
         .jobs
         .job_ids()
         .iter()
         .map(|id| id.to_string())
         .collect();
+    let containers: Vec<_> = containers
+        .into_iter()
+        .filter(|(_, job)| !running.contains(job))
+        .collect();
+    let workspaces: Vec<_> = workspaces
+        .into_iter()
+        .filter(|(_, job)| !running.contains(job))
+        .collect();
     Swept {
-        containers: sweep_containers(state, &running).await,
-        workspaces: sweep_workspaces(&state.executor.settings().work_dir, &running).await,
+        containers: match &docker {
+            Some(docker) => remove_containers(docker, containers).await,
+            None => 0,
+        },
+        workspaces: remove_workspaces(workspaces).await,
     }
 }
 
-async fn sweep_containers(state: &AgentState, running: &HashSet<String>) -> usize {
-    let Ok(docker) = state.executor.docker().await else {
-        return 0;
-    };
+/// This agent's containers, as `(container id, job id)`.
+async fn list_containers(docker: &bollard::Docker, agent_id: &str) -> Vec<(String, String)> {
     let filters = HashMap::from([(
         "label",
         vec![
             format!("{LABEL_MANAGED}=true"),
-            format!("{LABEL_AGENT_ID}={}", state.agent_id),
+            format!("{LABEL_AGENT_ID}={agent_id}"),
         ],
     )]);
     let options = ListContainersOptionsBuilder::default()
         .all(true)
         .filters(&filters)
         .build();
-    let containers = match docker.list_containers(Some(options)).await {
-        Ok(c) => c,
+    match docker.list_containers(Some(options)).await {
+        Ok(containers) => containers
+            .into_iter()
+            .filter_map(|c| {
+                let job = c.labels.as_ref().and_then(|l| l.get(LABEL_JOB_ID)).cloned();
+                Some((c.id?, job.unwrap_or_default()))
+            })
+            .collect(),
         Err(e) => {
             tracing::debug!(error = %e, "orphan sweep: cannot list containers");
-            return 0;
+            Vec::new()
         }
-    };
+    }
+}
+
+async fn remove_containers(docker: &bollard::Docker, stale: Vec<(String, String)>) -> usize {
     let mut removed = 0;
-    for container in containers {
-        let Some(id) = container.id else { continue };
-        let job = container
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_JOB_ID))
-            .cloned()
-            .unwrap_or_default();
-        if running.contains(&job) {
-            continue;
-        }
+    for (id, job) in stale {
         let options = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
@@ -109,12 +142,12 @@ async fn sweep_containers(state: &AgentState, running: &HashSet<String>) -> usiz
     removed
 }
 
-/// Removes `job-<id>-*` directories of jobs that are not running.
-async fn sweep_workspaces(work_dir: &Path, running: &HashSet<String>) -> usize {
+/// The `job-<id>-*` directories in the work dir, as `(path, job id)`.
+fn list_workspaces(work_dir: &Path) -> Vec<(PathBuf, String)> {
     let Ok(entries) = std::fs::read_dir(work_dir) else {
-        return 0;
+        return Vec::new();
     };
-    let mut stale = Vec::new();
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         // `job-<id>-<random>`; the random part has no `-`, the id may be negative.
@@ -124,14 +157,17 @@ async fn sweep_workspaces(work_dir: &Path, running: &HashSet<String>) -> usize {
         else {
             continue;
         };
-        let job = job.to_owned();
-        if !running.contains(&job) && entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            stale.push(entry.path());
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            found.push((entry.path(), job.to_owned()));
         }
     }
+    found
+}
+
+async fn remove_workspaces(stale: Vec<(PathBuf, String)>) -> usize {
     tokio::task::spawn_blocking(move || {
         let mut removed = 0;
-        for path in stale {
+        for (path, _) in stale {
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {
                     tracing::info!(workspace = %path.display(), "orphan sweep removed a workspace");
