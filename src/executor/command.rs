@@ -43,7 +43,13 @@ pub async fn run_command(
     if let Some(request) = stop_rx.borrow_and_update().clone() {
         return CommandEnd::Stopped(request, None);
     }
-    let mut running = match container.run(cmd, env).await {
+    // A single-command container's command is its main process, already started with the
+    // container from the same `cmd` and `env`.
+    let started = match container.take_main() {
+        Some(main) => Ok(main),
+        None => container.run(cmd, env).await,
+    };
+    let mut running = match started {
         Ok(r) => r,
         Err(e) => return CommandEnd::Failed(e.to_string()),
     };
@@ -96,7 +102,7 @@ pub async fn run_command(
             }
         }
     }
-    let exit_code = match container.exit_code(&running.exec_id).await {
+    let exit_code = match container.exit_code(&mut running).await {
         Ok(code) => code,
         // The output ended on its own but Docker cannot say how the command ended: the engine
         // went away (restart, crash) under the job. That is the agent's failure, not the job's.

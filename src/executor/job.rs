@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use super::capture::TailBuffer;
 use super::command::{CommandEnd, run_command};
 use super::container::{
-    ContainerSpec, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, OutputStream,
-    WORKSPACE,
+    ContainerSpec, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, MainCommand,
+    OutputStream, WORKSPACE,
 };
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
@@ -23,6 +23,7 @@ use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until, validate_url};
 use crate::config::parse_user;
 use crate::pipeline::gryt_report;
+use crate::pipeline::yaml::Step;
 use crate::pipeline::yaml::valid_env_name;
 use crate::pipeline::{Pipeline, YamlPipeline};
 use crate::secrets::mask::{Masker, StreamMasker};
@@ -457,6 +458,13 @@ async fn prepare_and_run(
         pids_limit: settings.docker.pids_limit,
         memory_bytes: plan.memory_bytes,
         nano_cpus: plan.nano_cpus,
+        // A workspace the agent cannot empty itself needs the job's user to do it from a
+        // running container after the commands: only an exec-shaped container can.
+        main_command: if workspace.needs_job_user_cleanup() {
+            None
+        } else {
+            single_command(&plan.pipeline, &settings.job.gryt_command)
+        },
     };
     let container = match JobContainer::start(&docker, spec).await {
         Ok(c) => c,
@@ -556,16 +564,11 @@ async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>
             Some(t) => ctx.deadline.min(step_clock + Duration::from_secs(t)),
             None => ctx.deadline,
         };
-        let cmd = vec!["/bin/sh".to_owned(), "-c".to_owned(), step.run.clone()];
-        let env = step
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.0))
-            .collect();
+        let command = step_command(step);
         let end = run_command(
             ctx.container,
-            cmd,
-            env,
+            command.cmd,
+            command.env,
             step_deadline,
             ctx.grace,
             ctx.control,
@@ -644,6 +647,32 @@ async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>
         exit_code: 0,
         error: None,
     })
+}
+
+/// The command of a YAML step: its script under `sh -c`, with the step's own variables.
+fn step_command(step: &Step) -> MainCommand {
+    MainCommand {
+        cmd: vec!["/bin/sh".to_owned(), "-c".to_owned(), step.run.clone()],
+        env: step
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.0))
+            .collect(),
+    }
+}
+
+/// The job's only command when it has exactly one (a gryt pipeline, a one-step YAML pipeline):
+/// it can run as the container's main process. `run_steps` and `run_gryt` must ask for the
+/// same command, which they do by building it with the same functions.
+fn single_command(pipeline: &Pipeline, gryt_command: &[String]) -> Option<MainCommand> {
+    match pipeline {
+        Pipeline::Yaml(p) if p.steps.len() == 1 => p.steps.first().map(step_command),
+        Pipeline::Yaml(_) => None,
+        Pipeline::Gryt { .. } => Some(MainCommand {
+            cmd: gryt_command.to_vec(),
+            env: Vec::new(),
+        }),
+    }
 }
 
 async fn run_gryt(ctx: &Context<'_>, command: Vec<String>, run: &mut Run<'_>) -> Outcome {
