@@ -62,7 +62,7 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
     let executor_settings = ExecutorSettings::from_settings(&settings, agent_id);
     executor_settings.register_secrets_for_logs();
     let executor = Executor::new(executor_settings)?;
-    if !executor.ping().await {
+    if !executor.reachable().await {
         bail!(
             "the Docker engine does not answer (is it running, and may this user use its socket?)"
         );

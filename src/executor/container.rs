@@ -95,7 +95,9 @@ pub struct JobContainer {
     id: String,
     oom: Arc<AtomicBool>,
     removed: bool,
-    oom_watch: tokio::task::JoinHandle<()>,
+    /// Exec-shaped containers only: a single-command container learns of an OOM kill from the
+    /// inspect after its exit instead (one Docker request fewer per job).
+    oom_watch: Option<tokio::task::JoinHandle<()>>,
     /// A single-command container's main process, started with the container and not yet
     /// handed to [`JobContainer::take_main`].
     main: std::sync::Mutex<Option<RunningCommand>>,
@@ -176,7 +178,14 @@ impl JobContainer {
             )))?;
 
         let oom = Arc::new(AtomicBool::new(false));
-        let oom_watch = tokio::spawn(watch_oom(docker.clone(), created.id.clone(), oom.clone()));
+        let oom_watch = match spec.main_command {
+            None => Some(tokio::spawn(watch_oom(
+                docker.clone(),
+                created.id.clone(),
+                oom.clone(),
+            ))),
+            Some(_) => None,
+        };
         let mut container = JobContainer {
             docker: docker.clone(),
             id: created.id,
@@ -200,7 +209,11 @@ impl JobContainer {
             return Err(docker_err("cannot start the job container")(e));
         }
         if let Some(output) = attached {
-            let waiting = tokio::spawn(wait_for_exit(docker.clone(), container.id.clone()));
+            let waiting = tokio::spawn(wait_for_exit(
+                docker.clone(),
+                container.id.clone(),
+                container.oom.clone(),
+            ));
             let main = RunningCommand {
                 output,
                 ended: CommandHandle::Main(Some(AbortOnDropHandle::new(waiting))),
@@ -348,7 +361,9 @@ impl JobContainer {
             return;
         }
         self.removed = true;
-        self.oom_watch.abort();
+        if let Some(watch) = &self.oom_watch {
+            watch.abort();
+        }
         remove_container(&self.docker, &self.id).await;
     }
 }
@@ -358,7 +373,9 @@ impl Drop for JobContainer {
         if self.removed {
             return;
         }
-        self.oom_watch.abort();
+        if let Some(watch) = &self.oom_watch {
+            watch.abort();
+        }
         let (docker, id) = (self.docker.clone(), self.id.clone());
         // Dropped on an error path, a panic or a cancelled future: remove it in the background.
         match tokio::runtime::Handle::try_current() {
@@ -416,7 +433,11 @@ async fn try_remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::Er
 
 /// The exit code of the container's main process, waited for from just after its start (a
 /// container that already exited answers at once). An error means the engine went away.
-async fn wait_for_exit(docker: Docker, id: String) -> Result<Option<i64>, DockerError> {
+async fn wait_for_exit(
+    docker: Docker,
+    id: String,
+    oom: Arc<AtomicBool>,
+) -> Result<Option<i64>, DockerError> {
     let lost = || docker_err("lost the job container while it ran");
     let mut waiting = docker.wait_container(&id, None::<WaitContainerOptions>);
     let code = match waiting.next().await {
@@ -437,7 +458,11 @@ async fn wait_for_exit(docker: Docker, id: String) -> Result<Option<i64>, Docker
     // An engine shutting down stops its containers and answers their waits before it exits,
     // but no longer takes new requests: a job it killed must be the agent's error, not a
     // failed job. (An exec's exit code is read the same way, with a request after the end.)
-    docker.inspect_container(&id, None).await.map_err(lost())?;
+    let inspect = docker.inspect_container(&id, None).await.map_err(lost())?;
+    // Set by the engine on the same kernel OOM notice that the `oom` event reports.
+    if inspect.state.and_then(|s| s.oom_killed) == Some(true) {
+        oom.store(true, Ordering::SeqCst);
+    }
     Ok(Some(code))
 }
 

@@ -174,6 +174,16 @@ impl Executor {
         }
     }
 
+    /// True when the Docker engine answers, at the least cost: a version negotiation that
+    /// succeeded already proved it (one request fewer before a one-shot job), else a ping.
+    pub async fn reachable(&self) -> bool {
+        let _ = self.docker().await;
+        if self.negotiated.lock().await.is_some() {
+            return true;
+        }
+        self.ping().await
+    }
+
     /// True when the Docker engine answers a ping.
     pub async fn ping(&self) -> bool {
         let Ok(docker) = self.docker().await else {
