@@ -1342,7 +1342,7 @@ impl Bench {
 
 /// A shell script printing exactly `g` bytes of printable ASCII (65-byte lines), fast.
 fn print_script(g: u64) -> String {
-    let block = if g >= 16 * MIB && g % (16 * MIB) == 0 {
+    let block = if g >= 16 * MIB && g.is_multiple_of(16 * MIB) {
         16 * MIB
     } else {
         MIB

@@ -387,13 +387,13 @@ impl Settings {
         if self.checkout.timeout_seconds == 0 {
             return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
         }
-        if let Some(id) = &self.agent_id {
-            if !valid_agent_id(id) {
-                return Err(key_error(
-                    "agent_id",
-                    "use 1-64 characters from [A-Za-z0-9._-]",
-                ));
-            }
+        if let Some(id) = &self.agent_id
+            && !valid_agent_id(id)
+        {
+            return Err(key_error(
+                "agent_id",
+                "use 1-64 characters from [A-Za-z0-9._-]",
+            ));
         }
         Ok(())
     }

@@ -301,17 +301,17 @@ async fn handle(
         .stderr(std::process::Stdio::null());
     cgi.env("GIT_PROTOCOL", header("git-protocol"));
     let body = req.into_body().collect().await.unwrap().to_bytes();
-    if serve.refuse_non_tips {
-        if let Some(id) = non_tip_want(&serve.root.join("repo.git"), &body) {
-            let line = format!("ERR upload-pack: not our ref {id}\n");
-            return Ok(Response::builder()
-                .header("Content-Type", "application/x-git-upload-pack-result")
-                .body(Full::new(Bytes::from(format!(
-                    "{:04x}{line}",
-                    line.len() + 4
-                ))))
-                .unwrap());
-        }
+    if serve.refuse_non_tips
+        && let Some(id) = non_tip_want(&serve.root.join("repo.git"), &body)
+    {
+        let line = format!("ERR upload-pack: not our ref {id}\n");
+        return Ok(Response::builder()
+            .header("Content-Type", "application/x-git-upload-pack-result")
+            .body(Full::new(Bytes::from(format!(
+                "{:04x}{line}",
+                line.len() + 4
+            ))))
+            .unwrap());
     }
     let mut child = cgi.spawn().expect("git http-backend");
     let mut stdin = child.stdin.take().unwrap();

@@ -84,12 +84,11 @@ impl PrivateEngine {
             // The socket only exists once dockerd listens.
             let client =
                 Docker::connect_with_unix(&self.address(), 30, bollard::API_DEFAULT_VERSION);
-            if let Ok(docker) = client {
-                if let Ok(negotiated) = docker.negotiate_version().await {
-                    if negotiated.ping().await.is_ok() {
-                        return negotiated;
-                    }
-                }
+            if let Ok(docker) = client
+                && let Ok(negotiated) = docker.negotiate_version().await
+                && negotiated.ping().await.is_ok()
+            {
+                return negotiated;
             }
             assert!(
                 Instant::now() < deadline,

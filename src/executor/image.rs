@@ -69,11 +69,11 @@ pub async fn ensure(
                         reason: detail,
                     });
                 }
-                if let Some(status) = info.status {
-                    if status != last_status {
-                        last_status = status.clone();
-                        progress(PullProgress::Status(status));
-                    }
+                if let Some(status) = info.status
+                    && status != last_status
+                {
+                    last_status = status.clone();
+                    progress(PullProgress::Status(status));
                 }
             }
             Err(e) => {

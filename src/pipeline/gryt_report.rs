@@ -113,10 +113,10 @@ fn last_report(stdout: &str) -> Option<Report> {
             None => return None,
         };
         let candidate = &trimmed[start..];
-        if let Ok(report) = serde_json::from_str::<Report>(candidate) {
-            if !report.results.is_empty() || report.status.is_some() {
-                return Some(report);
-            }
+        if let Ok(report) = serde_json::from_str::<Report>(candidate)
+            && (!report.results.is_empty() || report.status.is_some())
+        {
+            return Some(report);
         }
         if start == 0 {
             return None;

@@ -152,10 +152,10 @@ impl YamlPipeline {
         if self.steps.len() > MAX_STEPS {
             return Err(field("steps", &format!("more than {MAX_STEPS} steps")));
         }
-        if let Some(image) = &self.image {
-            if image.trim().is_empty() {
-                return Err(field("image", "must not be empty"));
-            }
+        if let Some(image) = &self.image
+            && image.trim().is_empty()
+        {
+            return Err(field("image", "must not be empty"));
         }
         for (i, step) in self.steps.iter().enumerate() {
             if step.run.trim().is_empty() {

@@ -79,10 +79,10 @@ impl Spool {
     /// Forgets a job: its entry and its log.
     pub fn remove(&self, name: &str) {
         for path in [self.entry_path(name), self.log_path(name)] {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file");
-                }
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file");
             }
         }
     }

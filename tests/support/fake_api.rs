@@ -379,30 +379,28 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
     loop {
         {
             let mut g = lock(&s);
-            if capacity > 0 {
-                if let Some(job) = g.queue.pop_front() {
-                    let job_id = job["job_id"].as_i64().unwrap();
-                    let lease_id = format!("lease-{}", uuid::Uuid::new_v4());
-                    let ttl = g.ttl;
-                    g.leases.insert(
-                        lease_id.clone(),
-                        LeaseInfo {
-                            job_id,
-                            expires: Instant::now() + Duration::from_secs(ttl),
-                        },
-                    );
-                    let rec = g.jobs.entry(job_id).or_default();
-                    rec.lease_id = Some(lease_id.clone());
-                    drop(g);
-                    set_status(&s, index, StatusCode::OK);
-                    return (
-                        StatusCode::OK,
-                        axum::Json(
-                            json!({"lease_id": lease_id, "lease_ttl_seconds": ttl, "job": job}),
-                        ),
-                    )
-                        .into_response();
-                }
+            if capacity > 0
+                && let Some(job) = g.queue.pop_front()
+            {
+                let job_id = job["job_id"].as_i64().unwrap();
+                let lease_id = format!("lease-{}", uuid::Uuid::new_v4());
+                let ttl = g.ttl;
+                g.leases.insert(
+                    lease_id.clone(),
+                    LeaseInfo {
+                        job_id,
+                        expires: Instant::now() + Duration::from_secs(ttl),
+                    },
+                );
+                let rec = g.jobs.entry(job_id).or_default();
+                rec.lease_id = Some(lease_id.clone());
+                drop(g);
+                set_status(&s, index, StatusCode::OK);
+                return (
+                    StatusCode::OK,
+                    axum::Json(json!({"lease_id": lease_id, "lease_ttl_seconds": ttl, "job": job})),
+                )
+                    .into_response();
             }
         }
         if Instant::now() >= until {
