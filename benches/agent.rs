@@ -439,8 +439,8 @@ async fn direct_run(
         .build();
     let mut body = hard.body(script, ws.path());
     if attach {
-        // The output is read through the attach only: Docker's log driver would also write it
-        // to disk, which an agent job (an exec) does not pay for.
+        // The output is read through the attach only, as the agent's job containers do (their
+        // log driver is `none`): Docker's log driver would also write it to disk.
         if let Some(h) = body.host_config.as_mut() {
             h.log_config = Some(HostConfigLogConfig {
                 typ: Some("none".into()),
