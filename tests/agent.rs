@@ -42,7 +42,7 @@ async fn leftovers_of_a_dead_agent_are_swept_at_start_and_other_agents_are_spare
     std::fs::write(&unrelated, "not a workspace").unwrap();
 
     let started = Instant::now();
-    let agent = Agent::start_as(&agent_id, work_dir, &[]).await;
+    let agent = Agent::push_in(&agent_id, work_dir, &[]).await;
     while !support::containers_of(&agent_id).await.is_empty() || stale.exists() {
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -56,7 +56,7 @@ async fn leftovers_of_a_dead_agent_are_swept_at_start_and_other_agents_are_spare
         "another agent's container was touched"
     );
     assert!(unrelated.exists());
-    let log = agent.log();
+    let log = agent.log_text();
     assert!(log.contains("removed leftovers of earlier jobs"), "{log}");
     assert!(
         log.contains(&ours[..12]) || log.contains(&ours),

@@ -6,7 +6,8 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::process::{Agent, KEY};
+use support::process::Agent;
+use support::process::push::KEY;
 
 async fn post(agent: &Agent, body: String) -> (u16, Value) {
     let response = agent.execute(Some(KEY), body).await;
@@ -24,7 +25,7 @@ async fn assert_alive(agent: &Agent) {
 async fn oversized_nested_nul_and_huge_inputs_get_clear_errors() {
     let parent = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir_in(parent.path()).unwrap();
-    let agent = Agent::start_in("bad-input-e2e", work, &[]).await;
+    let agent = Agent::push_in(&support::unique_agent_id("bad-input-e2e"), work, &[]).await;
 
     // A pipeline over the 1 MiB limit inside a body under the 10 MiB limit.
     let big = support::b64(&format!("# {}\n", "x".repeat(2 * 1024 * 1024)));
@@ -142,7 +143,7 @@ async fn oversized_nested_nul_and_huge_inputs_get_clear_errors() {
 #[tokio::test]
 async fn a_header_flood_is_refused_and_the_agent_lives_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let agent = Agent::start("header-flood", &[]).await;
+    let agent = Agent::push("header-flood", &[]).await;
     let address = agent.url.trim_start_matches("http://").to_owned();
     for _ in 0..3 {
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();

@@ -14,15 +14,14 @@
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
-#[path = "support/pull_agent.rs"]
-mod pull_agent;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use fake_api::FakeApi;
-use pull_agent::{KEY, PullAgent};
 use serde_json::{Value, json};
+use support::process::Agent;
+use support::process::pull::KEY;
 use support::{b64, containers_of, unique_agent_id};
 
 const TTL: u64 = 3;
@@ -55,7 +54,7 @@ async fn sigkill_with_jobs_running_then_restart_loses_and_repeats_nothing() {
     let work = tempfile::tempdir().unwrap();
     let agent_id = unique_agent_id("crash");
     let env = [("GRYT_CONCURRENCY", "5")];
-    let mut agent = PullAgent::start(&agent_id, state.path(), work.path(), &api.url, &env).await;
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
 
     api.wait_for(
         "4 jobs running and a refused complete",
@@ -70,11 +69,7 @@ async fn sigkill_with_jobs_running_then_restart_loses_and_repeats_nothing() {
         },
     )
     .await;
-    let spooled: Vec<_> = agent
-        .spool_files()
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
+    let spooled = agent.spooled_results();
     assert_eq!(spooled.len(), 1, "{spooled:?}");
     assert!(
         spooled[0]
@@ -106,7 +101,7 @@ async fn sigkill_with_jobs_running_then_restart_loses_and_repeats_nothing() {
     );
     api.faults(|f| f.refuse_complete.clear());
 
-    let mut agent = PullAgent::start(&agent_id, state.path(), work.path(), &api.url, &env).await;
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
     let restarted = Instant::now();
     while !containers_of(&agent_id).await.is_empty() {
         assert!(

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use serde_json::{Value, json};
-use support::process::{Agent, KEY};
+use support::process::Agent;
+use support::process::push::KEY;
 
 struct PrivateEngine {
     dir: tempfile::TempDir,
@@ -160,7 +161,7 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
     let docker = engine.start().await;
     support::import_test_image(&docker).await;
     let address = engine.address();
-    let agent = Agent::start(
+    let agent = Agent::push(
         "engine-restart",
         &[("DOCKER_HOST", &address), ("GRYT_NETWORK", "none")],
     )
@@ -227,14 +228,16 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
-        std::fs::read_dir(agent.work_dir.path()).unwrap().count(),
+        std::fs::read_dir(&agent.work).unwrap().count(),
         0,
         "workspace left behind"
     );
     assert!(
-        agent.log().contains("removed the job container after all"),
+        agent
+            .log_text()
+            .contains("removed the job container after all"),
         "{}",
-        agent.log()
+        agent.log_text()
     );
 }
 

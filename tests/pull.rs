@@ -5,15 +5,14 @@
 mod fake_api;
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fake_api::FakeApi;
 use serde_json::{Value, json};
+use support::process::Agent;
+use support::process::pull::KEY;
 use support::{b64, containers_of, test_image, unique_agent_id};
-
-const KEY: &str = "test-agent-key-0123456789abcdef";
 
 fn job(id: i64, pipeline: &str) -> Value {
     json!({"job_id": id, "pipeline_b64": b64(pipeline)})
@@ -21,171 +20,6 @@ fn job(id: i64, pipeline: &str) -> Value {
 
 fn shell_job(id: i64, script: &str) -> Value {
     job(id, &format!("version: 1\nsteps:\n  - run: {script}\n"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `gryt-agent run` process with its own state and work directories.
-struct Agent {
-    child: Child,
-    agent_id: String,
-    state: tempfile::TempDir,
-    work: tempfile::TempDir,
-    port: u16,
-    log: PathBuf,
-}
-
-struct Opts<'a> {
-    env: Vec<(&'a str, String)>,
-    args: Vec<&'a str>,
-}
-
-impl Agent {
-    async fn start(test: &str, api: &FakeApi, opts: Opts<'_>) -> Agent {
-        let state = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        Self::start_in(unique_agent_id(test), state, work, api, opts).await
-    }
-
-    async fn start_in(
-        agent_id: String,
-        state: tempfile::TempDir,
-        work: tempfile::TempDir,
-        api: &FakeApi,
-        opts: Opts<'_>,
-    ) -> Agent {
-        let image = test_image().await;
-        let port = free_port();
-        let log = state.path().join(format!("agent-{}.log", port));
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
-        cmd.arg("run")
-            .args(&opts.args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", state.path())
-            .env("RUST_LOG", "gryt_agent=debug,info")
-            .env("GRYT_API_URL", &api.url)
-            .env("AGENT_API_KEY", KEY)
-            .env("GRYT_STATE_DIR", state.path())
-            .env("GRYT_WORK_DIR", work.path())
-            .env("GRYT_DOCKER_IMAGE", image)
-            .env("GRYT_PULL_POLICY", "never")
-            .env("GRYT_AGENT_ID", &agent_id)
-            .env("GRYT_STOP_GRACE", "1")
-            // Jobs here need no network (and the CI engine may have no bridge).
-            .env("GRYT_NETWORK", "none")
-            .env("GRYT_LEASE_WAIT", "2")
-            .env("AGENT_PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(out);
-        if let Ok(h) = std::env::var("DOCKER_HOST") {
-            cmd.env("DOCKER_HOST", h);
-        }
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("cannot start gryt-agent");
-        Agent {
-            child,
-            agent_id,
-            state,
-            work,
-            port,
-            log,
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; returns its exit code.
-    async fn wait_exit(&mut self, timeout: Duration) -> i32 {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!(
-                    "agent did not exit in {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn health(&self) -> Value {
-        let url = format!("http://127.0.0.1:{}/health", self.port);
-        for _ in 0..50 {
-            if let Ok(r) = reqwest::get(&url).await {
-                return r.json().await.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no /health; log:\n{}", self.log_text());
-    }
-
-    /// No container of this agent and no workspace left.
-    async fn assert_clean(&self) {
-        for _ in 0..50 {
-            if containers_of(&self.agent_id).await.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(containers_of(&self.agent_id).await, Vec::<String>::new());
-        let left: Vec<_> = std::fs::read_dir(self.work.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert!(left.is_empty(), "workspaces left: {left:?}");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn opts<'a>(args: &[&'a str], env: &[(&'a str, &str)]) -> Opts<'a> {
-    Opts {
-        args: args.to_vec(),
-        env: env.iter().map(|(k, v)| (*k, v.to_string())).collect(),
-    }
-}
-
-fn spool_entries(agent: &Agent) -> Vec<PathBuf> {
-    std::fs::read_dir(agent.state.path().join("spool"))
-        .map(|d| {
-            d.map(|e| e.unwrap().path())
-                .filter(|p| p.extension().is_some_and(|e| e == "json"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -196,10 +30,11 @@ async fn a_job_end_to_end_with_once() {
         1,
         "echo 'héllo €'; sleep 0.3; echo to-err >&2; sleep 0.3; printf 'last'",
     ));
-    let mut agent = Agent::start(
+    let mut agent = Agent::pull(
         "e2e",
-        &api,
-        opts(&["--once"], &[("GRYT_AGENT_LABELS", "linux,x86")]),
+        &api.url,
+        &["--once"],
+        &[("GRYT_AGENT_LABELS", "linux,x86")],
     )
     .await;
     assert_eq!(
@@ -245,7 +80,7 @@ async fn a_job_end_to_end_with_once() {
         !agent.log_text().contains(KEY),
         "the key must never be logged"
     );
-    assert!(spool_entries(&agent).is_empty());
+    assert!(agent.spooled_results().is_empty());
     agent.assert_clean().await;
 }
 
@@ -253,7 +88,7 @@ async fn a_job_end_to_end_with_once() {
 async fn idle_long_poll_is_no_busy_loop_and_idle_exit_exits() {
     let api = FakeApi::start(KEY, 30).await;
     let started = Instant::now();
-    let mut agent = Agent::start("idle", &api, opts(&["--idle-exit", "5"], &[])).await;
+    let mut agent = Agent::pull("idle", &api.url, &["--idle-exit", "5"], &[]).await;
     assert_eq!(
         agent.wait_exit(Duration::from_secs(20)).await,
         0,
@@ -279,10 +114,11 @@ async fn twenty_jobs_with_concurrency_four_and_max_jobs() {
     }
     // One more than --max-jobs: it must never be leased.
     api.push_job(shell_job(21, "echo never"));
-    let mut agent = Agent::start(
+    let mut agent = Agent::pull(
         "many",
-        &api,
-        opts(&["--max-jobs", "20"], &[("GRYT_CONCURRENCY", "4")]),
+        &api.url,
+        &["--max-jobs", "20"],
+        &[("GRYT_CONCURRENCY", "4")],
     )
     .await;
     assert_eq!(
@@ -328,7 +164,7 @@ async fn faults_on_every_call_still_deliver_everything_once() {
         f.lower_committed = 2;
         f.slow = Some(Duration::from_millis(300));
     });
-    let mut agent = Agent::start("faults", &api, opts(&["--max-jobs", "3"], &[])).await;
+    let mut agent = Agent::pull("faults", &api.url, &["--max-jobs", "3"], &[]).await;
     assert_eq!(
         agent.wait_exit(Duration::from_secs(120)).await,
         0,
@@ -365,7 +201,7 @@ async fn faults_on_every_call_still_deliver_everything_once() {
 async fn cancel_from_the_api_stops_the_job_within_a_heartbeat() {
     let api = FakeApi::start(KEY, 3).await;
     api.push_job(shell_job(1, "echo started; sleep 60"));
-    let mut agent = Agent::start("cancel", &api, opts(&["--once"], &[])).await;
+    let mut agent = Agent::pull("cancel", &api.url, &["--once"], &[]).await;
     api.wait_for("job output", Duration::from_secs(30), |a| {
         a.job(1).log.contains("started")
     })
@@ -395,7 +231,7 @@ async fn cancel_from_the_api_stops_the_job_within_a_heartbeat() {
 async fn a_lost_lease_kills_the_job_and_sends_nothing_more() {
     let api = FakeApi::start(KEY, 3).await;
     api.push_job(shell_job(1, "echo started; sleep 60"));
-    let mut agent = Agent::start("lost", &api, opts(&[], &[])).await;
+    let mut agent = Agent::pull("lost", &api.url, &[], &[]).await;
     api.wait_for("job output", Duration::from_secs(30), |a| {
         a.job(1).log.contains("started")
     })
@@ -432,7 +268,7 @@ async fn a_lost_lease_kills_the_job_and_sends_nothing_more() {
     assert!(agent.running(), "the agent must survive a lost lease");
     agent.signal("TERM");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
-    assert!(spool_entries(&agent).is_empty());
+    assert!(agent.spooled_results().is_empty());
     agent.assert_clean().await;
 }
 
@@ -444,7 +280,7 @@ async fn a_refused_start_means_the_job_is_not_run() {
     api.faults(|f| {
         f.refuse_start.insert(1);
     });
-    let mut agent = Agent::start("refused", &api, opts(&["--once"], &[])).await;
+    let mut agent = Agent::pull("refused", &api.url, &["--once"], &[]).await;
     assert_eq!(
         agent.wait_exit(Duration::from_secs(60)).await,
         0,
@@ -469,22 +305,23 @@ async fn a_result_survives_sigkill_in_the_spool() {
     let api = FakeApi::start(KEY, 60).await;
     api.push_job(shell_job(1, "echo spooled"));
     api.faults(|f| f.complete_down = true);
-    let mut agent = Agent::start("spool", &api, opts(&[], &[])).await;
+    // The test keeps the directories: the restarted agent gets the same ones.
+    let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let agent_id = unique_agent_id("spool");
+    let start = || Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &[]);
+    let mut agent = start().await;
     api.wait_for("a complete attempt", Duration::from_secs(60), |a| {
         a.count("complete") > 0
     })
     .await;
-    assert_eq!(spool_entries(&agent).len(), 1);
+    assert_eq!(agent.spooled_results().len(), 1);
     agent.signal("KILL");
     agent.wait_exit(Duration::from_secs(10)).await;
     assert!(api.job(1).completion.is_none());
     api.faults(|f| f.complete_down = false);
 
-    let agent_id = agent.agent_id.clone();
-    let state = std::mem::replace(&mut agent.state, tempfile::tempdir().unwrap());
-    let work = std::mem::replace(&mut agent.work, tempfile::tempdir().unwrap());
     drop(agent);
-    let mut agent = Agent::start_in(agent_id, state, work, &api, opts(&[], &[])).await;
+    let mut agent = start().await;
     api.wait_for("the spooled result", Duration::from_secs(30), |a| {
         a.job(1).completion.is_some()
     })
@@ -493,7 +330,7 @@ async fn a_result_survives_sigkill_in_the_spool() {
     assert_eq!(rec.completion.unwrap()["status"], "success");
     assert_eq!(rec.log, "spooled\n");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(spool_entries(&agent).is_empty());
+    assert!(agent.spooled_results().is_empty());
     agent.signal("TERM");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
     agent.assert_clean().await;
@@ -503,7 +340,7 @@ async fn a_result_survives_sigkill_in_the_spool() {
 async fn sigterm_lets_the_running_job_finish_and_leases_nothing_more() {
     let api = FakeApi::start(KEY, 30).await;
     api.push_job(shell_job(1, "echo begin; sleep 3; echo end"));
-    let mut agent = Agent::start("drain", &api, opts(&[], &[])).await;
+    let mut agent = Agent::pull("drain", &api.url, &[], &[]).await;
     api.wait_for("job output", Duration::from_secs(30), |a| {
         a.job(1).log.contains("begin")
     })
@@ -529,7 +366,7 @@ async fn sigterm_lets_the_running_job_finish_and_leases_nothing_more() {
 async fn a_second_signal_cancels_at_once() {
     let api = FakeApi::start(KEY, 30).await;
     api.push_job(shell_job(1, "echo begin; sleep 60"));
-    let mut agent = Agent::start("second", &api, opts(&[], &[])).await;
+    let mut agent = Agent::pull("second", &api.url, &[], &[]).await;
     api.wait_for("job output", Duration::from_secs(30), |a| {
         a.job(1).log.contains("begin")
     })
@@ -558,12 +395,7 @@ async fn a_second_signal_cancels_at_once() {
 async fn shutdown_timeout_cancels_with_a_reason() {
     let api = FakeApi::start(KEY, 30).await;
     api.push_job(shell_job(1, "echo begin; sleep 60"));
-    let mut agent = Agent::start(
-        "timeout",
-        &api,
-        opts(&[], &[("GRYT_SHUTDOWN_TIMEOUT", "1")]),
-    )
-    .await;
+    let mut agent = Agent::pull("timeout", &api.url, &[], &[("GRYT_SHUTDOWN_TIMEOUT", "1")]).await;
     api.wait_for("job output", Duration::from_secs(30), |a| {
         a.job(1).log.contains("begin")
     })
@@ -587,7 +419,7 @@ async fn shutdown_timeout_cancels_with_a_reason() {
 #[tokio::test]
 async fn bad_credentials_degrade_health_without_a_crash_or_a_flood() {
     let api = FakeApi::start("the-right-key-that-the-agent-lacks", 30).await;
-    let mut agent = Agent::start("creds", &api, opts(&[], &[])).await;
+    let mut agent = Agent::pull("creds", &api.url, &[], &[]).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let health = agent.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
@@ -609,10 +441,11 @@ async fn plain_http_to_a_non_loopback_host_is_refused_before_any_connection() {
     let api = FakeApi::start(KEY, 30).await;
     let started = Instant::now();
     // 192.0.2.1 (TEST-NET-1) is only a string here: the URL check refuses it before connecting.
-    let mut agent = Agent::start(
+    let mut agent = Agent::pull(
         "insecure",
-        &api,
-        opts(&[], &[("GRYT_API_URL", "http://192.0.2.1:8000")]),
+        &api.url,
+        &[],
+        &[("GRYT_API_URL", "http://192.0.2.1:8000")],
     )
     .await;
     let code = agent.wait_exit(Duration::from_secs(10)).await;
@@ -628,10 +461,11 @@ async fn too_little_free_disk_means_no_lease_and_a_degraded_health() {
     let api = FakeApi::start(KEY, 30).await;
     api.push_job(job(90, "version: 1\nsteps:\n  - run: echo never\n"));
     // More free space than any disk has: the guard must hold the agent back.
-    let mut agent = Agent::start(
+    let mut agent = Agent::pull(
         "disk-guard",
-        &api,
-        opts(&[], &[("GRYT_MIN_FREE_DISK_MB", "1000000000000")]),
+        &api.url,
+        &[],
+        &[("GRYT_MIN_FREE_DISK_MB", "1000000000000")],
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use support::process::{Agent, KEY, PREVIOUS_KEY, agent_command, free_port};
+use support::process::push::{self, KEY, PREVIOUS_KEY};
+use support::process::{Agent, free_port};
 
 fn hello_body() -> String {
     json!({"job_id": 1, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo Hello")})
@@ -17,7 +18,7 @@ fn hello_body() -> String {
 
 #[tokio::test]
 async fn the_documented_manual_test_passes() {
-    let agent = Agent::start("push-hello", &[]).await;
+    let agent = Agent::push("push-hello", &[]).await;
     let root: Value = agent.get("/").await.json().await.unwrap();
     assert_eq!(
         root,
@@ -46,7 +47,7 @@ async fn the_documented_manual_test_passes() {
     let response = agent.execute(Some(PREVIOUS_KEY), hello_body()).await;
     assert_eq!(response.status(), 200);
     agent.assert_clean().await;
-    let log = agent.log();
+    let log = agent.log_text();
     assert!(log.contains("push job finished"), "{log}");
     assert!(
         !log.contains(KEY) && !log.contains(PREVIOUS_KEY),
@@ -56,7 +57,7 @@ async fn the_documented_manual_test_passes() {
 
 #[tokio::test]
 async fn wrong_or_missing_key_is_401_before_the_body_is_read() {
-    let agent = Agent::start("push-auth", &[]).await;
+    let agent = Agent::push("push-auth", &[]).await;
     for key in [None, Some("wrong-key"), Some(&KEY[..KEY.len() - 1])] {
         let response = agent.execute(key, hello_body()).await;
         assert_eq!(response.status(), 401, "key {key:?}");
@@ -89,7 +90,7 @@ async fn wrong_or_missing_key_is_401_before_the_body_is_read() {
 
 #[tokio::test]
 async fn bad_bodies_get_413_and_422_naming_the_field() {
-    let agent = Agent::start("push-bad", &[]).await;
+    let agent = Agent::push("push-bad", &[]).await;
     let response = agent.execute(Some(KEY), vec![b' '; 11 * 1024 * 1024]).await;
     assert_eq!(response.status(), 413);
 
@@ -120,7 +121,7 @@ async fn bad_bodies_get_413_and_422_naming_the_field() {
 
 #[tokio::test]
 async fn a_failing_job_is_200_with_success_false_and_its_exit_code() {
-    let agent = Agent::start("push-fail", &[]).await;
+    let agent = Agent::push("push-fail", &[]).await;
     let body = json!({"job_id": 2, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo no >&2; exit 3\n")});
     let response = agent.execute(Some(KEY), body.to_string()).await;
     assert_eq!(response.status(), 200);
@@ -134,7 +135,7 @@ async fn a_failing_job_is_200_with_success_false_and_its_exit_code() {
 
 #[tokio::test]
 async fn a_full_agent_answers_429_with_retry_after() {
-    let agent = Arc::new(Agent::start("push-busy", &[("GRYT_CONCURRENCY", "1")]).await);
+    let agent = Arc::new(Agent::push("push-busy", &[("GRYT_CONCURRENCY", "1")]).await);
     let slow = json!({"job_id": 3, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: sleep 3\n")}).to_string();
     let first = {
         let agent = agent.clone();
@@ -161,13 +162,13 @@ async fn wait_for_running(agent: &Agent, n: u64) {
 
 #[tokio::test]
 async fn health_reports_docker_and_degrades_when_it_is_unreachable() {
-    let agent = Agent::start("push-health", &[]).await;
+    let agent = Agent::push("push-health", &[]).await;
     let health: Value = agent.get("/health").await.json().await.unwrap();
     assert_eq!(health["status"], "healthy");
     assert_eq!(health["docker_available"], true);
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
 
-    let dead = Agent::start(
+    let dead = Agent::push(
         "push-dead-docker",
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
     )
@@ -190,7 +191,7 @@ async fn health_reports_docker_and_degrades_when_it_is_unreachable() {
 
 #[tokio::test]
 async fn metrics_count_jobs() {
-    let agent = Agent::start("push-metrics", &[("GRYT_PULL_POLICY", "if-not-present")]).await;
+    let agent = Agent::push("push-metrics", &[("GRYT_PULL_POLICY", "if-not-present")]).await;
     agent.execute(Some(KEY), hello_body()).await;
     // No registry is reachable here: the pull of an absent image fails, and is counted.
     let absent = json!({"job_id": 5, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: true\n"),
@@ -227,7 +228,7 @@ async fn metrics_count_jobs() {
         "{text}"
     );
 
-    let quiet = Agent::start("push-no-metrics", &[("GRYT_METRICS", "false")]).await;
+    let quiet = Agent::push("push-no-metrics", &[("GRYT_METRICS", "false")]).await;
     assert_eq!(quiet.get("/metrics").await.status(), 404);
 }
 
@@ -265,7 +266,7 @@ async fn callbacks_reach_allowed_hosts_only() {
     let (allowed_port, allowed_seen) = receiver().await;
     let (other_port, other_seen) = receiver().await;
     let allow = format!("127.0.0.1:{allowed_port}");
-    let agent = Agent::start("push-callback", &[("GRYT_CALLBACK_ALLOW", &allow)]).await;
+    let agent = Agent::push("push-callback", &[("GRYT_CALLBACK_ALLOW", &allow)]).await;
     for (job_id, port) in [(10, allowed_port), (11, other_port)] {
         let body = json!({"job_id": job_id, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo cb\n"),
                           "callback_url": format!("http://127.0.0.1:{port}/callback")});
@@ -294,7 +295,7 @@ async fn callbacks_reach_allowed_hosts_only() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_job_leaves_nothing_behind() {
-    let agent = Agent::start("push-disconnect", &[]).await;
+    let agent = Agent::push("push-disconnect", &[]).await;
     let body = json!({"job_id": 4, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: sleep 30\n")}).to_string();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -330,7 +331,7 @@ async fn push_mode_refuses_to_start_with_a_short_or_missing_key() {
     let image = support::test_image().await;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for key in [Some("too-short"), None] {
-        let mut cmd = agent_command(
+        let mut cmd = push::command(
             &image,
             "short-key",
             dirs.0.path(),
@@ -356,7 +357,7 @@ async fn push_mode_refuses_to_start_with_a_short_or_missing_key() {
 
 #[tokio::test]
 async fn too_little_free_disk_is_a_503_and_a_degraded_health() {
-    let agent = Agent::start("push-disk", &[("GRYT_MIN_FREE_DISK_MB", "1000000000000")]).await;
+    let agent = Agent::push("push-disk", &[("GRYT_MIN_FREE_DISK_MB", "1000000000000")]).await;
     let health: Value = agent.get("/health").await.json().await.unwrap();
     assert_eq!(health["status"], "degraded");
     assert!(

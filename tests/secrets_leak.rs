@@ -5,16 +5,15 @@
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
-#[path = "support/pull_agent.rs"]
-mod pull_agent;
 mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
 use fake_api::FakeApi;
-use pull_agent::{KEY, PullAgent};
 use serde_json::{Value, json};
+use support::process::Agent;
+use support::process::pull::KEY;
 use support::{b64, unique_agent_id};
 
 /// (encryption key, encrypted token, token) from the API-side vectors.
@@ -64,11 +63,12 @@ async fn no_secret_reaches_any_byte_the_agent_writes() {
 
     let state = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let mut agent = PullAgent::start(
+    let mut agent = Agent::pull_in(
         &unique_agent_id("secrets"),
         state.path(),
         work.path(),
         &api.url,
+        &[],
         &[("GRYT_ENCRYPTION_KEY", &enc_key), ("GRYT_CONCURRENCY", "5")],
     )
     .await;

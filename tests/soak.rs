@@ -15,16 +15,15 @@
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
-#[path = "support/pull_agent.rs"]
-mod pull_agent;
 mod support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fake_api::FakeApi;
-use pull_agent::{KEY, PullAgent};
 use serde_json::{Value, json};
+use support::process::Agent;
+use support::process::pull::KEY;
 use support::{b64, unique_agent_id};
 
 const CONCURRENCY: usize = 4;
@@ -121,11 +120,12 @@ async fn soak_jobs_through_pull_mode_with_api_faults() {
     let state = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let concurrency = CONCURRENCY.to_string();
-    let mut agent = PullAgent::start(
+    let mut agent = Agent::pull_in(
         &unique_agent_id("soak"),
         state.path(),
         work.path(),
         &api.url,
+        &[],
         &[("GRYT_CONCURRENCY", &concurrency)],
     )
     .await;

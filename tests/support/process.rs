@@ -1,19 +1,44 @@
-//! A real `gryt-agent run` process for tests: started on a free loopback port with the test
-//! image, its log kept in a file, killed when dropped.
+//! The real `gryt-agent run` binary as a child process, for the suites that test it end to end
+//! in push mode or in pull mode.
+//!
+//! [`command`] is the environment every such process starts from: nothing inherited but `PATH`
+//! (and `DOCKER_HOST` when set), the test image never pulled, the agent's id, state and work
+//! directories, and its endpoint on a free loopback port. [`Agent::push`] and [`Agent::pull`]
+//! add what each mode needs; either way the agent's log goes to a file in its state directory,
+//! and the process is killed when the [`Agent`] is dropped.
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const KEY: &str = "push-test-key-0123456789abcdef0123456789";
-pub const PREVIOUS_KEY: &str = "previous-key-0123456789abcdef0123456789";
+use tempfile::TempDir;
 
-pub struct Agent {
-    pub child: Child,
-    pub url: String,
-    pub agent_id: String,
-    pub work_dir: tempfile::TempDir,
-    pub state_dir: tempfile::TempDir,
+use super::{containers_of, test_image, unique_agent_id};
+
+/// Push mode: the keys the endpoint accepts, and its command.
+pub mod push {
+    use std::path::Path;
+    use std::process::Command;
+
+    pub const KEY: &str = "push-test-key-0123456789abcdef0123456789";
+    pub const PREVIOUS_KEY: &str = "previous-key-0123456789abcdef0123456789";
+
+    /// `gryt-agent run` in push mode with [`KEY`] and [`PREVIOUS_KEY`]; stderr is piped, for a
+    /// test that runs it to completion and reads what it printed.
+    pub fn command(image: &str, agent_id: &str, work: &Path, state: &Path, port: u16) -> Command {
+        let mut cmd = super::command(image, agent_id, work, state, port);
+        cmd.env("GRYT_PUSH", "true")
+            .env("AGENT_API_KEY", KEY)
+            .env("AGENT_API_KEY_PREVIOUS", PREVIOUS_KEY)
+            .env("GRYT_STOP_GRACE", "2");
+        cmd
+    }
+}
+
+/// Pull mode: the key the agent presents to the (fake) API.
+pub mod pull {
+    pub const KEY: &str = "test-agent-key-0123456789abcdef";
 }
 
 pub fn free_port() -> u16 {
@@ -24,49 +49,139 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `gryt-agent run` with the environment common to both modes. stdin and stdout are null,
+/// stderr is piped (an [`Agent`] sends it to its log file instead).
+pub fn command(image: &str, agent_id: &str, work: &Path, state: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", state)
+        .env("GRYT_DOCKER_IMAGE", image)
+        .env("GRYT_PULL_POLICY", "never")
+        .env("GRYT_AGENT_ID", agent_id)
+        .env("GRYT_STATE_DIR", state)
+        .env("GRYT_WORK_DIR", work)
+        .env("AGENT_HOST", "127.0.0.1")
+        .env("AGENT_PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Ok(h) = std::env::var("DOCKER_HOST") {
+        cmd.env("DOCKER_HOST", h);
+    }
+    cmd
+}
+
+/// A running `gryt-agent run` process.
+pub struct Agent {
+    pub child: Child,
+    pub agent_id: String,
+    /// `http://127.0.0.1:<port>`, the agent's endpoint.
+    pub url: String,
+    pub state: PathBuf,
+    pub work: PathBuf,
+    /// The agent's stderr: `agent-<port>.log` in its state dir, so that an agent restarted on
+    /// the same state dir writes a new one.
+    pub log: PathBuf,
+    /// Temporary directories the agent was given to own: removed after the process is killed.
+    _owned: Vec<TempDir>,
+}
+
 impl Agent {
-    /// Starts `gryt-agent run` in push mode (plus `extra_env`) and waits until it answers.
-    pub async fn start(test: &str, extra_env: &[(&str, &str)]) -> Agent {
-        let work_dir = tempfile::tempdir().unwrap();
-        Self::start_in(test, work_dir, extra_env).await
+    /// Starts `gryt-agent run` in push mode (plus `env`) with fresh directories and waits until
+    /// it answers.
+    pub async fn push(test: &str, env: &[(&str, &str)]) -> Agent {
+        Self::push_in(&unique_agent_id(test), tempfile::tempdir().unwrap(), env).await
     }
 
-    /// Like [`Agent::start`] with a given work dir (to plant leftovers before the start).
-    pub async fn start_in(
-        test: &str,
-        work_dir: tempfile::TempDir,
-        extra_env: &[(&str, &str)],
-    ) -> Agent {
-        Self::start_as(&super::unique_agent_id(test), work_dir, extra_env).await
-    }
-
-    pub async fn start_as(
-        agent_id: &str,
-        work_dir: tempfile::TempDir,
-        extra_env: &[(&str, &str)],
-    ) -> Agent {
-        let image = super::test_image().await;
-        let state_dir = tempfile::tempdir().unwrap();
+    /// Like [`Agent::push`] as `agent_id` with a given work dir (to plant leftovers before the
+    /// start).
+    pub async fn push_in(agent_id: &str, work: TempDir, env: &[(&str, &str)]) -> Agent {
+        let state = tempfile::tempdir().unwrap();
         let port = free_port();
-        let agent_id = agent_id.to_owned();
-        let mut cmd = agent_command(&image, &agent_id, work_dir.path(), state_dir.path(), port);
-        cmd.env("RUST_LOG", "debug");
-        cmd.stderr(std::fs::File::create(state_dir.path().join("agent.log")).unwrap());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap();
-        let agent = Agent {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
+        let mut cmd = push::command(
+            &test_image().await,
             agent_id,
-            work_dir,
-            state_dir,
-        };
+            work.path(),
+            state.path(),
+            port,
+        );
+        cmd.env("RUST_LOG", "debug");
+        let mut agent = Self::spawn(cmd, agent_id, work.path(), state.path(), port, env);
+        agent._owned = vec![work, state];
         agent.wait_ready().await;
         agent
     }
 
+    /// Starts `gryt-agent run <args>` in pull mode against `api_url` with fresh directories
+    /// (`env` adds to or overrides the defaults).
+    pub async fn pull(test: &str, api_url: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut agent = Self::pull_in(
+            &unique_agent_id(test),
+            state.path(),
+            work.path(),
+            api_url,
+            args,
+            env,
+        )
+        .await;
+        agent._owned = vec![state, work];
+        agent
+    }
+
+    /// Like [`Agent::pull`] as `agent_id` with `state` and `work` as its directories, which the
+    /// caller keeps (to restart an agent on them, or to read them after it stopped).
+    pub async fn pull_in(
+        agent_id: &str,
+        state: &Path,
+        work: &Path,
+        api_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let port = free_port();
+        let mut cmd = command(&test_image().await, agent_id, work, state, port);
+        cmd.args(args)
+            .env("RUST_LOG", "gryt_agent=debug,info")
+            // Plain log lines: the suites read fields out of them.
+            .env("NO_COLOR", "1")
+            .env("GRYT_API_URL", api_url)
+            .env("AGENT_API_KEY", pull::KEY)
+            .env("GRYT_STOP_GRACE", "1")
+            // Jobs here need no network (and the CI engine may have no bridge).
+            .env("GRYT_NETWORK", "none")
+            .env("GRYT_LEASE_WAIT", "2");
+        Self::spawn(cmd, agent_id, work, state, port, env)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        agent_id: &str,
+        work: &Path,
+        state: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let log = state.join(format!("agent-{port}.log"));
+        cmd.stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("cannot start gryt-agent");
+        Agent {
+            child,
+            agent_id: agent_id.to_owned(),
+            url: format!("http://127.0.0.1:{port}"),
+            state: state.to_owned(),
+            work: work.to_owned(),
+            log,
+            _owned: Vec::new(),
+        }
+    }
+
+    /// Waits until the endpoint answers (any answer).
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -75,9 +190,83 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("agent did not come up");
+        panic!("agent did not come up; log:\n{}", self.log_text());
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's resident set size in KiB (`VmRSS` in `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("agent process gone");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("no VmRSS")
+    }
+
+    /// SIGKILL (what `Child::kill` sends), then reaps the process.
+    pub fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends `sig` (a name for `kill -<sig>`: `TERM`, `INT`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "agent did not exit in {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("{}{path}", self.url)).await.unwrap()
+    }
+
+    /// `GET /health` as JSON, once the endpoint answers (up to 5 s).
+    pub async fn health(&self) -> serde_json::Value {
+        let url = format!("{}/health", self.url);
+        for _ in 0..50 {
+            if let Ok(r) = reqwest::get(&url).await {
+                return r.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no /health; log:\n{}", self.log_text());
+    }
+
+    /// `POST /jobs/execute` (push mode) with `key` as `X-API-Key`, if any.
     pub async fn execute(
         &self,
         key: Option<&str>,
@@ -93,29 +282,45 @@ impl Agent {
         request.send().await.unwrap()
     }
 
-    /// Everything the agent logged so far (at debug level).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.state_dir.path().join("agent.log")).unwrap_or_default()
+    /// Every file in the spool (results and whatever else is there).
+    pub fn spool_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state.join("spool"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
     }
 
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        reqwest::get(format!("{}{path}", self.url)).await.unwrap()
+    /// The results waiting in the spool (`*.json`).
+    pub fn spooled_results(&self) -> Vec<PathBuf> {
+        self.spool_files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect()
     }
 
+    pub fn workspaces(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.work)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    /// No container with this agent's label and no workspace left (containers are removed in
+    /// the background: up to 5 s of grace).
     pub async fn assert_clean(&self) {
         for _ in 0..50 {
-            if super::containers_of(&self.agent_id).await.is_empty() {
+            if containers_of(&self.agent_id).await.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            super::containers_of(&self.agent_id).await.is_empty(),
+        assert_eq!(
+            containers_of(&self.agent_id).await,
+            Vec::<String>::new(),
             "containers left behind"
         );
         assert_eq!(
-            std::fs::read_dir(self.work_dir.path()).unwrap().count(),
-            0,
+            self.workspaces(),
+            Vec::<PathBuf>::new(),
             "workspaces left behind"
         );
     }
@@ -126,32 +331,4 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub fn agent_command(
-    image: &str,
-    agent_id: &str,
-    work: &std::path::Path,
-    state: &std::path::Path,
-    port: u16,
-) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
-    cmd.arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("GRYT_PUSH", "true")
-        .env("AGENT_API_KEY", KEY)
-        .env("AGENT_API_KEY_PREVIOUS", PREVIOUS_KEY)
-        .env("AGENT_HOST", "127.0.0.1")
-        .env("AGENT_PORT", port.to_string())
-        .env("GRYT_DOCKER_IMAGE", image)
-        .env("GRYT_PULL_POLICY", "never")
-        .env("GRYT_WORK_DIR", work)
-        .env("GRYT_STATE_DIR", state)
-        .env("GRYT_AGENT_ID", agent_id)
-        .env("GRYT_STOP_GRACE", "2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
 }
