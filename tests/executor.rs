@@ -362,6 +362,16 @@ async fn docker_inspect_shows_a_hardened_labelled_container() {
     let config = inspect.config.unwrap();
     let host = inspect.host_config.unwrap();
     assert_eq!(config.user.as_deref(), Some("1000:1000"));
+    // A job of one command runs it as the container's main process (no keepalive, no exec),
+    // and Docker keeps no copy of the output: the agent reads it itself.
+    assert_eq!(
+        config.cmd.as_deref(),
+        Some(&["/bin/sh".to_string(), "-c".into(), "sleep 3".into()][..])
+    );
+    assert_eq!(
+        host.log_config.as_ref().and_then(|l| l.typ.as_deref()),
+        Some("none")
+    );
     let labels = config.labels.unwrap();
     assert_eq!(labels["io.gryt.agent.managed"], "true");
     assert_eq!(labels["io.gryt.agent.id"], agent.agent_id);
