@@ -5,8 +5,8 @@
 //! it, so files persist between steps and each command has its own exit code and separate
 //! stdout/stderr. A job of one command (a gryt pipeline, a one-step YAML pipeline) runs that
 //! command as the container's main process instead, attached before the start: the same result
-//! with half the Docker calls, and no `docker exec` (the costliest of them). This module knows
-//! Docker, not pipelines or results.
+//! without a `docker exec` (the costliest call after the container's own start) or an events
+//! subscription. This module knows Docker, not pipelines or results.
 //! Invariant: a [`JobContainer`] is removed on every path: explicitly by [`JobContainer::remove`],
 //! or, if dropped without it (error, panic, cancelled future), by a removal spawned from `Drop`.
 
