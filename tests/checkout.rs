@@ -684,7 +684,6 @@ async fn ssl_cert_file_is_honoured() {
 
 mod support;
 
-use gryt_agent::executor::{Discard, JobControl};
 use gryt_agent::wire::{JobSpec, JobStatus};
 
 /// A token vector from the API's side: the server requires its plaintext, the job carries it
@@ -719,20 +718,14 @@ async fn a_job_clones_its_repository_and_works_in_it() {
         github_token_encrypted: Some(encrypted.clone()),
         ..Default::default()
     };
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Success, "{result:?}");
     assert_eq!(result.stdout, "one\npipeline.yml\n.git\n");
 
     // A branch by name, then a commit.
     spec.git_branch = Some("feature".into());
     spec.pipeline_b64 = support::b64("version: 1\nsteps:\n  - run: cat feature.txt\n");
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(
         (result.status, result.stdout.as_str()),
         (JobStatus::Success, "feature\n"),
@@ -743,10 +736,7 @@ async fn a_job_clones_its_repository_and_works_in_it() {
     spec.pipeline_b64 = support::b64(
         "version: 1\nsteps:\n  - run: test -f two.txt && test ! -f three.txt && echo at-two\n",
     );
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(
         (result.status, result.stdout.as_str()),
         (JobStatus::Success, "at-two\n"),
@@ -786,10 +776,7 @@ async fn checkout_failures_are_clear_job_errors_without_the_token() {
         (job("ext::sh -c touch% /tmp/pwned".into(), None), "ext"),
     ];
     for (spec, expected) in cases {
-        let result = agent
-            .executor
-            .run(&spec, &Discard, &JobControl::new())
-            .await;
+        let result = agent.run(&spec).await;
         assert_eq!(result.status, JobStatus::Error, "{result:?}");
         let error = result.error.clone().unwrap_or_default();
         assert!(error.contains(expected), "{expected:?} not in {error:?}");
@@ -803,12 +790,7 @@ async fn checkout_failures_are_clear_job_errors_without_the_token() {
     serve.token = Some(plaintext.clone());
     let base = start(serve, Some(tls.acceptor.clone())).await;
     let result = agent
-        .executor
-        .run(
-            &job(format!("{base}/repo.git"), Some("no-such-branch")),
-            &Discard,
-            &JobControl::new(),
-        )
+        .run(&job(format!("{base}/repo.git"), Some("no-such-branch")))
         .await;
     assert_eq!(result.status, JobStatus::Error, "{result:?}");
     assert!(result.error.unwrap().contains("no-such-branch"));

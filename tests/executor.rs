@@ -37,10 +37,7 @@ async fn the_documented_hello_pipeline_prints_hello() {
 async fn a_failing_step_stops_the_pipeline_with_its_exit_code() {
     let agent = test_agent("failing-step", |_| {}).await;
     let pipeline = "version: 1\nsteps:\n  - run: echo first\n  - run: exit 3\n    name: breaks\n  - run: echo never\n";
-    let result = agent
-        .executor
-        .run(&job(pipeline), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(pipeline)).await;
     assert_eq!(result.status, JobStatus::Failed);
     assert!(!result.success);
     assert_eq!(result.exit_code, 3);
@@ -66,10 +63,7 @@ async fn a_failing_step_stops_the_pipeline_with_its_exit_code() {
 async fn continue_on_error_runs_the_rest_and_files_persist_between_steps() {
     let agent = test_agent("continue", |_| {}).await;
     let pipeline = "version: 1\nsteps:\n  - run: echo kept > note.txt\n  - run: exit 5\n    continue_on_error: true\n  - run: cat note.txt; ls /workspace\n";
-    let result = agent
-        .executor
-        .run(&job(pipeline), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(pipeline)).await;
     assert_eq!(result.status, JobStatus::Success, "{result:?}");
     assert_eq!(result.exit_code, 0);
     assert_eq!(result.stdout, "kept\nnote.txt\npipeline.yml\n");
@@ -105,10 +99,7 @@ async fn env_vars_reach_the_steps_with_pipeline_and_step_env_layered_on_top() {
         ("OVERRIDDEN".into(), "job".into()),
     ]
     .into();
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(
         result.stdout, "j k p pipeline 8080 s /workspace /workspace\n",
         "{result:?}"
@@ -121,10 +112,7 @@ const GRYT_FAILING: &str = "from gryt import Pipeline  # run by the test stand-i
 #[tokio::test]
 async fn a_gryt_pipeline_that_fails_inside_is_failed_although_gryt_exits_zero() {
     let agent = test_agent("gryt-fail", |_| {}).await;
-    let result = agent
-        .executor
-        .run(&job(GRYT_FAILING), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(GRYT_FAILING)).await;
     assert_eq!(result.status, JobStatus::Failed, "{result:?}");
     assert_eq!(result.exit_code, 4);
     assert!(
@@ -177,10 +165,7 @@ async fn a_gryt_pipeline_that_does_not_load_fails_with_exit_code_2() {
 async fn a_passing_gryt_pipeline_succeeds_with_its_steps() {
     let agent = test_agent("gryt-ok", |_| {}).await;
     let script = "from gryt import Pipeline\n# step lint: true\n# step test: test \"$GRYT_WORKSPACE\" = /workspace && test -f pipeline.py\n";
-    let result = agent
-        .executor
-        .run(&job(script), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(script)).await;
     assert_eq!(result.status, JobStatus::Success, "{result:?}");
     assert_eq!(result.steps.len(), 2);
     agent.assert_clean().await;
@@ -193,10 +178,7 @@ async fn a_job_past_its_time_limit_is_stopped_with_status_timeout() {
         job("version: 1\nsteps:\n  - run: echo started; sleep 60\n  - run: echo never\n");
     spec.timeout_seconds = Some(2);
     let clock = Instant::now();
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Timeout, "{result:?}");
     assert!(
         clock.elapsed() < Duration::from_secs(15),
@@ -214,10 +196,7 @@ async fn a_job_past_its_time_limit_is_stopped_with_status_timeout() {
 async fn a_step_time_limit_stops_only_that_step() {
     let agent = test_agent("step-timeout", |_| {}).await;
     let pipeline = "version: 1\nsteps:\n  - run: sleep 60\n    timeout_seconds: 1\n    continue_on_error: true\n  - run: echo after\n";
-    let result = agent
-        .executor
-        .run(&job(pipeline), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(pipeline)).await;
     assert_eq!(result.status, JobStatus::Success, "{result:?}");
     assert_eq!(result.steps[0].status, StepStatus::Timeout);
     assert_eq!(result.stdout, "after\n");
@@ -230,10 +209,7 @@ async fn running_out_of_memory_is_reported_as_such() {
     let mut spec =
         job("version: 1\nsteps:\n  - run: dd if=/dev/zero of=/dev/null bs=128M count=1\n");
     spec.memory_limit = Some("32m".into());
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Failed, "{result:?}");
     assert!(result.oom_killed, "{result:?}");
     assert_eq!(result.exit_code, 137);
@@ -311,10 +287,7 @@ async fn an_abort_kills_at_once() {
 async fn the_job_runs_as_non_root_without_capabilities_or_network_when_configured() {
     let agent = test_agent("hardening", |s| s.docker.network = "none".into()).await;
     let pipeline = "version: 1\nsteps:\n  - run: id -u; id -g; grep -E '^Cap(Eff|Prm|Bnd):' /proc/self/status; grep NoNewPrivs /proc/self/status; ls /sys/class/net\n";
-    let result = agent
-        .executor
-        .run(&job(pipeline), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(pipeline)).await;
     assert_eq!(result.status, JobStatus::Success, "{result:?}");
     let lines: Vec<&str> = result.stdout.lines().collect();
     assert_eq!(lines[0], "1000");
@@ -353,10 +326,7 @@ async fn docker_inspect_shows_a_hardened_labelled_container() {
     spec.memory_limit = Some("256m".into());
     spec.cpu_limit = Some("0.5".into());
     spec.job_id = 42;
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Success, "{result:?}");
     let inspect = inspector.await.unwrap();
     let config = inspect.config.unwrap();
@@ -400,10 +370,7 @@ async fn a_missing_image_with_pull_policy_never_is_a_clear_error() {
     let agent = test_agent("missing-image", |_| {}).await;
     let mut spec = job("version: 1\nsteps:\n  - run: true\n");
     spec.docker_image = Some("gryt-agent-test/does-not-exist:1".into());
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Error);
     assert_eq!(
         result.error.as_deref(),
@@ -439,10 +406,7 @@ async fn bad_input_is_refused_before_any_container_exists() {
             pipeline_b64: pipeline_b64.to_owned(),
             ..Default::default()
         };
-        let result = agent
-            .executor
-            .run(&spec, &Discard, &JobControl::new())
-            .await;
+        let result = agent.run(&spec).await;
         assert_eq!(result.status, JobStatus::Error);
         let error = result.error.unwrap_or_default();
         assert!(error.contains(expected), "{expected:?} not in {error:?}");
@@ -450,10 +414,7 @@ async fn bad_input_is_refused_before_any_container_exists() {
     }
     let mut spec = job("version: 1\nsteps:\n  - run: true\n");
     spec.memory_limit = Some("lots".into());
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert!(result.error.unwrap_or_default().contains("memory_limit"));
     agent.assert_clean().await;
 }
@@ -523,10 +484,7 @@ fn rss_kib() -> u64 {
 async fn files_the_job_wrote_are_removed_with_the_workspace() {
     let agent = test_agent("cleanup", |_| {}).await;
     let pipeline = "version: 1\nsteps:\n  - run: mkdir -p a/b/c && echo x > a/b/c/f && chmod 000 a/b/c && chmod 500 a/b && exit 1\n";
-    let result = agent
-        .executor
-        .run(&job(pipeline), &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&job(pipeline)).await;
     assert_eq!(result.status, JobStatus::Failed);
     agent.assert_clean().await;
 }
@@ -576,10 +534,7 @@ async fn a_token_that_does_not_decrypt_fails_the_job_before_any_container() {
     let agent = test_agent("bad-token", |s| s.encryption_key = Some(other_key.into())).await;
     let mut spec = job("version: 1\nsteps:\n  - run: true\n");
     spec.github_token_encrypted = Some(vectors["valid"][0]["token"].as_str().unwrap().to_owned());
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Error);
     let error = result.error.unwrap();
     assert!(
@@ -589,10 +544,7 @@ async fn a_token_that_does_not_decrypt_fails_the_job_before_any_container() {
     assert!(!error.contains(vectors["valid"][0]["plaintext"].as_str().unwrap()));
 
     let agent = test_agent("no-key", |_| {}).await;
-    let result = agent
-        .executor
-        .run(&spec, &Discard, &JobControl::new())
-        .await;
+    let result = agent.run(&spec).await;
     assert_eq!(result.status, JobStatus::Error);
     assert!(
         result

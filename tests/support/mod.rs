@@ -172,6 +172,17 @@ pub async fn test_agent(test: &str, tweak: impl FnOnce(&mut Settings)) -> TestAg
 }
 
 impl TestAgent {
+    /// Runs `spec` to its end with no observer and no stop request.
+    pub async fn run(&self, spec: &gryt_agent::wire::JobSpec) -> gryt_agent::wire::JobResult {
+        self.executor
+            .run(
+                spec,
+                &gryt_agent::executor::Discard,
+                &gryt_agent::executor::JobControl::new(),
+            )
+            .await
+    }
+
     /// Containers (running or not) carrying this agent's label.
     pub async fn containers(&self) -> Vec<String> {
         containers_of(&self.agent_id).await
