@@ -6,7 +6,7 @@ use bollard::container::LogOutput;
 use futures_util::StreamExt;
 use tokio::time::{Instant, sleep_until};
 
-use super::container::{JobContainer, OutputStream};
+use super::container::{JobCommand, JobContainer, OutputStream};
 use super::control::{JobControl, StopKind, StopRequest};
 
 /// How a command ended.
@@ -27,13 +27,12 @@ enum Ending {
     Stop(StopRequest),
 }
 
-/// Runs `cmd` until it ends, feeding its output to `on_output`. A timeout or graceful stop sends
+/// Runs `command` until it ends, feeding its output to `on_output`. A timeout or graceful stop sends
 /// SIGTERM to the job's processes, then SIGKILL after `grace`; an immediate stop kills the
 /// container at once.
 pub async fn run_command(
     container: &JobContainer,
-    cmd: Vec<String>,
-    env: Vec<String>,
+    command: JobCommand,
     deadline: Instant,
     grace: Duration,
     control: &JobControl,
@@ -43,11 +42,10 @@ pub async fn run_command(
     if let Some(request) = stop_rx.borrow_and_update().clone() {
         return CommandEnd::Stopped(request, None);
     }
-    // A single-command container's command is its main process, already started with the
-    // container from the same `cmd` and `env`.
-    let started = match container.take_main() {
+    // A single-command container's command is its main process, already started with it.
+    let started = match container.take_main(&command) {
         Some(main) => Ok(main),
-        None => container.run(cmd, env).await,
+        None => container.run(command.cmd, command.env).await,
     };
     let mut running = match started {
         Ok(r) => r,

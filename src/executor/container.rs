@@ -44,9 +44,9 @@ const KEEPALIVE: &str = "while :; do sleep 3600; done";
 /// (the kernel spares PID 1), exactly as with an exec, and the exit status is the command's.
 const MAIN_WRAPPER: &str = "\"$@\" & wait $!";
 
-/// The one command a single-command container runs as its main process.
-#[derive(Debug, Clone)]
-pub struct MainCommand {
+/// A command of the job: a YAML step or `gryt run`, as an exec or as the main process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCommand {
     pub cmd: Vec<String>,
     /// Added to the container's environment, replacing variables of the same name.
     pub env: Vec<String>,
@@ -68,7 +68,7 @@ pub struct ContainerSpec {
     pub nano_cpus: i64,
     /// `Some` for a single-command container (see the module doc), `None` for one that runs
     /// each command as an exec.
-    pub main_command: Option<MainCommand>,
+    pub main_command: Option<JobCommand>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +98,9 @@ pub struct JobContainer {
     /// Exec-shaped containers only: a single-command container learns of an OOM kill from the
     /// inspect after its exit instead (one Docker request fewer per job).
     oom_watch: Option<tokio::task::JoinHandle<()>>,
-    /// A single-command container's main process, started with the container and not yet
-    /// handed to [`JobContainer::take_main`].
-    main: std::sync::Mutex<Option<RunningCommand>>,
+    /// A single-command container's main process (and the command it runs), started with the
+    /// container and not yet handed to [`JobContainer::take_main`].
+    main: std::sync::Mutex<Option<(JobCommand, RunningCommand)>>,
 }
 
 type OutputStreamOf =
@@ -218,7 +218,10 @@ impl JobContainer {
                 output,
                 ended: CommandHandle::Main(Some(AbortOnDropHandle::new(waiting))),
             };
-            *container.main.lock().unwrap_or_else(|e| e.into_inner()) = Some(main);
+            let command = spec
+                .main_command
+                .unwrap_or_else(|| unreachable!("attached"));
+            *container.main.lock().unwrap_or_else(|e| e.into_inner()) = Some((command, main));
         }
         Ok(container)
     }
@@ -237,10 +240,13 @@ impl JobContainer {
         Ok(attached.output)
     }
 
-    /// The main process of a single-command container, once: the first command of such a job
-    /// is already running when the container has started.
-    pub fn take_main(&self) -> Option<RunningCommand> {
-        self.main.lock().unwrap_or_else(|e| e.into_inner()).take()
+    /// The main process of a single-command container, once: the job's `command` is already
+    /// running when such a container has started. `None` for an exec-shaped container.
+    pub fn take_main(&self, command: &JobCommand) -> Option<RunningCommand> {
+        let (started, main) = self.main.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        // The planner and the runner must agree on the one command (see `job.rs`).
+        debug_assert_eq!(&started, command, "the main process runs another command");
+        Some(main)
     }
 
     pub fn id(&self) -> &str {

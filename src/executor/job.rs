@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::capture::TailBuffer;
 use super::command::{CommandEnd, run_command};
 use super::container::{
-    ContainerSpec, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, MainCommand,
+    ContainerSpec, JobCommand, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED,
     OutputStream, WORKSPACE,
 };
 use super::control::{JobControl, StopKind, StopRequest};
@@ -485,7 +485,9 @@ async fn prepare_and_run(
     };
     let outcome = match &plan.pipeline {
         Pipeline::Yaml(p) => run_steps(&ctx, p, run).await,
-        Pipeline::Gryt { .. } => run_gryt(&ctx, settings.job.gryt_command.clone(), run).await,
+        Pipeline::Gryt { .. } => {
+            run_gryt(&ctx, gryt_command(&settings.job.gryt_command), run).await
+        }
     };
     cleanup(Some(container), workspace).await;
     outcome
@@ -564,11 +566,9 @@ async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>
             Some(t) => ctx.deadline.min(step_clock + Duration::from_secs(t)),
             None => ctx.deadline,
         };
-        let command = step_command(step);
         let end = run_command(
             ctx.container,
-            command.cmd,
-            command.env,
+            step_command(step),
             step_deadline,
             ctx.grace,
             ctx.control,
@@ -650,8 +650,8 @@ async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>
 }
 
 /// The command of a YAML step: its script under `sh -c`, with the step's own variables.
-fn step_command(step: &Step) -> MainCommand {
-    MainCommand {
+fn step_command(step: &Step) -> JobCommand {
+    JobCommand {
         cmd: vec!["/bin/sh".to_owned(), "-c".to_owned(), step.run.clone()],
         env: step
             .env
@@ -661,25 +661,29 @@ fn step_command(step: &Step) -> MainCommand {
     }
 }
 
-/// The job's only command when it has exactly one (a gryt pipeline, a one-step YAML pipeline):
-/// it can run as the container's main process. `run_steps` and `run_gryt` must ask for the
-/// same command, which they do by building it with the same functions.
-fn single_command(pipeline: &Pipeline, gryt_command: &[String]) -> Option<MainCommand> {
-    match pipeline {
-        Pipeline::Yaml(p) if p.steps.len() == 1 => p.steps.first().map(step_command),
-        Pipeline::Yaml(_) => None,
-        Pipeline::Gryt { .. } => Some(MainCommand {
-            cmd: gryt_command.to_vec(),
-            env: Vec::new(),
-        }),
+/// `gryt run` as configured: the setting's argv, no variables beyond the job's.
+fn gryt_command(gryt_command: &[String]) -> JobCommand {
+    JobCommand {
+        cmd: gryt_command.to_vec(),
+        env: Vec::new(),
     }
 }
 
-async fn run_gryt(ctx: &Context<'_>, command: Vec<String>, run: &mut Run<'_>) -> Outcome {
+/// The job's only command when it has exactly one (a gryt pipeline, a one-step YAML pipeline):
+/// it can run as the container's main process. Built by the same functions `run_steps` and
+/// `run_gryt` use, so the runner asks for the command that is already running.
+fn single_command(pipeline: &Pipeline, gryt_argv: &[String]) -> Option<JobCommand> {
+    match pipeline {
+        Pipeline::Yaml(p) if p.steps.len() == 1 => p.steps.first().map(step_command),
+        Pipeline::Yaml(_) => None,
+        Pipeline::Gryt { .. } => Some(gryt_command(gryt_argv)),
+    }
+}
+
+async fn run_gryt(ctx: &Context<'_>, command: JobCommand, run: &mut Run<'_>) -> Outcome {
     let end = run_command(
         ctx.container,
         command,
-        Vec::new(),
         ctx.deadline,
         ctx.grace,
         ctx.control,
