@@ -314,13 +314,19 @@ async fn docker_inspect_shows_a_hardened_labelled_container() {
     let docker = support::docker().await;
     let agent_id = agent.agent_id.clone();
     let inspector = tokio::spawn(async move {
+        // An inspect can fail while the container is still being set up: ask again, as for a
+        // container not listed yet, and say what failed last if it never answers.
+        let mut last_error = None;
         for _ in 0..100 {
             if let Some(id) = support::containers_of(&agent_id).await.first() {
-                return docker.inspect_container(id, None).await.unwrap();
+                match docker.inspect_container(id, None).await {
+                    Ok(inspect) => return inspect,
+                    Err(e) => last_error = Some(e),
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("job container never appeared");
+        panic!("job container never appeared or never answered an inspect: {last_error:?}");
     });
     let mut spec = job("version: 1\nsteps:\n  - run: sleep 3\n");
     spec.memory_limit = Some("256m".into());
