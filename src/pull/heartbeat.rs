@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::Ctx;
 use crate::api::HeartbeatOutcome;
 use crate::executor::JobControl;
-use crate::wire::pull::HeartbeatRequest;
+use crate::wire::pull::{HeartbeatRequest, lease_ttl};
 
 /// The reason a job stopped because the API asked.
 pub const CANCELLED_BY_API: &str = "cancelled by the API";
@@ -33,11 +33,14 @@ pub async fn keep_alive(
     stop: CancellationToken,
 ) {
     let request = HeartbeatRequest { lease_id };
+    let interval = |ttl: Duration| (ttl / 3).max(Duration::from_millis(100));
+    // Counted from the lease's last renewal (the lease answer at first), not from whenever the
+    // previous call ended: a slow `start` or heartbeat must not push the next past the TTL.
+    let mut next_beat = last_renewal + interval(ttl);
     loop {
-        let interval = (ttl / 3).max(Duration::from_millis(100));
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(next_beat) => {}
         }
         let deadline = last_renewal + ttl;
         let answer = tokio::select! {
@@ -50,7 +53,8 @@ pub async fn keep_alive(
                 lease_ttl_seconds,
             })) => {
                 last_renewal = Instant::now();
-                ttl = Duration::from_secs(lease_ttl_seconds.max(1));
+                ttl = lease_ttl(lease_ttl_seconds);
+                next_beat = last_renewal + interval(ttl);
                 if cancel && control.request().is_none() {
                     tracing::info!(job_id, "the API cancelled the job");
                     control.cancel(CANCELLED_BY_API);
@@ -62,6 +66,8 @@ pub async fn keep_alive(
             }
             Ok(Err(e)) => {
                 tracing::warn!(job_id, error = %e, "heartbeat refused");
+                // Not renewed: try again an interval from now (the client already retried).
+                next_beat = Instant::now() + interval(ttl);
                 if Instant::now() >= deadline {
                     tracing::warn!(
                         job_id,

@@ -18,7 +18,7 @@ use crate::executor::{JobControl, StopKind};
 use crate::metrics::CountingObserver;
 use crate::metrics::Mode;
 use crate::slots::Slot;
-use crate::wire::pull::{CompleteRequest, Lease, StartRequest};
+use crate::wire::pull::{CompleteRequest, Lease, StartRequest, lease_ttl};
 use crate::wire::{JobResult, rfc3339};
 
 /// What became of a leased job.
@@ -36,7 +36,7 @@ pub async fn run_job(ctx: Arc<Ctx>, lease: Lease, received: Instant, slot: Slot)
     let control = JobControl::new();
     let _registered = ctx.state.jobs.register(job_id, control.clone());
     let _slot = slot;
-    let ttl = Duration::from_secs(lease.lease_ttl_seconds.max(1));
+    let ttl = lease_ttl(lease.lease_ttl_seconds);
     let expires = received + ttl;
 
     if ctx.state.shutdown.is_draining() {

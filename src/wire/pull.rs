@@ -26,6 +26,16 @@ pub struct Lease {
     pub job: JobSpec,
 }
 
+/// The longest lease TTL the agent takes at its word (a day): a larger number from the API,
+/// added to a clock reading, would overflow it.
+pub const MAX_LEASE_TTL_SECONDS: u64 = 86_400;
+
+/// A lease TTL from the API as a duration the agent can compute with: at least one second, at
+/// most [`MAX_LEASE_TTL_SECONDS`].
+pub fn lease_ttl(seconds: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(seconds.clamp(1, MAX_LEASE_TTL_SECONDS))
+}
+
 /// `POST /jobs/{job_id}/start`: the agent is about to run the job.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct StartRequest {
@@ -120,5 +130,16 @@ mod tests {
         }
         let back: CompleteRequest = serde_json::from_value(v).unwrap();
         assert_eq!(back, body);
+    }
+
+    #[test]
+    fn a_lease_ttl_from_the_api_is_bounded_both_ways() {
+        use std::time::Duration;
+        assert_eq!(super::lease_ttl(0), Duration::from_secs(1));
+        assert_eq!(super::lease_ttl(30), Duration::from_secs(30));
+        assert_eq!(
+            super::lease_ttl(u64::MAX),
+            Duration::from_secs(super::MAX_LEASE_TTL_SECONDS)
+        );
     }
 }
