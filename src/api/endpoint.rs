@@ -18,8 +18,11 @@ pub const PREFIX: &str = "/api/v1/agent";
 /// Checks `api_url` and returns the endpoint prefix (`<base>/api/v1/agent`, no trailing slash).
 /// `http://` is refused unless the host is loopback or `allow_insecure_http` is on.
 pub fn base_url(api_url: &str, allow_insecure_http: bool) -> Result<String, ApiError> {
-    let url = reqwest::Url::parse(api_url.trim())
-        .map_err(|e| ApiError::Url(format!("`{api_url}` is not a URL: {e}")))?;
+    let parsed = reqwest::Url::parse(api_url.trim());
+    // Errors quote the URL without any credentials in it: they are refused below, but the
+    // message saying so must not carry them into a log.
+    let api_url = shown(api_url, parsed.as_ref().ok());
+    let url = parsed.map_err(|e| ApiError::Url(format!("`{api_url}` is not a URL: {e}")))?;
     let host = url
         .host_str()
         .ok_or_else(|| ApiError::Url(format!("`{api_url}` has no host")))?;
@@ -45,6 +48,26 @@ pub fn base_url(api_url: &str, allow_insecure_http: bool) -> Result<String, ApiE
     }
     let base = url.as_str().trim_end_matches('/');
     Ok(format!("{base}{PREFIX}"))
+}
+
+/// `api_url` as it may appear in a message: user and password replaced by `***`.
+fn shown(api_url: &str, parsed: Option<&reqwest::Url>) -> String {
+    match parsed {
+        Some(url) if !url.username().is_empty() || url.password().is_some() => {
+            let mut url = url.clone();
+            let _ = url.set_username("***");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Some(_) => api_url.to_owned(),
+        // Not a URL: anything before an `@` after the scheme could be a credential.
+        None => match (api_url.find("://"), api_url.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}***{}", &api_url[..scheme_end + 3], &api_url[at..])
+            }
+            _ => api_url.to_owned(),
+        },
+    }
 }
 
 /// `localhost`, `127.0.0.0/8` and `::1`.
@@ -104,6 +127,19 @@ pub fn http_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_a_refused_url_stay_out_of_the_error() {
+        for url in [
+            "https://agent:s3cret-token@api.example.com",
+            "http://agent:s3cret-token@api.example.com",
+            "ftp://agent:s3cret-token@api.example.com",
+            "https://agent:s3cret-token@[not a host",
+        ] {
+            let error = base_url(url, false).unwrap_err().to_string();
+            assert!(!error.contains("s3cret-token"), "{error}");
+        }
+    }
 
     #[test]
     fn https_anywhere_http_only_to_loopback_unless_allowed() {

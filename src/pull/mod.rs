@@ -115,11 +115,11 @@ async fn replay_spool(ctx: Arc<Ctx>) {
             lost.clone(),
             give_up.clone(),
         ));
+        // The log's path comes from the entry's own name, never from a path read off disk.
         let log = entry
             .log_file
             .as_ref()
-            .map(|f| ctx.spool.dir().join(f))
-            .and_then(|p| logs::LogFile::open(&p).ok());
+            .and_then(|_| logs::LogFile::open(&ctx.spool.log_path(&name)).ok());
         let end = match log {
             Some(log) => {
                 Streamer::new(

@@ -14,7 +14,8 @@ use crate::wire::pull::CompleteRequest;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpoolEntry {
     pub job_id: i64,
-    /// The job's buffered log, whose whole text must reach the API before the completion.
+    /// The job's buffered log (`<name>.log` beside the entry, see [`Spool::log_path`]), whose
+    /// whole text must reach the API before the completion. Only its presence is used.
     pub log_file: Option<String>,
     pub request: CompleteRequest,
 }
