@@ -163,15 +163,8 @@ pub(super) async fn run(
         started_at: rfc3339(started_at),
         completed_at: rfc3339(OffsetDateTime::now_utc()),
         error: error.map(|e| run.masker.mask_str(&e)),
-        steps: run
-            .steps
-            .into_iter()
-            .map(|mut s| {
-                s.error = s.error.map(|e| run.masker.mask_str(&e));
-                s.name = run.masker.mask_str(&s.name);
-                s
-            })
-            .collect(),
+        // Masked as they were made, in `run_steps` and `run_gryt`.
+        steps: run.steps,
         oom_killed: run.oom_killed,
     }
 }
@@ -548,7 +541,9 @@ fn cancelled(request: StopRequest, exit_code: Option<i64>) -> Outcome {
 async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>) -> Outcome {
     let mut outcome: Option<Outcome> = None;
     for (index, step) in pipeline.steps.iter().enumerate() {
-        let name = step.display_name(index);
+        // Masked here, where it is made: observers see it before the result does (a name falls
+        // back to the script's first line, which may hold a secret).
+        let name = run.masker.mask_str(&step.display_name(index));
         if outcome.is_some() {
             run.steps.push(StepResult {
                 name,
@@ -636,6 +631,7 @@ async fn run_steps(ctx: &Context<'_>, pipeline: &YamlPipeline, run: &mut Run<'_>
                 outcome = Some(Outcome::Error(message));
             }
         }
+        result.error = result.error.map(|e| run.masker.mask_str(&e));
         run.observer.event(JobEvent::StepFinished {
             index,
             step: &result,
@@ -692,10 +688,23 @@ async fn run_gryt(ctx: &Context<'_>, command: JobCommand, run: &mut Run<'_>) -> 
     .await;
     match end {
         CommandEnd::Exited(code) => {
+            // gryt's report is the end of its stdout: release what the masker still holds
+            // back before reading it.
+            run.flush_masks();
             let code = code.unwrap_or(-1);
             let oom = code == 137 && ctx.container.settle_oom().await;
             let verdict = gryt_report::verdict(code, &run.stdout.to_text(), &run.stderr.to_text());
-            run.steps = verdict.steps;
+            // Masked again after parsing: a secret that JSON escaped in the report (a `"` or
+            // `\` in it) passed the output masker and is whole again now.
+            run.steps = verdict
+                .steps
+                .into_iter()
+                .map(|mut step| {
+                    step.name = run.masker.mask_str(&step.name);
+                    step.error = step.error.map(|e| run.masker.mask_str(&e));
+                    step
+                })
+                .collect();
             if oom {
                 run.oom_killed = true;
                 return Outcome::Finished {
