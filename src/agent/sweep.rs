@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveContainerOptionsBuilder};
+use bollard::query_parameters::ListContainersOptionsBuilder;
 
 use super::AgentState;
-use crate::executor::container::{LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED};
+use crate::executor::container::{LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, try_remove};
 
 /// Time between sweeps after the first.
 pub const INTERVAL: Duration = Duration::from_secs(600);
@@ -125,11 +125,7 @@ async fn list_containers(docker: &bollard::Docker, agent_id: &str) -> Vec<(Strin
 async fn remove_containers(docker: &bollard::Docker, stale: Vec<(String, String)>) -> usize {
     let mut removed = 0;
     for (id, job) in stale {
-        let options = RemoveContainerOptionsBuilder::default()
-            .force(true)
-            .v(true)
-            .build();
-        match docker.remove_container(&id, Some(options)).await {
+        match try_remove(docker, &id).await {
             Ok(()) => {
                 tracing::info!(container = %id, job_id = %job, "orphan sweep removed a container");
                 removed += 1;

@@ -352,6 +352,11 @@ impl JobContainer {
 
     /// Waits briefly for an OOM event that may still be on its way after a command died of 137.
     pub async fn settle_oom(&self) -> bool {
+        // A single-command container's flag was set from the inspect before its exit code was
+        // given out: there is nothing on its way.
+        if self.oom_watch.is_none() {
+            return self.oom_killed();
+        }
         for _ in 0..20 {
             if self.oom_killed() {
                 return true;
@@ -423,8 +428,8 @@ async fn remove_container(docker: &Docker, id: &str) {
     });
 }
 
-/// Removes a container; a container that is already gone counts as removed.
-async fn try_remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
+/// Removes a container (forced, with its anonymous volumes); one already gone counts as removed.
+pub(crate) async fn try_remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
         .v(true)
