@@ -22,7 +22,7 @@ use super::error::{Cause, cause};
 use super::limit::{Budget, Limiter};
 
 /// The username GitHub expects with an installation or personal access token.
-const TOKEN_USERNAME: &str = "x-access-token";
+pub(crate) const TOKEN_USERNAME: &str = "x-access-token";
 
 /// Everything the blocking clone needs, owned so it can move to another thread.
 pub(crate) struct Job {
@@ -50,6 +50,8 @@ pub(crate) enum Failure {
     CaFile(String),
     /// The destination could not be made ready again.
     Dest(String),
+    /// The clone thread panicked (inside gix, on data from the server).
+    Panicked(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -45,22 +45,33 @@ impl Dest {
         &self.path
     }
 
+    /// Empties the directory if it is still there; never makes it again (its owner may have
+    /// removed it on purpose).
+    pub(crate) fn empty_if_present(&self) -> io::Result<()> {
+        match self.empty() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    fn empty(&self) -> io::Result<()> {
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            // Not followed: a checked-out symlink must not lead removal elsewhere.
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Empties the directory, or makes it again as it was when gix removed it.
     pub(crate) fn reset(&self) -> io::Result<()> {
-        match std::fs::read_dir(&self.path) {
-            Ok(entries) => {
-                for entry in entries {
-                    let entry = entry?;
-                    // Not followed: a checked-out symlink must not lead removal elsewhere.
-                    if entry.file_type()?.is_dir() {
-                        std::fs::remove_dir_all(entry.path())?;
-                    } else {
-                        std::fs::remove_file(entry.path())?;
-                    }
-                }
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        match self.empty() {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.path.exists() => {
                 std::fs::create_dir(&self.path)?;
                 // Only root can give the directory back to its owner; otherwise it is ours, as
                 // it was (non-root callers cannot make directories for others).
@@ -69,5 +80,32 @@ impl Dest {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dest;
+
+    #[test]
+    fn a_reset_makes_a_removed_destination_again_but_an_abandoned_clone_does_not() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("repo");
+        std::fs::create_dir(&path).unwrap();
+        let dest = Dest::inspect(&path).unwrap();
+
+        std::fs::write(path.join("file"), "x").unwrap();
+        std::fs::create_dir(path.join("dir")).unwrap();
+        dest.empty_if_present().unwrap();
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+
+        std::fs::remove_dir(&path).unwrap();
+        dest.empty_if_present().unwrap();
+        assert!(
+            !path.exists(),
+            "an abandoned clone made the workspace again"
+        );
+        dest.reset().unwrap();
+        assert!(path.is_dir());
     }
 }

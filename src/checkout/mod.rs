@@ -28,7 +28,7 @@ mod url;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -88,6 +88,28 @@ pub struct CheckedOut {
 /// HTTP client's own timeout, which is the checkout timeout too.
 const STOP_GRACE_MAX: Duration = Duration::from_secs(60);
 
+/// What the caller did while the clone thread ran (`handoff` in [`checkout_until`]).
+const WAITING: u8 = 0;
+/// The job was stopped: the destination is emptied whatever the clone's outcome.
+const STOPPED: u8 = 1;
+/// The caller stopped waiting and returned: empty the destination if it is still there, never
+/// make it again.
+const ABANDONED: u8 = 2;
+
+/// Puts the destination back after a clone: empty (and present) unless the clone succeeded
+/// and is wanted; after an abandoned clone only emptied if the caller has not removed it.
+fn tidy(dest: &dest::Dest, handoff: u8, succeeded: bool) {
+    let tidied = match handoff {
+        ABANDONED => dest.empty_if_present(),
+        STOPPED => dest.reset(),
+        _ if !succeeded => dest.reset(),
+        _ => Ok(()),
+    };
+    if let Err(e) = tidied {
+        tracing::warn!(path = %dest.path().display(), "cannot empty the checkout destination: {e}");
+    }
+}
+
 /// Clones `req` into `dest` (an existing, empty directory) and checks out its worktree.
 ///
 /// On failure `dest` is left as it was found: present and empty.
@@ -125,7 +147,17 @@ pub async fn checkout_until(
         interrupt: interrupt.clone(),
         budget: budget.clone(),
     };
-    let mut task = tokio::task::spawn_blocking(move || clone::run(&job));
+    // The clone thread tidies the destination itself, after its last write and off the async
+    // runtime (a failed checkout can be large); `handoff` tells it what the caller did meanwhile.
+    let handoff = Arc::new(AtomicU8::new(WAITING));
+    let mut task = {
+        let (dest, handoff) = (dest.clone(), handoff.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = clone::run(&job);
+            tidy(&dest, handoff.load(Ordering::SeqCst), result.is_ok());
+            result
+        })
+    };
     let mut timed_out = false;
     let mut stopped = false;
     let first = tokio::select! {
@@ -139,9 +171,18 @@ pub async fn checkout_until(
         Some(joined) => joined,
         None => {
             timed_out = !stopped;
+            if stopped {
+                handoff.store(STOPPED, Ordering::SeqCst);
+            }
             interrupt.store(true, Ordering::SeqCst);
             let grace = settings.timeout.min(STOP_GRACE_MAX);
-            match tokio::time::timeout(grace, task).await {
+            let joined = tokio::time::timeout(grace, task).await;
+            if joined.is_err() {
+                // Given up on: the caller is about to remove the workspace, and the thread must
+                // not make it again when it finally ends.
+                handoff.store(ABANDONED, Ordering::SeqCst);
+            }
+            match joined {
                 Ok(joined) => joined,
                 Err(_) if stopped => {
                     tracing::warn!(url = req.url, "stopped clone has not stopped; leaving it");
@@ -160,32 +201,29 @@ pub async fn checkout_until(
         }
     };
     if stopped {
-        if let Err(e) = dest.reset() {
-            tracing::warn!(path = %dest.path().display(), "cannot empty the checkout destination: {e}");
-        }
         return Err(CheckoutError::Stopped {
             url: req.url.to_owned(),
         });
     }
     let result = match joined {
         Ok(result) => result,
-        Err(e) => Err(Failure::Dest(format!("the clone task failed: {e}"))),
+        // A panic inside gix (bad server data): the thread never reached `tidy`.
+        Err(e) => {
+            let dest = dest.clone();
+            let _ = tokio::task::spawn_blocking(move || tidy(&dest, WAITING, false)).await;
+            Err(Failure::Panicked(e.to_string()))
+        }
     };
     match result {
         Ok(commit) => Ok(CheckedOut { commit }),
-        Err(failure) => {
-            if let Err(e) = dest.reset() {
-                tracing::warn!(path = %dest.path().display(), "cannot empty the checkout destination: {e}");
-            }
-            Err(explain(
-                failure,
-                req,
-                dest.path(),
-                settings,
-                timed_out,
-                budget.exceeded(),
-            ))
-        }
+        Err(failure) => Err(explain(
+            failure,
+            req,
+            dest.path(),
+            settings,
+            timed_out,
+            budget.exceeded(),
+        )),
     }
 }
 
@@ -243,6 +281,10 @@ fn explain(
             url,
             message: format!("ca_file: {message}"),
         },
+        Failure::Panicked(message) => CheckoutError::Other {
+            url,
+            message: error::scrub(&format!("the clone failed inside gix: {message}"), &secrets),
+        },
         Failure::Dest(message) => CheckoutError::Destination {
             path: dest.to_owned(),
             reason: error::scrub(&message, &secrets),
@@ -258,7 +300,8 @@ fn secrets(token: Option<&SecretString>) -> Vec<String> {
     if token.is_empty() {
         return Vec::new();
     }
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{token}", clone::TOKEN_USERNAME));
     vec![token.to_owned(), basic]
 }
 
