@@ -23,7 +23,7 @@ use crate::agent::{AgentOptions, AgentState};
 use crate::api::{ApiClient, ApiError, Call, CallHooks};
 use crate::executor::JobControl;
 use runner::{JobEnd, cancel_on_abort, deliver};
-use spool::{Spool, SpoolError};
+use spool::{Spool, SpoolEntry, SpoolError};
 use streamer::{StreamEnd, Streamer};
 pub use worker::WorkEnd;
 
@@ -91,7 +91,12 @@ impl Ctx {
 /// job it took has been reported (or given up on by a second signal).
 pub async fn run(ctx: Arc<Ctx>, options: AgentOptions) -> WorkEnd {
     let mut tasks: JoinSet<JobEnd> = JoinSet::new();
-    let replay = tokio::spawn(replay_spool(ctx.clone()));
+    // Read before the first lease: a job of this run writes its log, then its entry, into the
+    // same directory, and must be neither taken for an orphan nor replayed beside its own
+    // delivery.
+    ctx.spool.remove_orphan_logs();
+    let spooled = ctx.spool.entries();
+    let replay = tokio::spawn(replay_spool(ctx.clone(), spooled));
     let end = worker::work(ctx.clone(), &options, &mut tasks).await;
     tracing::info!(?end, "no more leases");
     while tasks.join_next().await.is_some() {}
@@ -100,9 +105,8 @@ pub async fn run(ctx: Arc<Ctx>, options: AgentOptions) -> WorkEnd {
 }
 
 /// Sends what earlier runs left in the spool: the rest of each log, then the completion.
-async fn replay_spool(ctx: Arc<Ctx>) {
-    ctx.spool.remove_orphan_logs();
-    for (name, entry) in ctx.spool.entries() {
+async fn replay_spool(ctx: Arc<Ctx>, spooled: Vec<(String, SpoolEntry)>) {
+    for (name, entry) in spooled {
         let job_id = entry.job_id;
         tracing::info!(job_id, "resending a spooled result");
         // Registered so that shutdown waits for it and a second signal stops it.
@@ -119,7 +123,13 @@ async fn replay_spool(ctx: Arc<Ctx>) {
         let log = entry
             .log_file
             .as_ref()
-            .and_then(|_| logs::LogFile::open(&ctx.spool.log_path(&name)).ok());
+            .and_then(|_| match logs::LogFile::open(&ctx.spool.log_path(&name)) {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    tracing::warn!(job_id, error = %e, "spooled log unreadable: completing without the rest of it");
+                    None
+                }
+            });
         let end = match log {
             Some(log) => {
                 Streamer::new(
