@@ -80,6 +80,8 @@ pub enum AgentError {
         address: String,
         source: std::io::Error,
     },
+    #[error("pull mode stopped unexpectedly: {0}")]
+    PullTask(#[source] tokio::task::JoinError),
 }
 
 impl AgentState {
@@ -195,36 +197,41 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     };
     let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options)));
 
-    let limits_reached = tokio::select! {
-        _ = signals.next() => false,
-        _ = finished(&mut pull_task) => true,
+    let pull_ended = tokio::select! {
+        _ = signals.next() => None,
+        ended = finished(&mut pull_task) => Some(ended),
     };
-    if limits_reached {
-        tracing::info!("ephemeral limit reached: exiting");
-    } else {
-        tracing::info!("signal received: taking no new jobs, letting running jobs finish");
-        drain(&state, &mut signals).await;
-        if let Some(task) = pull_task {
-            // Returns at once: draining ended leasing, and drain waited for the jobs.
-            let _ = task.await;
-        }
+    match &pull_ended {
+        Some(Ok(())) => tracing::info!("ephemeral limit reached: exiting"),
+        Some(Err(e)) => tracing::error!(error = %e, "pull mode failed: exiting"),
+        None => tracing::info!("signal received: taking no new jobs, letting running jobs finish"),
+    }
+    // Also when pull mode ended by itself: push jobs may still run (returns at once if idle).
+    drain(&state, &mut signals).await;
+    if pull_ended.is_none()
+        && let Some(task) = pull_task
+    {
+        // Returns at once: draining ended leasing, and drain waited for the jobs.
+        let _ = task.await;
     }
     state.shutdown.stop();
     sweeper.abort();
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }
-    Ok(())
+    match pull_ended {
+        Some(Err(e)) => Err(AgentError::PullTask(e)),
+        _ => Ok(()),
+    }
 }
 
-/// Resolves when pull mode ends by itself (ephemeral limits); never without pull mode.
-async fn finished(task: &mut Option<tokio::task::JoinHandle<crate::pull::WorkEnd>>) {
+/// Resolves when pull mode ends by itself (ephemeral limits, or a panic); never without pull
+/// mode.
+async fn finished(
+    task: &mut Option<tokio::task::JoinHandle<crate::pull::WorkEnd>>,
+) -> Result<(), tokio::task::JoinError> {
     match task {
-        Some(task) => {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "pull mode failed");
-            }
-        }
+        Some(task) => task.await.map(|_| ()),
         None => std::future::pending().await,
     }
 }
