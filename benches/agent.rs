@@ -919,7 +919,7 @@ impl Bench {
         settings.docker.network = self.hard.network.clone();
         settings.work_dir = Some(self.work.path().to_owned());
         let id = format!("bench-lib-{}-{}", std::process::id(), next_id());
-        let executor = Executor::new(ExecutorSettings::from_settings(&settings, id.clone()))?;
+        let executor = Executor::new(ExecutorSettings::from_settings(&settings, id.clone())?)?;
         Ok((executor, id))
     }
 

@@ -111,7 +111,7 @@ impl AgentState {
             _ => None,
         };
         let agent_id = identity::agent_id(&settings)?;
-        let executor_settings = ExecutorSettings::from_settings(&settings, agent_id.clone());
+        let executor_settings = ExecutorSettings::from_settings(&settings, agent_id.clone())?;
         executor_settings.register_secrets_for_logs();
         let executor = Arc::new(Executor::new(executor_settings)?);
         let slots = Slots::new(settings.concurrency);

@@ -118,7 +118,12 @@ fn check_dirs(settings: &Settings, list: &mut Checklist) {
 }
 
 async fn check_docker(settings: &Settings, list: &mut Checklist) {
-    let executor = match Executor::new(ExecutorSettings::from_settings(settings, "check".into())) {
+    let executor_settings = match ExecutorSettings::from_settings(settings, "check".into()) {
+        Ok(s) => s,
+        // An encryption key file that cannot be read: the agent would refuse to start.
+        Err(e) => return list.fail(format!("settings: {e}"), "fix the key file or its path"),
+    };
+    let executor = match Executor::new(executor_settings) {
         Ok(e) => e,
         Err(e) => return list.fail(format!("Docker: {e}"), "fix DOCKER_HOST / docker.host"),
     };

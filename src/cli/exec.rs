@@ -59,7 +59,7 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
         .agent_id
         .clone()
         .unwrap_or_else(|| "local".to_owned());
-    let executor_settings = ExecutorSettings::from_settings(&settings, agent_id);
+    let executor_settings = ExecutorSettings::from_settings(&settings, agent_id)?;
     executor_settings.register_secrets_for_logs();
     let executor = Executor::new(executor_settings)?;
     if !executor.reachable().await {

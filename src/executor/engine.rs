@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 use secrecy::SecretString;
 
 use crate::checkout::CheckoutSettings;
-use crate::config::{DockerSettings, JobSettings, Settings};
+use crate::config::{ConfigError, DockerSettings, JobSettings, Settings};
 use crate::secrets::mask::SecretNames;
 use crate::secrets::token::{KeyError, TokenKeys};
 use crate::wire::{JobResult, JobSpec, StepResult};
@@ -44,11 +44,13 @@ impl ExecutorSettings {
         }
     }
 
-    pub fn from_settings(settings: &Settings, agent_id: String) -> Self {
-        // A key file that cannot be read is reported where the key is used (agent start, check);
-        // here it only means there is one secret less to mask.
+    /// Fails when the encryption key file cannot be read: the agent must not start and then
+    /// fail every job with a token as if no key were configured.
+    pub fn from_settings(settings: &Settings, agent_id: String) -> Result<Self, ConfigError> {
+        // An API key file that cannot be read is reported where that key is used (agent start,
+        // check); here it only means there is one secret less to mask.
         let api_key = settings.api_key().ok().flatten();
-        let encryption_key = settings.encryption_key().ok().flatten();
+        let encryption_key = settings.encryption_key()?;
         let agent_secrets = [
             api_key,
             settings.api_key_previous.clone(),
@@ -58,7 +60,7 @@ impl ExecutorSettings {
         .into_iter()
         .flatten()
         .collect();
-        ExecutorSettings {
+        Ok(ExecutorSettings {
             agent_id,
             work_dir: settings.work_dir(),
             docker: settings.docker.clone(),
@@ -68,7 +70,7 @@ impl ExecutorSettings {
             encryption_key,
             encryption_key_previous: settings.encryption_key_previous.clone(),
             agent_secrets,
-        }
+        })
     }
 }
 
@@ -132,16 +134,10 @@ impl Executor {
     /// address that can never work.
     pub fn new(settings: ExecutorSettings) -> Result<Self, ExecutorError> {
         check_address(settings.docker.host.as_deref())?;
-        let token_keys = match &settings.encryption_key {
-            Some(key) => Some(TokenKeys::new(
-                key,
-                settings.encryption_key_previous.as_ref(),
-            )?),
-            None if settings.encryption_key_previous.is_some() => {
-                return Err(KeyError::PreviousWithoutCurrent.into());
-            }
-            None => None,
-        };
+        let token_keys = TokenKeys::from_keys(
+            settings.encryption_key.as_ref(),
+            settings.encryption_key_previous.as_ref(),
+        )?;
         let secret_names = SecretNames::new(&settings.secret_env_patterns)
             .map_err(|e| ExecutorError::SecretPatterns(e.to_string()))?;
         Ok(Executor {
@@ -242,4 +238,31 @@ pub fn connect(address: Option<&str>) -> Result<Docker, ExecutorError> {
         address: address.unwrap_or("the default socket").to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_encryption_key_file_is_an_error_not_a_missing_key() {
+        let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+        settings.encryption_key_file = Some("/nonexistent/gryt-agent/encryption.key".into());
+        let error = ExecutorSettings::from_settings(&settings, "t".into())
+            .expect_err("an unreadable key file must not pass");
+        assert!(
+            error
+                .to_string()
+                .contains("/nonexistent/gryt-agent/encryption.key"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_blank_previous_key_alone_is_no_key_at_all() {
+        let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+        settings.encryption_key_previous = Some(SecretString::from("  "));
+        let executor_settings = ExecutorSettings::from_settings(&settings, "t".into()).unwrap();
+        assert!(Executor::new(executor_settings).is_ok());
+    }
 }

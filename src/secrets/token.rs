@@ -157,12 +157,21 @@ impl TokenKeys {
 
     /// The keys the settings name; `None` when no key is configured at all.
     pub fn from_settings(settings: &Settings) -> Result<Option<Self>, KeyError> {
-        let previous = settings
-            .encryption_key_previous
-            .as_ref()
-            .filter(|p| !p.expose_secret().trim().is_empty());
-        match settings.encryption_key()? {
-            Some(current) => Self::new(&current, previous).map(Some),
+        Self::from_keys(
+            settings.encryption_key()?.as_ref(),
+            settings.encryption_key_previous.as_ref(),
+        )
+    }
+
+    /// The keys given; `None` when there is no current key. A previous key alone is an error;
+    /// a blank previous key counts as none.
+    pub fn from_keys(
+        current: Option<&SecretString>,
+        previous: Option<&SecretString>,
+    ) -> Result<Option<Self>, KeyError> {
+        let previous = previous.filter(|p| !p.expose_secret().trim().is_empty());
+        match current {
+            Some(current) => Self::new(current, previous).map(Some),
             None if previous.is_some() => Err(KeyError::PreviousWithoutCurrent),
             None => Ok(None),
         }

@@ -163,7 +163,8 @@ pub async fn test_agent(test: &str, tweak: impl FnOnce(&mut Settings)) -> TestAg
     tweak(&mut settings);
     let agent_id = unique_agent_id(test);
     let executor =
-        Executor::new(ExecutorSettings::from_settings(&settings, agent_id.clone())).unwrap();
+        Executor::new(ExecutorSettings::from_settings(&settings, agent_id.clone()).unwrap())
+            .unwrap();
     TestAgent {
         executor,
         agent_id,
