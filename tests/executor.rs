@@ -586,7 +586,11 @@ async fn every_container_on_every_path_is_hardened() {
             job("version: 1\nsteps:\n  - run: sleep 0.3; exit 1\n"),
             JobStatus::Failed,
         ),
-        (job(GRYT_FAILING), JobStatus::Failed),
+        // Slower than GRYT_FAILING: every container here lives long enough to be inspected.
+        (
+            job("from gryt import Pipeline\n# step build: sleep 0.3\n# step test: exit 4\n"),
+            JobStatus::Failed,
+        ),
         (timeout, JobStatus::Timeout),
         (oom, JobStatus::Failed),
     ];

@@ -320,8 +320,12 @@ impl ContainerAudit {
                     continue;
                 };
                 ids.lock().unwrap().push(id.clone());
-                if let Ok(inspect) = docker.inspect_container(&id, None).await {
-                    store.lock().unwrap().insert(id, inspect);
+                match docker.inspect_container(&id, None).await {
+                    Ok(inspect) => {
+                        store.lock().unwrap().insert(id, inspect);
+                    }
+                    // Said when the test fails: the container was removed before the inspect.
+                    Err(e) => eprintln!("container audit: inspect of {id} failed: {e}"),
                 }
             }
         });
