@@ -173,11 +173,19 @@ impl ApiClient {
         timeout: Duration,
     ) -> Result<Answer, ApiError> {
         let url = format!("{}{path}", self.base);
+        // Encoded once, not per attempt (a log chunk is up to 1 MiB); our own types always
+        // encode, but if one did not, retrying would not help.
+        let payload =
+            bytes::Bytes::from(serde_json::to_vec(body).map_err(|e| ApiError::Transport {
+                call: call.as_str(),
+                message: format!("cannot encode the request: {e}"),
+            })?);
         let attempt = || async {
             let response = self
                 .http
                 .post(&url)
-                .json(body)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(payload.clone())
                 .timeout(timeout)
                 .send()
                 .await
