@@ -18,6 +18,10 @@ pub const MAX_CHUNK: usize = 1024 * 1024;
 /// How often new output is sent while it flows (the contract asks for at least once a second).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
+/// Answers in a row that take none of the log before the streamer gives up on it (a minute at
+/// [`FLUSH_EVERY`]); the job is then completed without the rest, as after a refused log.
+const MAX_STALLS: u32 = 120;
+
 /// How streaming ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
@@ -100,6 +104,7 @@ impl Streamer {
 
     /// Sends everything written so far.
     async fn push(&mut self) -> Result<(), StreamEnd> {
+        let mut stalls = 0;
         while self.committed < self.log.len() {
             let data = match self.log.read(self.committed, MAX_CHUNK) {
                 Ok(Some(data)) => data,
@@ -129,9 +134,20 @@ impl Streamer {
                             .metrics
                             .log_bytes_streamed(n - self.committed);
                         self.committed = n;
+                        stalls = 0;
                     } else {
                         // The server took nothing new (it may have lost what it had): resend from
-                        // what it says, after a pause so a stuck server is not hammered.
+                        // what it says, after a pause so a stuck server is not hammered; but not
+                        // forever, or the job would hold its slot for good.
+                        stalls += 1;
+                        if stalls > MAX_STALLS {
+                            tracing::error!(
+                                job_id = self.job_id,
+                                committed = n,
+                                "the API keeps taking none of the job's log; not streaming the rest"
+                            );
+                            return Err(StreamEnd::Stopped);
+                        }
                         self.committed = n;
                         tokio::time::sleep(FLUSH_EVERY).await;
                     }
