@@ -40,6 +40,9 @@ enum Matcher {
         longest: usize,
         /// The secrets' bytes, to tell which held-back tails could still become one.
         secrets: Vec<Box<[u8]>>,
+        /// Which bytes some secret starts with: a tail starting with any other byte cannot
+        /// become a secret, which spares most of the prefix comparisons on every chunk.
+        first_bytes: Box<[bool; 256]>,
     },
     /// The automaton could not be built (only for absurdly large secret sets). Failing closed:
     /// everything is masked rather than anything leaked.
@@ -78,14 +81,23 @@ impl Masker {
             .match_kind(MatchKind::LeftmostLongest)
             .build(secrets.iter().map(|s| s.as_ref().as_bytes()))
         {
-            Ok(automaton) => Matcher::Secrets {
-                automaton,
-                longest,
-                secrets: secrets
-                    .iter()
-                    .map(|s| s.as_ref().as_bytes().into())
-                    .collect(),
-            },
+            Ok(automaton) => {
+                let mut first_bytes = Box::new([false; 256]);
+                for secret in &secrets {
+                    if let Some(&first) = secret.as_ref().as_bytes().first() {
+                        first_bytes[usize::from(first)] = true;
+                    }
+                }
+                Matcher::Secrets {
+                    automaton,
+                    longest,
+                    secrets: secrets
+                        .iter()
+                        .map(|s| s.as_ref().as_bytes().into())
+                        .collect(),
+                    first_bytes,
+                }
+            }
             Err(_) => Matcher::Everything,
         };
         Masker {
@@ -176,7 +188,7 @@ impl fmt::Debug for StreamMasker {
 impl StreamMasker {
     /// Takes the next chunk; returns the bytes that are now safe to emit (possibly none).
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
-        let (automaton, longest, secrets) = match self.masker.matcher.as_deref() {
+        let (automaton, longest, secrets, first_bytes) = match self.masker.matcher.as_deref() {
             None => return data.to_vec(),
             Some(Matcher::Everything) => {
                 self.saw_output |= !data.is_empty();
@@ -186,11 +198,12 @@ impl StreamMasker {
                 automaton,
                 longest,
                 secrets,
-            }) => (automaton, *longest, secrets),
+                first_bytes,
+            }) => (automaton, *longest, secrets, first_bytes),
         };
         let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(data);
-        // Held back: the shortest tail that is a proper prefix of some secret, i.e. a secret
+        // Held back: the longest tail that is a proper prefix of some secret, i.e. a secret
         // that may still complete with the next chunk. Everything before it is settled: a match
         // starting there either ends within `buf` or could not be extended (else its start would
         // begin such a tail). Holding back only real prefixes keeps ordinary output flowing and
@@ -199,6 +212,9 @@ impl StreamMasker {
             let earliest = from.max(buf.len().saturating_sub(longest.saturating_sub(1)));
             (earliest..buf.len())
                 .find(|&i| {
+                    if !first_bytes[usize::from(buf[i])] {
+                        return false;
+                    }
                     let tail = &buf[i..];
                     secrets
                         .iter()
