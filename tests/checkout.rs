@@ -686,19 +686,9 @@ mod support;
 
 use gryt_agent::wire::{JobSpec, JobStatus};
 
-/// A token vector from the API's side: the server requires its plaintext, the job carries it
-/// encrypted, the agent has the key.
-fn token_vector() -> (String, String, String) {
-    let vectors: serde_json::Value =
-        serde_json::from_str(include_str!("data/token-crypto.json")).unwrap();
-    let v = &vectors["valid"][1];
-    let s = |k: &str| v[k].as_str().unwrap().to_owned();
-    (s("key"), s("token"), s("plaintext"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_clones_its_repository_and_works_in_it() {
-    let (key, encrypted, plaintext) = token_vector();
+    let (key, encrypted, plaintext) = support::token_vector(1);
     let fx = fixture(0);
     let tls = tls();
     let mut serve = Serve::new(&fx.root);
@@ -747,7 +737,7 @@ async fn a_job_clones_its_repository_and_works_in_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_failures_are_clear_job_errors_without_the_token() {
-    let (key, encrypted, plaintext) = token_vector();
+    let (key, encrypted, plaintext) = support::token_vector(1);
     let fx = fixture(0);
     let tls = tls();
     let mut serve = Serve::new(&fx.root);

@@ -19,20 +19,15 @@ mod support;
 use std::time::{Duration, Instant};
 
 use fake_api::FakeApi;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::process::Agent;
 use support::process::pull::KEY;
-use support::{b64, containers_of, unique_agent_id};
+use support::{containers_of, shell_job, unique_agent_id};
 
 const TTL: u64 = 3;
 const SPOOLED: i64 = 5;
 const KILLED: [i64; 4] = [1, 2, 3, 4];
 const AFTER: i64 = 6;
-
-fn shell_job(id: i64, script: &str) -> Value {
-    let pipeline = format!("version: 1\nsteps:\n  - run: {script}\n");
-    json!({"job_id": id, "pipeline_b64": b64(&pipeline)})
-}
 
 fn from_agent(r: &fake_api::Recorded) -> bool {
     r.user_agent

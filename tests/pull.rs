@@ -12,14 +12,10 @@ use fake_api::FakeApi;
 use serde_json::{Value, json};
 use support::process::Agent;
 use support::process::pull::KEY;
-use support::{b64, containers_of, test_image, unique_agent_id};
+use support::{b64, containers_of, shell_job, test_image, unique_agent_id};
 
 fn job(id: i64, pipeline: &str) -> Value {
     json!({"job_id": id, "pipeline_b64": b64(pipeline)})
-}
-
-fn shell_job(id: i64, script: &str) -> Value {
-    job(id, &format!("version: 1\nsteps:\n  - run: {script}\n"))
 }
 
 #[tokio::test]

@@ -11,18 +11,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use fake_api::FakeApi;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::process::Agent;
 use support::process::pull::KEY;
 use support::{b64, unique_agent_id};
-
-/// (encryption key, encrypted token, token) from the API-side vectors.
-fn vector() -> (String, String, String) {
-    let vectors: Value = serde_json::from_str(include_str!("data/token-crypto.json")).unwrap();
-    let v = &vectors["valid"][0];
-    let s = |k: &str| v[k].as_str().unwrap().to_owned();
-    (s("key"), s("token"), s("plaintext"))
-}
 
 fn files_under(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -40,7 +32,7 @@ fn files_under(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_any_byte_the_agent_writes() {
-    let (enc_key, encrypted, token) = vector();
+    let (enc_key, encrypted, token) = support::token_vector(0);
     let api = FakeApi::start(KEY, 30).await;
     let prints = "echo \"token=$GH api=$API enc=$ENCRYPTION_KEY_COPY\"; echo \"$GH\" >&2";
     let env = json!({"GH": token, "API": KEY, "ENCRYPTION_KEY_COPY": enc_key});

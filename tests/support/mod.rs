@@ -260,6 +260,22 @@ pub fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
 }
 
+/// A lease's job as the API sends it: a one-step YAML pipeline running `script`.
+pub fn shell_job(id: i64, script: &str) -> serde_json::Value {
+    let pipeline = format!("version: 1\nsteps:\n  - run: {script}\n");
+    serde_json::json!({"job_id": id, "pipeline_b64": b64(&pipeline)})
+}
+
+/// Valid token vector `index` of the API-side set (`tests/data/token-crypto.json`), as
+/// (encryption key, encrypted token, plaintext token).
+pub fn token_vector(index: usize) -> (String, String, String) {
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("../data/token-crypto.json")).unwrap();
+    let v = &vectors["valid"][index];
+    let s = |k: &str| v[k].as_str().unwrap().to_owned();
+    (s("key"), s("token"), s("plaintext"))
+}
+
 /// A job running `pipeline` (YAML or gryt script text).
 pub fn job(pipeline: &str) -> gryt_agent::wire::JobSpec {
     gryt_agent::wire::JobSpec {
