@@ -136,14 +136,10 @@ impl Drop for PrivateEngine {
     }
 }
 
-async fn health(agent: &Agent) -> Value {
-    agent.get("/health").await.json().await.unwrap()
-}
-
 async fn wait_health(agent: &Agent, status: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
-        let h = health(agent).await;
+        let h = agent.health().await;
         if h["status"] == status {
             return h;
         }
@@ -166,7 +162,7 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
         &[("DOCKER_HOST", &address), ("GRYT_NETWORK", "none")],
     )
     .await;
-    assert_eq!(health(&agent).await["status"], "healthy");
+    assert_eq!(agent.health().await["status"], "healthy");
 
     let slow = json!({"job_id": 70, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo started; sleep 60\n")});
     let running = {
@@ -241,19 +237,9 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
     );
 }
 
+/// The agent's containers on the private engine; none while it is down.
 async fn containers(docker: &Docker, agent_id: &str) -> Vec<String> {
-    use bollard::query_parameters::ListContainersOptionsBuilder;
-    let filters =
-        std::collections::HashMap::from([("label", vec![format!("io.gryt.agent.id={agent_id}")])]);
-    let options = ListContainersOptionsBuilder::default()
-        .all(true)
-        .filters(&filters)
-        .build();
-    docker
-        .list_containers(Some(options))
+    support::containers_in(docker, agent_id)
         .await
         .unwrap_or_default()
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect()
 }

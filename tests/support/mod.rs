@@ -212,19 +212,21 @@ impl TestAgent {
 }
 
 pub async fn containers_of(agent_id: &str) -> Vec<String> {
+    containers_in(&docker().await, agent_id).await.unwrap()
+}
+
+/// Containers (running or not) of `agent_id` on the engine `docker` speaks to.
+pub async fn containers_in(
+    docker: &Docker,
+    agent_id: &str,
+) -> Result<Vec<String>, bollard::errors::Error> {
     let filters = HashMap::from([("label", vec![format!("{LABEL_AGENT_ID}={agent_id}")])]);
     let options = ListContainersOptionsBuilder::default()
         .all(true)
         .filters(&filters)
         .build();
-    docker()
-        .await
-        .list_containers(Some(options))
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect()
+    let listed = docker.list_containers(Some(options)).await?;
+    Ok(listed.into_iter().filter_map(|c| c.id).collect())
 }
 
 /// Records everything a job printed, in arrival order.
