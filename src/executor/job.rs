@@ -414,9 +414,6 @@ async fn prepare_and_run(
                     ),
                 };
             }
-            _ => {}
-        }
-        match cloned {
             Ok(done) => run.observer.event(JobEvent::CheckedOut {
                 url,
                 commit: &done.commit,
