@@ -331,14 +331,32 @@ pub fn register_global_secret(secret: SecretString) {
     if value.chars().count() < MIN_SECRET_CHARS {
         return;
     }
+    // The log writer sees formatted lines: a JSON log line and a `?field` escape `"`, `\` and
+    // control characters, so a secret holding one of them is also masked as it appears there.
+    let mut forms = vec![value.to_owned()];
+    let quoted = [
+        serde_json::to_string(value).unwrap_or_default(),
+        format!("{value:?}"),
+    ];
+    for quoted in quoted {
+        if let Some(escaped) = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"'))
+            && !forms.iter().any(|f| f == escaped)
+        {
+            forms.push(escaped.to_owned());
+        }
+    }
     // A poisoned lock only means another thread panicked mid-update; the data is still a valid
     // list, and refusing to mask would be worse.
     let mut global = GLOBAL.write().unwrap_or_else(|e| e.into_inner());
-    if global.secrets.iter().any(|s| s.expose_secret() == value) {
-        return;
+    let before = global.secrets.len();
+    for form in forms {
+        if !global.secrets.iter().any(|s| s.expose_secret() == form) {
+            global.secrets.push(SecretString::from(form));
+        }
     }
-    global.secrets.push(secret);
-    global.masker = Masker::new(global.secrets.iter().map(|s| s.expose_secret()));
+    if global.secrets.len() != before {
+        global.masker = Masker::new(global.secrets.iter().map(|s| s.expose_secret()));
+    }
 }
 
 /// The masker for the registered global secrets, as it is now.
@@ -591,6 +609,20 @@ mod tests {
     impl Sink {
         fn text(&self) -> String {
             String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_secret_is_masked_as_json_and_debug_formatting_escape_it() {
+        register_global_secret(SecretString::from("qu0te\"back\\slash-key"));
+        let masker = global_masker();
+        for line in [
+            r#"{"key":"qu0te\"back\\slash-key"}"#,
+            r#"key="qu0te\"back\\slash-key""#,
+            "raw qu0te\"back\\slash-key",
+        ] {
+            let masked = masker.mask_str(line);
+            assert!(!masked.contains("slash-key"), "{line} -> {masked}");
         }
     }
 
