@@ -243,4 +243,52 @@ mod tests {
         assert_eq!(guard.refusal(), Some(Refusal::TokenElsewhere));
         assert!(Guard::new("file:///srv/repo.git", false).is_none());
     }
+
+    fn client(guard: &Arc<Guard>) -> reqwest::blocking::Client {
+        guard
+            .configure(reqwest::blocking::Client::builder())
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap()
+    }
+
+    /// A real HTTP client and a listener on loopback: `localhost` is a name, so only the
+    /// resolved address tells it is private; nothing connects unless allowed, and another
+    /// authority is never dialled.
+    #[test]
+    fn connections_are_checked_on_the_resolved_address_and_the_authority() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://localhost:{port}/repo.git");
+
+        let guard = Guard::new(&url, false).unwrap();
+        let err = client(&guard).get(&url).send().unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        assert_eq!(guard.refusal(), Some(Refusal::PrivateAddress));
+        assert!(listener.accept().is_err(), "something connected");
+
+        let guard = Guard::new(&url, true).unwrap();
+        let other = format!("http://127.0.0.1:{port}/repo.git");
+        let err = client(&guard).get(&other).send().unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        assert_eq!(guard.refusal(), Some(Refusal::OtherHost));
+        assert!(listener.accept().is_err(), "something connected");
+
+        listener.set_nonblocking(false).unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).unwrap();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .unwrap();
+        });
+        let guard = Guard::new(&url, true).unwrap();
+        let response = client(&guard).get(&url).send().unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(guard.refusal(), None);
+        server.join().unwrap();
+    }
 }
