@@ -146,6 +146,12 @@ pub async fn checkout_until(
     let interrupt = Arc::new(AtomicBool::new(false));
     let budget = limit::Budget::new(settings.max_bytes, interrupt.clone());
     let guard = Guard::new(req.url, settings.allow_private_hosts);
+    if guard.is_none() && url::classify(req.url, settings)? != url::Allowed::File {
+        // Without a guard the clone could connect anywhere: fail closed.
+        return Err(CheckoutError::InvalidUrl {
+            reason: "the git URL cannot be parsed".into(),
+        });
+    }
     let job = clone::Job {
         url: req.url.to_owned(),
         branch: req.branch.to_owned(),
