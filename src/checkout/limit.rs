@@ -334,27 +334,37 @@ mod tests {
     }
 
     #[test]
-    fn written_bytes_count_through_the_watch() {
+    fn a_worktree_fits_in_what_the_pack_left() {
         let flag = Arc::new(AtomicBool::new(false));
         let budget = Budget::new(100, flag.clone());
         let mut root = Limiter::new(budget.clone());
-        let pack = root.add_child_with_id("read pack", READ_PACK_BYTES);
-        pack.inc_by(40);
-        assert!(budget.fits(60) && !budget.fits(61));
-        flag.store(false, Ordering::SeqCst);
+        root.add_child_with_id("read pack", READ_PACK_BYTES)
+            .inc_by(40);
+        assert_eq!(budget.remaining(), 60);
+        assert!(budget.fits(60));
+        assert!(!flag.load(Ordering::SeqCst));
+        assert!(!budget.fits(61));
+        assert!(budget.exceeded() && flag.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn the_watch_sees_bytes_gix_writes_past_the_progress_calls() {
+        let flag = Arc::new(AtomicBool::new(false));
         let budget = Budget::new(100, flag.clone());
         let mut root = Limiter::new(budget.clone());
         root.add_child_with_id("read pack", READ_PACK_BYTES)
             .inc_by(40);
         let writing = root.add_child_with_id("writing", BYTES_WRITTEN);
-        let watch = budget.watch().unwrap();
-        // gix adds to the counter directly, bypassing `inc_by`.
-        writing.counter().fetch_add(50, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!budget.exceeded());
-        assert_eq!(budget.remaining(), 10);
-        writing.counter().fetch_add(11, Ordering::Relaxed);
-        drop(watch);
+        let _watch = budget.watch().unwrap();
+        // gix adds to the counter directly, not through `inc_by`.
+        writing.counter().fetch_add(60, Ordering::Relaxed);
+        assert_eq!(budget.remaining(), 0);
+        writing.counter().fetch_add(1, Ordering::Relaxed);
+        // The watch thread trips the flag on its own (generous bound: a loaded machine).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(budget.exceeded() && flag.load(Ordering::SeqCst));
     }
 }

@@ -383,6 +383,7 @@ mod tests {
             ("GRYT_ALLOW_FILE_URLS", "true"),
             ("GRYT_ALLOW_INSECURE_HTTP", "true"),
             ("GRYT_CA_FILE", "/etc/ssl/extra.pem"),
+            ("GRYT_CHECKOUT_ALLOW_PRIVATE", "true"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -390,13 +391,14 @@ mod tests {
         let s = CheckoutSettings::from_settings(&Settings::load_from(None, &env, &[]).unwrap());
         assert_eq!(s.timeout, Duration::from_secs(30));
         assert_eq!(s.max_bytes, 1 << 20);
-        assert!(s.allow_file_urls && s.allow_insecure_http);
+        assert!(s.allow_file_urls && s.allow_insecure_http && s.allow_private_hosts);
         assert_eq!(s.ca_file.as_deref(), Some(Path::new("/etc/ssl/extra.pem")));
 
         let d = CheckoutSettings::from_settings(&Settings::default());
         assert_eq!(d.timeout, Duration::from_secs(600));
         assert_eq!(d.max_bytes, 2 << 30);
         assert!(!d.allow_file_urls && !d.allow_insecure_http && d.ca_file.is_none());
+        assert!(!d.allow_private_hosts);
     }
 
     #[test]
