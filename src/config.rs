@@ -59,6 +59,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_CHECKOUT_TIMEOUT", "checkout.timeout_seconds"),
     ("GRYT_CHECKOUT_MAX_BYTES", "checkout.max_bytes"),
     ("GRYT_ALLOW_FILE_URLS", "checkout.allow_file_urls"),
+    (
+        "GRYT_CHECKOUT_ALLOW_PRIVATE",
+        "checkout.allow_private_hosts",
+    ),
 ];
 
 /// Keys whose environment value is a list.
@@ -156,9 +160,11 @@ pub struct DockerSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct CheckoutConfig {
     pub timeout_seconds: u64,
-    /// Cap on the bytes of the fetched pack.
+    /// Cap on the bytes a clone writes into the workspace (pack and files).
     pub max_bytes: u64,
     pub allow_file_urls: bool,
+    /// Let `git_url` reach loopback, private (RFC 1918), link-local and unique-local addresses.
+    pub allow_private_hosts: bool,
 }
 
 impl Default for CheckoutConfig {
@@ -167,6 +173,7 @@ impl Default for CheckoutConfig {
             timeout_seconds: 600,
             max_bytes: 2 * 1024 * 1024 * 1024,
             allow_file_urls: false,
+            allow_private_hosts: false,
         }
     }
 }

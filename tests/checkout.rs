@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -147,6 +148,16 @@ struct Serve {
     refuse_non_tips: bool,
     /// Accept connections and never answer.
     stall: bool,
+    /// Answer every request with a redirect to this base URL (same path and query).
+    redirect_to: Option<String>,
+    /// Redirect requests under `/old.git` to `/repo.git` on this same server.
+    renamed: bool,
+    /// Answer every request with this status, content type and body.
+    canned: Option<(u16, &'static str, Vec<u8>)>,
+    /// Answer every upload-pack request (after a real advertisement) with this `ERR` line.
+    err_on_fetch: Option<String>,
+    /// Requests received.
+    hits: Arc<AtomicUsize>,
 }
 
 impl Serve {
@@ -156,6 +167,11 @@ impl Serve {
             token: None,
             refuse_non_tips: false,
             stall: false,
+            redirect_to: None,
+            renamed: false,
+            err_on_fetch: None,
+            canned: None,
+            hits: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -257,6 +273,35 @@ async fn handle(
     serve: Arc<Serve>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    serve.hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(base) = &serve.redirect_to {
+        let target = format!(
+            "{base}{}",
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        );
+        return Ok(Response::builder()
+            .status(StatusCode::FOUND)
+            .header("Location", target)
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
+    if serve.renamed
+        && let Some(rest) = req.uri().path().strip_prefix("/old.git")
+    {
+        let query = req.uri().query().map_or(String::new(), |q| format!("?{q}"));
+        return Ok(Response::builder()
+            .status(StatusCode::MOVED_PERMANENTLY)
+            .header("Location", format!("/repo.git{rest}{query}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
+    if let Some((status, content_type, body)) = &serve.canned {
+        return Ok(Response::builder()
+            .status(*status)
+            .header("Content-Type", *content_type)
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap());
+    }
     if let Some(token) = &serve.token {
         let expected = format!(
             "Basic {}",
@@ -305,6 +350,17 @@ async fn handle(
         && let Some(id) = non_tip_want(&serve.root.join("repo.git"), &body)
     {
         let line = format!("ERR upload-pack: not our ref {id}\n");
+        return Ok(Response::builder()
+            .header("Content-Type", "application/x-git-upload-pack-result")
+            .body(Full::new(Bytes::from(format!(
+                "{:04x}{line}",
+                line.len() + 4
+            ))))
+            .unwrap());
+    }
+    if let Some(line) = &serve.err_on_fetch
+        && body.windows(4).any(|w| w == b"want" || w == b"ls-r")
+    {
         return Ok(Response::builder()
             .header("Content-Type", "application/x-git-upload-pack-result")
             .body(Full::new(Bytes::from(format!(
@@ -374,6 +430,8 @@ fn settings() -> CheckoutSettings {
         allow_insecure_http: false,
         allow_file_urls: false,
         ca_file: None,
+        // The servers here listen on loopback.
+        allow_private_hosts: true,
     }
 }
 
@@ -680,6 +738,263 @@ async fn ssl_cert_file_is_honoured() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Hostile repositories and servers
+
+/// A bare repository `repo.git` under the returned root, with one commit on `main` holding
+/// `files`.
+fn repo_of(files: &[(&str, Vec<u8>)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    git(&work, &["init", "-q"]);
+    for (name, content) in files {
+        std::fs::write(work.join(name), content).unwrap();
+    }
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-qm", "files"]);
+    let root = dir.path().join("srv");
+    std::fs::create_dir(&root).unwrap();
+    git(
+        dir.path(),
+        &["clone", "-q", "--bare", "work", "srv/repo.git"],
+    );
+    (dir, root)
+}
+
+/// Samples how many bytes of files are under `dir` until stopped; returns the most seen.
+struct SizeSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl SizeSampler {
+    fn start(dir: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (dir, stop) = (dir.to_owned(), stop.clone());
+            std::thread::spawn(move || {
+                let mut most = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    most = most.max(bytes_under(&dir));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                most.max(bytes_under(&dir))
+            })
+        };
+        SizeSampler { stop, thread }
+    }
+
+    fn most(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The limit counts what lands in the workspace, not the pack: a pack of some kilobytes that
+/// inflates to many megabytes is refused before its files are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_limit_counts_bytes_written_not_pack_bytes() {
+    const LIMIT: u64 = 1024 * 1024;
+    let mut s = settings();
+    s.max_bytes = LIMIT;
+    // One blob far larger than the limit, which compresses to almost nothing.
+    let (_a, one_blob) = repo_of(&[("zeros.bin", vec![0u8; 64 * 1024 * 1024])]);
+    // One blob under the limit, under many names: each one is a file of its own.
+    let names: Vec<String> = (0..40).map(|i| format!("copy-{i}.bin")).collect();
+    let files: Vec<(&str, Vec<u8>)> = names
+        .iter()
+        .map(|n| (n.as_str(), vec![7u8; 768 * 1024]))
+        .collect();
+    let (_b, many_names) = repo_of(&files);
+    for root in [one_blob, many_names] {
+        let base = start(Serve::new(&root), None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sampler = SizeSampler::start(dir.path());
+        let req = CheckoutRequest {
+            url: &format!("{base}/repo.git"),
+            branch: "main",
+            commit: None,
+            token: None,
+        };
+        let result = checkout(&req, dir.path(), &s).await;
+        let most = sampler.most();
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, CheckoutError::TooLarge { limit, .. } if limit == LIMIT),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("GRYT_CHECKOUT_MAX_BYTES"), "{err}");
+        assert!(
+            most <= 2 * LIMIT,
+            "the workspace grew to {most} bytes under a limit of {LIMIT}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
+
+/// Files that a `.gitattributes` filter grows on checkout (`ident` makes `$Id$` 46 bytes): the
+/// object sizes fit, what is written does not, and the checkout stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_grown_by_filters_still_hit_the_limit() {
+    const LIMIT: u64 = 1024 * 1024;
+    let ids = "$Id$\n".repeat(40 * 1024).into_bytes(); // 200 KiB, about 1.9 MiB written
+    let (_a, root) = repo_of(&[
+        (".gitattributes", b"*.txt ident\n".to_vec()),
+        ("a.txt", ids.clone()),
+        ("b.txt", ids.clone()),
+        ("c.txt", ids),
+    ]);
+    let base = start(Serve::new(&root), None).await;
+    let mut s = settings();
+    s.max_bytes = LIMIT;
+    let (_dir, result) = run(&format!("{base}/repo.git"), "main", None, None, &s).await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, CheckoutError::TooLarge { .. }), "{err:?}");
+
+    s.max_bytes = 64 * 1024 * 1024;
+    let (dir, result) = run(&format!("{base}/repo.git"), "main", None, None, &s).await;
+    result.unwrap();
+    assert!(read(dir.path(), "a.txt").unwrap().starts_with("$Id: "));
+}
+
+/// A redirect to another host or port is refused before anything connects there; the token
+/// never travels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_another_host_is_refused() {
+    let fx = fixture(0);
+    let elsewhere = Serve::new(&fx.root);
+    let elsewhere_hits = elsewhere.hits.clone();
+    let elsewhere_base = start(elsewhere, None).await;
+    let port = elsewhere_base.rsplit(':').next().unwrap().to_owned();
+    for target in [elsewhere_base.clone(), format!("http://localhost:{port}")] {
+        let mut redirecting = Serve::new(&fx.root);
+        redirecting.redirect_to = Some(target.clone());
+        let base = start(redirecting, None).await;
+        let url = format!("{base}/repo.git");
+        let (_dir, result) = run(&url, "main", None, Some(&token()), &settings()).await;
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, CheckoutError::RedirectRefused { .. }),
+            "{target}: {err:?}"
+        );
+        assert!(err.to_string().contains("another host"), "{err}");
+        assert!(!err.to_string().contains(&port), "{err}");
+    }
+    assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
+
+    // On the same host and port a redirect is still followed (a renamed repository).
+    let mut renamed = Serve::new(&fx.root);
+    renamed.renamed = true;
+    let base = start(renamed, None).await;
+    let (_dir, result) = run(&format!("{base}/old.git"), "main", None, None, &settings()).await;
+    assert_eq!(result.unwrap().commit, fx.main[2]);
+}
+
+/// Loopback and private addresses need `allow_private_hosts`; nothing connects without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_hosts_are_refused_unless_allowed() {
+    let fx = fixture(0);
+    let serve = Serve::new(&fx.root);
+    let hits = serve.hits.clone();
+    let base = start(serve, None).await;
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let mut s = settings();
+    s.allow_private_hosts = false;
+    for url in [
+        format!("{base}/repo.git"),
+        format!("http://localhost:{port}/repo.git"),
+        format!("https://[::ffff:127.0.0.1]:{port}/repo.git"),
+        "https://169.254.169.254/latest/meta-data".to_owned(),
+        "https://10.0.0.1/repo.git".to_owned(),
+    ] {
+        let (_dir, result) = run(&url, "main", None, Some(&token()), &s).await;
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, CheckoutError::PrivateHost { .. }),
+            "{url}: {err:?}"
+        );
+        assert!(
+            err.to_string().contains("GRYT_CHECKOUT_ALLOW_PRIVATE"),
+            "{err}"
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    s.allow_private_hosts = true;
+    let (_dir, result) = run(&format!("{base}/repo.git"), "main", None, None, &s).await;
+    assert_eq!(result.unwrap().commit, fx.main[2]);
+}
+
+/// What the server sends back never reaches the error: not a body, not an `ERR` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_reply_text_is_not_copied_into_errors() {
+    const MARKER: &str = "MARKER-reflected-0xC0FFEE";
+    let fx = fixture(0);
+    let err_line = format!("ERR {MARKER} Authorization: Basic secret\n");
+    let replies: Vec<(u16, &'static str, Vec<u8>)> = vec![
+        (
+            500,
+            "text/plain",
+            format!("internal error: {MARKER}\n").into_bytes(),
+        ),
+        (404, "text/html", format!("<h1>{MARKER}</h1>").into_bytes()),
+        (
+            200,
+            "application/x-git-upload-pack-advertisement",
+            format!("{:04x}{err_line}", err_line.len() + 4).into_bytes(),
+        ),
+        (
+            200,
+            "application/x-git-upload-pack-advertisement",
+            format!(
+                "001e# service=git-upload-pack\n0000{:04x}{err_line}",
+                err_line.len() + 4
+            )
+            .into_bytes(),
+        ),
+        (200, "text/plain", format!("{MARKER}\n").into_bytes()),
+    ];
+    for canned in replies {
+        let status = canned.0;
+        let mut serve = Serve::new(&fx.root);
+        serve.canned = Some(canned);
+        let base = start(serve, None).await;
+        let (_dir, result) =
+            run(&format!("{base}/repo.git"), "main", None, None, &settings()).await;
+        let err = result.unwrap_err();
+        for text in [err.to_string(), format!("{err:?}")] {
+            assert!(
+                !text.contains(MARKER),
+                "the server's text was copied: {text}"
+            );
+        }
+        if status == 500 {
+            assert!(err.to_string().contains("HTTP 500"), "{err}");
+        }
+    }
+    // A real advertisement, then an ERR line in answer to the fetch.
+    let mut serve = Serve::new(&fx.root);
+    serve.err_on_fetch = Some(err_line);
+    let base = start(serve, None).await;
+    let (_dir, result) = run(&format!("{base}/repo.git"), "main", None, None, &settings()).await;
+    let err = result.unwrap_err();
+    assert!(!format!("{err} {err:?}").contains(MARKER), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Through the executor: a job with `git_url` and an encrypted token, in a real container.
 
 mod support;
@@ -698,6 +1013,7 @@ async fn a_job_clones_its_repository_and_works_in_it() {
     let agent = support::test_agent("checkout-job", |s| {
         s.encryption_key = Some(key.into());
         s.ca_file = Some(ca_file);
+        s.checkout.allow_private_hosts = true;
     })
     .await;
     let pipeline = "version: 1\nsteps:\n  - run: cat README.md && test -f three.txt && test ! -e feature.txt && echo changed > README.md && ls pipeline.yml && git_dir=$(ls -d .git) && echo \"$git_dir\"\n";
@@ -747,6 +1063,7 @@ async fn checkout_failures_are_clear_job_errors_without_the_token() {
     let agent = support::test_agent("checkout-errors", |s| {
         s.encryption_key = Some(key.into());
         s.ca_file = Some(ca_file);
+        s.checkout.allow_private_hosts = true;
     })
     .await;
     let job = |url: String, branch: Option<&str>| JobSpec {

@@ -61,7 +61,12 @@ async fn no_secret_reaches_any_byte_the_agent_writes() {
         work.path(),
         &api.url,
         &[],
-        &[("GRYT_ENCRYPTION_KEY", &enc_key), ("GRYT_CONCURRENCY", "5")],
+        &[
+            ("GRYT_ENCRYPTION_KEY", &enc_key),
+            ("GRYT_CONCURRENCY", "5"),
+            // The clone-error job's repository is on loopback: let it reach the clone.
+            ("GRYT_CHECKOUT_ALLOW_PRIVATE", "true"),
+        ],
     )
     .await;
     api.wait_for("five completions", Duration::from_secs(90), |a| {

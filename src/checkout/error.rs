@@ -1,10 +1,13 @@
-//! Checkout failures, and turning gix's errors into them without leaking the token.
+//! Checkout failures, and turning gix's errors into them without leaking the token or quoting
+//! the git server.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Why a checkout failed. No variant ever holds the token: URLs are validated to carry no
-/// credentials, and messages from gix are scrubbed before they land here.
+/// credentials. No variant holds text the git server sent either (a reply body, an `ERR` line, a
+/// redirect target, a file name from the repository): messages say which step failed and how
+/// (HTTP status, connection, timeout), built from the agent's own words.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
     #[error("git URL scheme `{scheme}` is not allowed: {hint}")]
@@ -27,8 +30,26 @@ pub enum CheckoutError {
     Timeout { url: String, after: Duration },
     #[error("checkout of {url} was stopped: the job was cancelled")]
     Stopped { url: String },
-    #[error("checkout of {url} exceeded the size limit of {limit} bytes (checkout.max_bytes)")]
+    #[error(
+        "checkout of {url} exceeded the size limit of {limit} bytes written to the workspace \
+         (checkout.max_bytes, GRYT_CHECKOUT_MAX_BYTES)"
+    )]
     TooLarge { url: String, limit: u64 },
+    #[error(
+        "git URL host `{host}` {how} a loopback, private or link-local address; allowed only \
+         with checkout.allow_private_hosts (GRYT_CHECKOUT_ALLOW_PRIVATE)"
+    )]
+    PrivateHost { host: String, how: &'static str },
+    #[error(
+        "checkout of {url} refused: the server redirected to another host or port (a clone \
+         only connects to the git_url host)"
+    )]
+    RedirectRefused { url: String },
+    #[error(
+        "checkout of {url} refused: credentials were asked for another host (the token is only \
+         sent to the git_url host)"
+    )]
+    TokenWithheld { url: String },
     #[error("checkout destination {path}: {reason}")]
     Destination { path: PathBuf, reason: String },
     #[error("checkout of {url} failed: {message}")]
@@ -68,8 +89,82 @@ fn mentions_auth(err: &gix::Error) -> bool {
     })
 }
 
-/// The whole chain of messages, with `secrets` replaced. gix quotes URLs and server replies in
-/// its messages; the token should never be among them, but this makes sure.
+/// Which step of the clone failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Prepare,
+    Fetch,
+    Checkout,
+}
+
+/// What failed, in the agent's words: the step, and an HTTP status, a connection failure (its
+/// local cause: refused, TLS, DNS), a timeout or an I/O error kind. gix's own messages are not
+/// used: they quote what the server sent (`ERR` lines, unexpected replies, file names).
+pub(crate) fn describe(err: &gix::Error, step: Step) -> String {
+    let step_text = match step {
+        Step::Prepare => "preparing the clone",
+        Step::Fetch => "fetching from the git server",
+        Step::Checkout => "writing the checked-out files",
+    };
+    format!("{step_text} failed: {}", what(err, step))
+}
+
+fn what(err: &gix::Error, step: Step) -> String {
+    for e in err.iter_errors() {
+        let Some(e) = e.downcast_ref::<reqwest::Error>() else {
+            continue;
+        };
+        if let Some(status) = e.status() {
+            // The status line's canonical text, not the server's reason phrase or body.
+            return format!("the server answered HTTP {status}");
+        }
+        if e.is_timeout() {
+            return "the request timed out".into();
+        }
+        if e.is_connect() {
+            return format!("cannot connect: {}", local_causes(e));
+        }
+        if e.is_redirect() {
+            return "a redirect was refused".into();
+        }
+        return "the connection failed".into();
+    }
+    let kind = err.iter_errors().find_map(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .filter(|k| *k != std::io::ErrorKind::Other)
+    });
+    if let Some(kind) = kind {
+        return format!("I/O error ({kind})");
+    }
+    match step {
+        Step::Fetch => "the server's reply is not a usable git response".into(),
+        Step::Checkout => "a file could not be written".into(),
+        Step::Prepare => "the repository could not be set up".into(),
+    }
+}
+
+/// The causes below a connection error: made on this machine (refused, TLS verification, name
+/// resolution), without reqwest's own text, which quotes the URL of the request.
+fn local_causes(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    if parts.is_empty() {
+        "no detail".into()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// The whole chain of messages, with `secrets` replaced: for the agent's debug log only, never for
+/// a result (gix quotes URLs and server replies in its messages).
 pub(crate) fn message(err: &gix::Error, secrets: &[&str]) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in err.iter_errors() {

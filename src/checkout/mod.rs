@@ -13,10 +13,14 @@
 //! `file://` URLs (off unless `checkout.allow_file_urls`; meant for tests and local mirrors) are
 //! the exception to "no git binary": gix serves them by running `git-upload-pack` locally.
 //!
-//! The token is offered only when the server asks (HTTP 401), as Basic credentials
-//! `x-access-token:<token>`; it never goes into the URL, a log line, an error or the result.
-//! A clone is bounded in time ([`CheckoutSettings::timeout`]) and in received pack bytes
-//! ([`CheckoutSettings::max_bytes`]); both stop the clone itself, not only the wait for it.
+//! The token is offered only when the server asks (HTTP 401) and only to the `git_url` host, as
+//! Basic credentials `x-access-token:<token>`; it never goes into the URL, a log line, an error
+//! or the result. The clone connects only to the `git_url` host and port (a redirect elsewhere
+//! is refused), and not to loopback, private or link-local addresses unless
+//! [`CheckoutSettings::allow_private_hosts`] (`net.rs`). Errors never quote what the server sent.
+//! A clone is bounded in time ([`CheckoutSettings::timeout`]) and in bytes written to the
+//! workspace, pack and files ([`CheckoutSettings::max_bytes`], `limit.rs`); both stop the clone
+//! itself, not only the wait for it.
 //! Trust for HTTPS is the platform's (on Linux: the system store, honouring `SSL_CERT_FILE`),
 //! plus [`CheckoutSettings::ca_file`] when set.
 
@@ -24,6 +28,7 @@ mod clone;
 mod dest;
 mod error;
 mod limit;
+mod net;
 mod url;
 
 use std::path::{Path, PathBuf};
@@ -41,18 +46,21 @@ pub use url::validate_url;
 
 use clone::{Failure, Stage};
 use error::Cause;
+use net::{Guard, Refusal};
 
 /// What the settings say about checkouts.
 #[derive(Debug, Clone)]
 pub struct CheckoutSettings {
     pub timeout: Duration,
-    /// Cap on received pack bytes.
+    /// Cap on bytes written to the workspace: the fetched pack plus the checked-out files.
     pub max_bytes: u64,
     /// Allow plain `http://` to hosts other than loopback.
     pub allow_insecure_http: bool,
     pub allow_file_urls: bool,
     /// PEM file of extra CA certificates trusted for the clone, on top of the system's.
     pub ca_file: Option<PathBuf>,
+    /// Let `git_url` reach loopback, private, link-local and unique-local addresses.
+    pub allow_private_hosts: bool,
 }
 
 impl CheckoutSettings {
@@ -63,6 +71,7 @@ impl CheckoutSettings {
             allow_insecure_http: settings.allow_insecure_http,
             allow_file_urls: settings.checkout.allow_file_urls,
             ca_file: settings.ca_file.clone(),
+            allow_private_hosts: settings.checkout.allow_private_hosts,
         }
     }
 }
@@ -136,6 +145,13 @@ pub async fn checkout_until(
     let dest = dest::Dest::inspect(dest)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let budget = limit::Budget::new(settings.max_bytes, interrupt.clone());
+    let guard = Guard::new(req.url, settings.allow_private_hosts);
+    if guard.is_none() && url::classify(req.url, settings)? != url::Allowed::File {
+        // Without a guard the clone could connect anywhere: fail closed.
+        return Err(CheckoutError::InvalidUrl {
+            reason: "the git URL cannot be parsed".into(),
+        });
+    }
     let job = clone::Job {
         url: req.url.to_owned(),
         branch: req.branch.to_owned(),
@@ -146,6 +162,8 @@ pub async fn checkout_until(
         ca_file: settings.ca_file.clone(),
         interrupt: interrupt.clone(),
         budget: budget.clone(),
+        max_bytes: settings.max_bytes,
+        guard: guard.clone(),
     };
     // The clone thread tidies the destination itself, after its last write and off the async
     // runtime (a failed checkout can be large); `handoff` tells it what the caller did meanwhile.
@@ -223,6 +241,7 @@ pub async fn checkout_until(
             settings,
             timed_out,
             budget.exceeded(),
+            guard.and_then(|g| g.refusal()),
         )),
     }
 }
@@ -234,9 +253,18 @@ fn explain(
     settings: &CheckoutSettings,
     timed_out: bool,
     too_large: bool,
+    refusal: Option<Refusal>,
 ) -> CheckoutError {
     let url = req.url.to_owned();
+    let secrets = secrets(req.token);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    if let Failure::Gix(e, ..) = &failure {
+        // The full story, for the operator's debug log only: it may quote the server.
+        tracing::debug!(url, error = ?error::message(e, &secrets), "clone failed");
+    }
     // The limits set the interrupt flag; whatever gix then said is a consequence.
+    let too_large =
+        too_large || matches!(&failure, Failure::Gix(e, ..) if e.is_resource_exhausted());
     if too_large {
         return CheckoutError::TooLarge {
             url,
@@ -249,10 +277,19 @@ fn explain(
             after: settings.timeout,
         };
     }
-    let secrets = secrets(req.token);
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    match refusal {
+        Some(Refusal::OtherHost) => return CheckoutError::RedirectRefused { url },
+        Some(Refusal::TokenElsewhere) => return CheckoutError::TokenWithheld { url },
+        Some(Refusal::PrivateAddress) => {
+            return CheckoutError::PrivateHost {
+                host: url::host_of_url(req.url).unwrap_or_default(),
+                how: "resolves to",
+            };
+        }
+        None => {}
+    }
     match failure {
-        Failure::Gix(e, stage) => match (error::cause(&e), stage) {
+        Failure::Gix(e, stage, step) => match (error::cause(&e), stage) {
             (Cause::Auth, _) => CheckoutError::AuthFailed { url },
             (Cause::NotFound, Stage::Branch) => CheckoutError::BranchNotFound {
                 branch: req.branch.to_owned(),
@@ -265,7 +302,7 @@ fn explain(
             },
             _ => CheckoutError::Other {
                 url,
-                message: error::message(&e, &secrets),
+                message: error::describe(&e, step),
             },
         },
         Failure::CommitMissing => CheckoutError::CommitNotFound {
@@ -281,10 +318,13 @@ fn explain(
             url,
             message: format!("ca_file: {message}"),
         },
-        Failure::Panicked(message) => CheckoutError::Other {
-            url,
-            message: error::scrub(&format!("the clone failed inside gix: {message}"), &secrets),
-        },
+        Failure::Panicked(message) => {
+            tracing::debug!(url, panic = ?error::scrub(&message, &secrets), "clone panicked");
+            CheckoutError::Other {
+                url,
+                message: "the clone failed inside gix (a panic on the server's data)".into(),
+            }
+        }
         Failure::Dest(message) => CheckoutError::Destination {
             path: dest.to_owned(),
             reason: error::scrub(&message, &secrets),
@@ -343,6 +383,7 @@ mod tests {
             ("GRYT_ALLOW_FILE_URLS", "true"),
             ("GRYT_ALLOW_INSECURE_HTTP", "true"),
             ("GRYT_CA_FILE", "/etc/ssl/extra.pem"),
+            ("GRYT_CHECKOUT_ALLOW_PRIVATE", "true"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -350,13 +391,14 @@ mod tests {
         let s = CheckoutSettings::from_settings(&Settings::load_from(None, &env, &[]).unwrap());
         assert_eq!(s.timeout, Duration::from_secs(30));
         assert_eq!(s.max_bytes, 1 << 20);
-        assert!(s.allow_file_urls && s.allow_insecure_http);
+        assert!(s.allow_file_urls && s.allow_insecure_http && s.allow_private_hosts);
         assert_eq!(s.ca_file.as_deref(), Some(Path::new("/etc/ssl/extra.pem")));
 
         let d = CheckoutSettings::from_settings(&Settings::default());
         assert_eq!(d.timeout, Duration::from_secs(600));
         assert_eq!(d.max_bytes, 2 << 30);
         assert!(!d.allow_file_urls && !d.allow_insecure_http && d.ca_file.is_none());
+        assert!(!d.allow_private_hosts);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Job specs come from the API, so the URL is untrusted input. Only `https` is always allowed;
 //! plain `http` only to a loopback host (or with `allow_insecure_http`), `file://` only with
-//! `allow_file_urls`. Everything else git understands (ssh, scp-style `host:path`, `git://`,
+//! `allow_file_urls`. A host that is a loopback, private or link-local address (or `localhost`)
+//! needs `allow_private_hosts`; names are checked again on their resolved addresses when the
+//! clone connects (`net.rs`). Everything else git understands (ssh, scp-style `host:path`, `git://`,
 //! transport helpers like `ext::`, bare local paths) is refused, since several of those run
 //! programs or reach places the operator never meant to expose.
 
@@ -99,6 +101,9 @@ pub(crate) fn classify(url: &str, settings: &CheckoutSettings) -> Result<Allowed
                        allow_insecure_http (GRYT_ALLOW_INSECURE_HTTP)",
             });
         }
+        if !settings.allow_private_hosts {
+            refuse_private(url)?;
+        }
     }
     // gix does the fetching, so it must read the URL the same way this check did.
     let parsed = gix::url::parse(<&gix::bstr::BStr>::from(url.as_bytes()))
@@ -118,6 +123,31 @@ pub(crate) fn classify(url: &str, settings: &CheckoutSettings) -> Result<Allowed
         ));
     }
     Ok(allowed)
+}
+
+/// Refuses a host that is a private address or `localhost`, read the way the HTTP client reads
+/// it (`http://2130706433/` and `http://0x7f.1/` are 127.0.0.1 to it).
+fn refuse_private(url: &str) -> Result<(), CheckoutError> {
+    let host = host_of_url(url).ok_or_else(|| CheckoutError::InvalidUrl {
+        reason: "the git URL cannot be parsed".into(),
+    })?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    let private = match bare.parse::<IpAddr>() {
+        Ok(ip) => super::net::is_private(ip),
+        Err(_) => name == "localhost" || name.ends_with(".localhost"),
+    };
+    if private {
+        return Err(CheckoutError::PrivateHost { host, how: "is" });
+    }
+    Ok(())
+}
+
+/// The host of an `http(s)` URL as the HTTP client will read it.
+pub(crate) fn host_of_url(url: &str) -> Option<String> {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
 }
 
 /// `ext::cmd`, `fd::`, `foo::https://...`: git's `<transport>::<address>` syntax.
@@ -166,6 +196,7 @@ mod tests {
             allow_insecure_http: false,
             allow_file_urls: false,
             ca_file: None,
+            allow_private_hosts: true,
         }
     }
 
@@ -217,6 +248,32 @@ mod tests {
         validate_url("file:///srv/repo.git", &s).unwrap();
         validate_url("http://example.com/a.git", &s).unwrap();
         assert!(validate_url("ssh://example.com/a.git", &s).is_err());
+    }
+
+    #[test]
+    fn private_hosts_need_the_setting() {
+        let mut s = settings();
+        s.allow_private_hosts = false;
+        s.allow_insecure_http = true;
+        for url in [
+            "http://127.0.0.1:8080/repo.git",
+            "https://localhost/repo.git",
+            "https://LocalHost./repo.git",
+            "https://x.localhost/repo.git",
+            "https://10.0.0.8/repo.git",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]/repo.git",
+            "https://[fd00::1]/repo.git",
+            "https://[::ffff:127.0.0.1]/repo.git",
+            "http://2130706433/repo.git",
+            "http://0x7f.1/repo.git",
+            "https://0.0.0.0/repo.git",
+        ] {
+            let err = validate_url(url, &s).unwrap_err().to_string();
+            assert!(err.contains("GRYT_CHECKOUT_ALLOW_PRIVATE"), "{url}: {err}");
+        }
+        validate_url("https://github.com/a/b.git", &s).unwrap();
+        validate_url("https://8.8.8.8/a/b.git", &s).unwrap();
     }
 
     #[test]
