@@ -178,7 +178,8 @@ async fn run_and_report(
                 let stopper = control.clone();
                 let _on_cut = AbortOnDropHandle::new(tokio::spawn(async move {
                     cut.cancelled().await;
-                    stopper.abort("the job's log could not be written (disk full)");
+                    // Graceful: an abort would also stop the delivery of what was kept.
+                    stopper.cancel("the job's log could not be written (disk full)");
                 }));
                 let observer = CountingObserver {
                     inner: &*log,
