@@ -48,6 +48,7 @@ async fn a_lease_wait_of_zero_is_paced_too() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let calls = api.count("lease");
     let rate = calls as f64 / first.elapsed().as_secs_f64();
+    eprintln!("lease calls with lease_wait_seconds 0: {calls} ({rate:.2}/s)");
     assert!(rate <= 2.2, "{calls} lease calls: {rate:.2}/s");
     agent.signal("TERM");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
@@ -91,6 +92,7 @@ async fn an_endless_lease_answer_is_cut_at_the_cap() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rss_mib = agent.rss_kib() / 1024;
+    eprintln!("agent RSS after an endless lease answer: {rss_mib} MiB");
     assert!(
         rss_mib < 200,
         "agent RSS {rss_mib} MiB after an endless answer"
