@@ -55,6 +55,27 @@ async fn a_lease_wait_of_zero_is_paced_too() {
 }
 
 #[tokio::test]
+async fn jobs_whose_start_is_refused_are_paced_like_quick_answers() {
+    let api = FakeApi::start(KEY, 30).await;
+    for id in 1..=40 {
+        api.push_job(shell_job(id, "echo never"));
+    }
+    api.faults(|f| f.refuse_start.extend(1..=40));
+    let mut agent = Agent::pull("refused-stream", &api.url, &[], &[]).await;
+    agent.wait_ready().await;
+    let first = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let calls = api.count("lease");
+    let rate = calls as f64 / first.elapsed().as_secs_f64();
+    eprintln!("lease calls while every start is refused: {calls} ({rate:.2}/s)");
+    assert!(rate <= 2.2, "{calls} lease calls: {rate:.2}/s");
+    assert!(calls >= 2, "{calls}");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
 async fn an_unreadable_job_is_started_and_completed_with_error() {
     let api = FakeApi::start(KEY, 30).await;
     // `pipeline_b64` must be a string: the job does not decode, its lease and id do.

@@ -50,7 +50,7 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
     let mut last_credentials_log: Option<Instant> = None;
     let mut quick_logged = false;
     loop {
-        reap(&ctx, tasks);
+        let mut dropped = reap(&ctx, tasks);
         if state.shutdown.is_draining() {
             return WorkEnd::Draining;
         }
@@ -82,6 +82,14 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
             _ = idle(&ctx, options) => return WorkEnd::Idle,
             // Wakes the loop to reap finished jobs (the job limit may now be reached).
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        }
+        // A leased job that was not started (start refused, lease gone) is a quick answer too:
+        // a server that keeps handing out such jobs must not make the agent spin.
+        dropped |= reap(&ctx, tasks);
+        if dropped {
+            if let Some(end) = quick_pause(&ctx, options, &mut quick_logged, None).await {
+                return end;
+            }
         }
         let capacity = state.slots.free().clamp(
             1,
@@ -188,21 +196,32 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
                 }
             }
         }
-        if quick {
-            if !quick_logged {
-                tracing::warn!(
-                    wait_seconds,
-                    answered_ms = (received - asked).as_millis() as u64,
-                    "the API answered the lease long poll well before the wait asked for: pausing 0.5-1 s between such calls"
-                );
-                quick_logged = true;
-            }
-            let pause = QUICK_PAUSE + QUICK_PAUSE.mul_f64(fastrand::f64());
-            if let Some(end) = wait_or_stop(&ctx, options, pause).await {
-                return end;
-            }
+        if quick
+            && let Some(end) =
+                quick_pause(&ctx, options, &mut quick_logged, Some(received - asked)).await
+        {
+            return end;
         }
     }
+}
+
+/// The jittered pause after a quick answer (0.5-1 s); the first one is logged.
+async fn quick_pause(
+    ctx: &Ctx,
+    options: &AgentOptions,
+    logged: &mut bool,
+    answered_in: Option<Duration>,
+) -> Option<WorkEnd> {
+    if !*logged {
+        tracing::warn!(
+            wait_seconds = ctx.state.settings.lease_wait_seconds,
+            answered_ms = answered_in.map(|d| d.as_millis() as u64),
+            "the API answered the lease long poll well before the wait asked for (or with a job that could not be started): pausing 0.5-1 s between such calls"
+        );
+        *logged = true;
+    }
+    let pause = QUICK_PAUSE + QUICK_PAUSE.mul_f64(fastrand::f64());
+    wait_or_stop(ctx, options, pause).await
 }
 
 /// Resolves when a slot is free and no leased job is still waiting for one.
@@ -237,18 +256,23 @@ async fn guarded(
     }
 }
 
-/// Collects the jobs that ended.
-fn reap(ctx: &Ctx, tasks: &mut JoinSet<JobEnd>) {
+/// Collects the jobs that ended; true when one of them was dropped without running.
+fn reap(ctx: &Ctx, tasks: &mut JoinSet<JobEnd>) -> bool {
+    let mut dropped = false;
     while let Some(done) = tasks.try_join_next() {
         match done {
             Ok(JobEnd::Ran) => {
                 ctx.ran.fetch_add(1, Ordering::AcqRel);
                 ctx.touch();
             }
-            Ok(JobEnd::Dropped) => ctx.touch(),
+            Ok(JobEnd::Dropped) => {
+                dropped = true;
+                ctx.touch();
+            }
             Err(e) => tracing::error!(error = %e, "a job task failed"),
         }
     }
+    dropped
 }
 
 /// Sleeps `wait` unless shutdown begins or the agent turns idle first.
