@@ -86,10 +86,8 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
         // A leased job that was not started (start refused, lease gone) is a quick answer too:
         // a server that keeps handing out such jobs must not make the agent spin.
         dropped |= reap(&ctx, tasks);
-        if dropped {
-            if let Some(end) = quick_pause(&ctx, options, &mut quick_logged, None).await {
-                return end;
-            }
+        if dropped && let Some(end) = quick_pause(&ctx, options, &mut quick_logged, None).await {
+            return end;
         }
         let capacity = state.slots.free().clamp(
             1,
