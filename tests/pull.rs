@@ -220,6 +220,11 @@ async fn cancel_from_the_api_stops_the_job_within_a_heartbeat() {
     assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
     let done = api.job(1).completion.expect("no completion");
     assert_eq!(done["status"], "cancelled", "{done}");
+    // The text docs/protocol.md gives, exactly.
+    assert_eq!(
+        done["error"], "job cancelled: cancelled by the API",
+        "{done}"
+    );
     agent.assert_clean().await;
 }
 
@@ -384,6 +389,10 @@ async fn a_second_signal_cancels_at_once() {
         .completion
         .expect("the cancelled job is still reported");
     assert_eq!(done["status"], "cancelled");
+    assert_eq!(
+        done["error"], "job aborted: the agent was stopped (second signal)",
+        "{done}"
+    );
     agent.assert_clean().await;
 }
 
@@ -405,8 +414,8 @@ async fn shutdown_timeout_cancels_with_a_reason() {
     );
     let done = api.job(1).completion.expect("no completion");
     assert_eq!(done["status"], "cancelled");
-    assert!(
-        done["error"].as_str().unwrap().contains("shut down"),
+    assert_eq!(
+        done["error"], "job cancelled: the agent shut down",
         "{done}"
     );
     agent.assert_clean().await;
