@@ -253,3 +253,35 @@ async fn a_lease_with_a_ttl_of_zero_is_not_run() {
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
     agent.assert_clean().await;
 }
+
+/// The log's writer may be behind a fast job's output; once the lease is gone that backlog is
+/// dropped, not waited for: the job ends (and its slot is free) at once.
+#[tokio::test]
+async fn a_lease_lost_during_heavy_output_ends_the_job_promptly() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(
+        1,
+        "echo begin; yes 0123456789 | head -c 200000000; echo end",
+    ));
+    let mut agent = Agent::pull("heavy-lost", &api.url, &[], &[]).await;
+    api.wait_for("job output", Duration::from_secs(30), |a| {
+        a.job(1).log.contains("begin")
+    })
+    .await;
+    api.faults(|f| {
+        f.revoke.insert(1);
+    });
+    let revoked = Instant::now();
+    while !agent.log_text().contains("job finished") {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(30),
+            "{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(api.job(1).completion.is_none());
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
+    agent.assert_clean().await;
+}

@@ -64,7 +64,7 @@ impl Utf8Decoder {
 
 /// Output accepted but not yet written beyond which the log is cut: the writer thread has
 /// fallen this far behind (a disk slower than the job's output), memory must stay bounded.
-const MAX_PENDING: u64 = 256 * 1024 * 1024;
+const MAX_PENDING: u64 = 64 * 1024 * 1024;
 
 /// The log file of one job, written by the executor's output callback, read by the streamer.
 ///
@@ -88,6 +88,8 @@ struct Shared {
     /// Why the log was cut, once it was.
     cut: Mutex<Option<String>>,
     cut_signal: CancellationToken,
+    /// Output still queued is dropped (nothing more will be sent for the job).
+    discard: std::sync::atomic::AtomicBool,
 }
 
 enum Msg {
@@ -142,6 +144,7 @@ impl LogFile {
                 pending: AtomicU64::new(0),
                 cut: Mutex::new(None),
                 cut_signal: CancellationToken::new(),
+                discard: std::sync::atomic::AtomicBool::new(false),
             }),
             decoders: Mutex::new(Default::default()),
             queue: Mutex::new(None),
@@ -173,6 +176,12 @@ impl LogFile {
     /// Fires when the log is cut.
     pub fn cut_signal(&self) -> CancellationToken {
         self.shared.cut_signal.clone()
+    }
+
+    /// Drops the output still queued and takes no more: the job's log will not be sent (its
+    /// lease is gone), so [`LogFile::finish`] need not wait for a backlog to reach the disk.
+    pub fn discard(&self) {
+        self.shared.discard.store(true, Ordering::Release);
     }
 
     /// The output ended: flushes partial characters, waits for the writer and fsyncs the file.
@@ -225,7 +234,10 @@ impl LogFile {
     }
 
     fn queue_text(&self, text: String) {
-        if text.is_empty() || self.shared.cut_signal.is_cancelled() {
+        if text.is_empty()
+            || self.shared.cut_signal.is_cancelled()
+            || self.shared.discard.load(Ordering::Acquire)
+        {
             return;
         }
         let len = text.len() as u64;
@@ -274,7 +286,7 @@ fn write_loop(
                 shared
                     .pending
                     .fetch_sub(text.len() as u64, Ordering::AcqRel);
-                if shared.cut_signal.is_cancelled() {
+                if shared.cut_signal.is_cancelled() || shared.discard.load(Ordering::Acquire) {
                     continue;
                 }
                 match file.write_all(text.as_bytes()) {

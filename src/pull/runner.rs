@@ -186,6 +186,10 @@ async fn run_and_report(
                     metrics: &ctx.state.metrics,
                 };
                 let result = ctx.state.executor.run(&lease.job, &observer, control).await;
+                if lost.is_cancelled() || give_up.is_cancelled() {
+                    // Nothing more is sent for the job: no reason to wait for a backlog.
+                    log.discard();
+                }
                 let synced = log.finish().await;
                 let result = with_log_problem(result, log.cut(), synced.err());
                 (result, Some(log), Some((streamer, done)))
