@@ -710,3 +710,69 @@ async fn a_disk_that_fills_during_a_job_ends_it_with_error_and_loses_nothing_els
     assert!(agent.spooled_results().is_empty());
     agent.assert_clean().await;
 }
+
+#[tokio::test]
+async fn a_leased_job_whose_slot_push_took_waits_for_it() {
+    const LONG_KEY: &str = "pull-and-push-key-0123456789abcdef0123";
+    let api = FakeApi::start(LONG_KEY, 30).await;
+    let mut agent = Agent::pull(
+        "slot-wait",
+        &api.url,
+        &[],
+        &[
+            ("AGENT_API_KEY", LONG_KEY),
+            ("GRYT_PUSH", "true"),
+            ("GRYT_LEASE_WAIT", "20"),
+        ],
+    )
+    .await;
+    agent.wait_ready().await;
+    api.wait_for("a long poll", Duration::from_secs(20), |a| {
+        a.count("lease") > 0
+    })
+    .await;
+    // Push takes the only slot while pull waits in its long poll...
+    let url = agent.url.clone();
+    let pushed_at = Instant::now();
+    let push = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/jobs/execute"))
+            .header("content-type", "application/json")
+            .header("X-API-Key", LONG_KEY)
+            .body(shell_job(60, "echo pushed; sleep 3").to_string())
+            .send()
+            .await
+            .unwrap()
+    });
+    let until = Instant::now() + Duration::from_secs(20);
+    while agent.health().await["free_slots"] != 0 {
+        assert!(Instant::now() < until, "the push job never took the slot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and the long poll then hands out a job: it waits for the slot, then runs.
+    api.push_job(shell_job(61, "echo pulled"));
+    api.wait_for("the pulled job", Duration::from_secs(60), |a| {
+        a.job(61).completion.is_some()
+    })
+    .await;
+    let response = push.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        agent.log_text().contains("every slot was taken meanwhile"),
+        "{}",
+        agent.log_text()
+    );
+    let start = api
+        .requests()
+        .into_iter()
+        .find(|r| r.call == "start" && r.job_id == Some(61))
+        .unwrap();
+    assert!(
+        start.at - pushed_at >= Duration::from_millis(2500),
+        "the pulled job started while the push job held the only slot"
+    );
+    assert_eq!(api.job(61).completion.unwrap()["status"], "success");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
+    agent.assert_clean().await;
+}
