@@ -26,7 +26,7 @@ async fn an_instant_204_server_gets_at_most_about_two_lease_calls_a_second() {
     let calls = api.count("lease");
     let rate = calls as f64 / window;
     eprintln!("lease calls against an instant-204 server: {calls} in {window:.1} s ({rate:.2}/s)");
-    assert!(rate <= 2.2, "{calls} lease calls in {window:.1} s");
+    assert!(rate <= 2.5, "{calls} lease calls in {window:.1} s");
     assert!(calls >= 3, "the agent stopped asking: {calls}");
     // Said once, not once per call.
     let log = agent.log_text();
@@ -49,7 +49,7 @@ async fn a_lease_wait_of_zero_is_paced_too() {
     let calls = api.count("lease");
     let rate = calls as f64 / first.elapsed().as_secs_f64();
     eprintln!("lease calls with lease_wait_seconds 0: {calls} ({rate:.2}/s)");
-    assert!(rate <= 2.2, "{calls} lease calls: {rate:.2}/s");
+    assert!(rate <= 2.5, "{calls} lease calls: {rate:.2}/s");
     agent.signal("TERM");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
 }
@@ -68,7 +68,7 @@ async fn jobs_whose_start_is_refused_are_paced_like_quick_answers() {
     let calls = api.count("lease");
     let rate = calls as f64 / first.elapsed().as_secs_f64();
     eprintln!("lease calls while every start is refused: {calls} ({rate:.2}/s)");
-    assert!(rate <= 2.2, "{calls} lease calls: {rate:.2}/s");
+    assert!(rate <= 2.5, "{calls} lease calls: {rate:.2}/s");
     assert!(calls >= 2, "{calls}");
     agent.signal("TERM");
     assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
