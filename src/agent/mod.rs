@@ -167,7 +167,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     let state = AgentState::new(settings)?;
     // Checked before anything listens or connects: a refused URL means no traffic at all.
     let pull = match state.settings.api_url {
-        Some(_) => Some(crate::pull::Ctx::new(state.clone())?),
+        Some(_) => Some(crate::pull::Ctx::new(state.clone()).await?),
         None => None,
     };
     let (host, port) = state.listen_address();

@@ -38,6 +38,8 @@ pub enum PullError {
     NoUrl,
     #[error("pull mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE)")]
     NoKey,
+    #[error("cannot set up pull mode: {0}")]
+    Setup(String),
 }
 
 /// What every part of pull mode shares.
@@ -63,8 +65,15 @@ impl Drop for AwaitingSlot {
 }
 
 impl Ctx {
-    /// Checks the settings and prepares the client and the spool; makes no connection.
-    pub fn new(state: Arc<AgentState>) -> Result<Arc<Self>, PullError> {
+    /// Checks the settings and prepares the client and the spool (off the async runtime: it
+    /// reads the CA file and makes the state dir); makes no connection.
+    pub async fn new(state: Arc<AgentState>) -> Result<Arc<Self>, PullError> {
+        tokio::task::spawn_blocking(move || Self::new_blocking(state))
+            .await
+            .unwrap_or_else(|e| Err(PullError::Setup(e.to_string())))
+    }
+
+    fn new_blocking(state: Arc<AgentState>) -> Result<Arc<Self>, PullError> {
         let settings = &state.settings;
         let url = settings.api_url.clone().ok_or(PullError::NoUrl)?;
         let key = state.api_key.clone().ok_or(PullError::NoKey)?;
