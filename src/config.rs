@@ -63,6 +63,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "GRYT_CHECKOUT_ALLOW_PRIVATE",
         "checkout.allow_private_hosts",
     ),
+    ("GRYT_LOG_GIVE_UP", "log_give_up_seconds"),
 ];
 
 /// Keys whose environment value is a list.
@@ -113,6 +114,10 @@ pub struct Settings {
     pub job: JobSettings,
     pub push: PushSettings,
     pub checkout: CheckoutConfig,
+    /// Pull mode: how long a job's log may make no progress on the API (answers that take none
+    /// of it, or no answer) before the agent stops streaming it and completes the job without
+    /// the rest.
+    pub log_give_up_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,6 +235,7 @@ impl Default for Settings {
             job: JobSettings::default(),
             push: PushSettings::default(),
             checkout: CheckoutConfig::default(),
+            log_give_up_seconds: 60,
         }
     }
 }
@@ -260,17 +266,33 @@ impl Default for JobSettings {
     }
 }
 
-/// `/var/lib/gryt-agent` for root (a system service), else a per-user state directory.
+/// `/var/lib/gryt-agent` for root (a system service), else a per-user state directory; empty
+/// (refused by `validate`) when neither is known.
 fn default_state_dir() -> PathBuf {
-    if is_root() {
+    state_dir_for(
+        is_root(),
+        std::env::var_os("XDG_STATE_HOME"),
+        std::env::var_os("HOME"),
+    )
+}
+
+/// Never a shared path such as `/tmp/gryt-agent`: another local user could create it first (or
+/// a symlink in its place) and read or plant spooled results. Without a home the operator must
+/// say where (`state_dir`).
+fn state_dir_for(
+    root: bool,
+    xdg_state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> PathBuf {
+    if root {
         return PathBuf::from("/var/lib/gryt-agent");
     }
-    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+    if let Some(state) = xdg_state_home.filter(|v| !v.is_empty()) {
         return PathBuf::from(state).join("gryt-agent");
     }
-    match std::env::var_os("HOME") {
+    match home.filter(|v| !v.is_empty()) {
         Some(home) => PathBuf::from(home).join(".local/state/gryt-agent"),
-        None => std::env::temp_dir().join("gryt-agent"),
+        None => PathBuf::new(),
     }
 }
 
@@ -390,6 +412,19 @@ impl Settings {
         for pattern in &self.secret_env_patterns {
             crate::secrets::mask::glob(pattern)
                 .map_err(|e| key_error("secret_env_patterns", format!("`{pattern}`: {e}")))?;
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(key_error(
+                "state_dir",
+                "no default without HOME or XDG_STATE_HOME (and no shared /tmp fallback): \
+                 set GRYT_STATE_DIR to a directory only this agent's user can write",
+            ));
+        }
+        if !(5..=3600).contains(&self.log_give_up_seconds) {
+            return Err(key_error(
+                "log_give_up_seconds",
+                "must be between 5 and 3600",
+            ));
         }
         if self.checkout.timeout_seconds == 0 {
             return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
@@ -585,6 +620,25 @@ mod tests {
         let err = Settings::load_from(None, &env(&[("GRYT_SECRET_ENV_PATTERNS", "a[")]), &[])
             .unwrap_err();
         assert!(err.to_string().contains("secret_env_patterns"), "{err}");
+    }
+
+    #[test]
+    fn no_shared_temp_dir_fallback_for_the_state_dir() {
+        assert_eq!(
+            state_dir_for(false, None, Some("/home/ci".into())),
+            Path::new("/home/ci/.local/state/gryt-agent")
+        );
+        assert_eq!(
+            state_dir_for(true, None, None),
+            Path::new("/var/lib/gryt-agent")
+        );
+        let none = state_dir_for(false, None, Some("".into()));
+        assert_eq!(none, PathBuf::new());
+        assert!(!none.starts_with(std::env::temp_dir()));
+        let err = Settings::load_from(None, &env(&[("GRYT_STATE_DIR", "")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("GRYT_STATE_DIR"), "{err}");
+        let err = Settings::load_from(None, &env(&[("GRYT_LOG_GIVE_UP", "0")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("log_give_up_seconds"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,15 @@ impl Slots {
             Err(_) => unreachable!("job slots are never closed"),
         }
     }
+
+    /// Waits until a slot is free without taking it (pull mode leases first, then takes one, so
+    /// that its long poll never keeps a slot from push mode).
+    pub async fn wait_free(&self) {
+        match self.semaphore.acquire().await {
+            Ok(permit) => drop(permit),
+            Err(_) => unreachable!("job slots are never closed"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -220,6 +220,11 @@ async fn cancel_from_the_api_stops_the_job_within_a_heartbeat() {
     assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
     let done = api.job(1).completion.expect("no completion");
     assert_eq!(done["status"], "cancelled", "{done}");
+    // The text docs/protocol.md gives, exactly.
+    assert_eq!(
+        done["error"], "job cancelled: cancelled by the API",
+        "{done}"
+    );
     agent.assert_clean().await;
 }
 
@@ -384,6 +389,10 @@ async fn a_second_signal_cancels_at_once() {
         .completion
         .expect("the cancelled job is still reported");
     assert_eq!(done["status"], "cancelled");
+    assert_eq!(
+        done["error"], "job aborted: the agent was stopped (second signal)",
+        "{done}"
+    );
     agent.assert_clean().await;
 }
 
@@ -405,8 +414,8 @@ async fn shutdown_timeout_cancels_with_a_reason() {
     );
     let done = api.job(1).completion.expect("no completion");
     assert_eq!(done["status"], "cancelled");
-    assert!(
-        done["error"].as_str().unwrap().contains("shut down"),
+    assert_eq!(
+        done["error"], "job cancelled: the agent shut down",
         "{done}"
     );
     agent.assert_clean().await;
@@ -519,4 +528,251 @@ async fn check_makes_one_authenticated_call_and_says_what_to_fix() {
         !text.contains("a-key-the-api-does-not-know"),
         "the key was printed: {text}"
     );
+}
+
+#[tokio::test]
+async fn state_dir_and_spool_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let api = FakeApi::start(KEY, 60).await;
+    api.push_job(shell_job(1, "echo private"));
+    api.faults(|f| f.complete_down = true);
+    let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // A state dir others may read: the agent tightens it.
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut agent = Agent::pull_in(
+        &unique_agent_id("private"),
+        state.path(),
+        work.path(),
+        &api.url,
+        &[],
+        &[],
+    )
+    .await;
+    api.wait_for("a complete attempt", Duration::from_secs(60), |a| {
+        a.count("complete") > 0
+    })
+    .await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(state.path()), 0o700);
+    assert_eq!(mode(&state.path().join("spool")), 0o700);
+    let files = agent.spool_files();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "log")),
+        "{files:?}"
+    );
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn a_push_job_runs_while_pull_waits_for_a_lease() {
+    // Push mode wants a key of 32+ characters.
+    const LONG_KEY: &str = "pull-and-push-key-0123456789abcdef0123";
+    let api = FakeApi::start(LONG_KEY, 30).await;
+    let mut agent = Agent::pull(
+        "push-pull",
+        &api.url,
+        &[],
+        &[
+            ("AGENT_API_KEY", LONG_KEY),
+            ("GRYT_PUSH", "true"),
+            ("GRYT_LEASE_WAIT", "20"),
+        ],
+    )
+    .await;
+    agent.wait_ready().await;
+    api.wait_for("a long poll", Duration::from_secs(20), |a| {
+        a.count("lease") > 0
+    })
+    .await;
+    let health = agent.health().await;
+    assert_eq!(health["free_slots"], 1, "{health}");
+    let response = agent
+        .execute(Some(LONG_KEY), shell_job(50, "echo pushed").to_string())
+        .await;
+    assert_eq!(response.status(), 200, "{}", agent.log_text());
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    // And pull mode still takes work after it.
+    api.push_job(shell_job(51, "echo pulled"));
+    api.wait_for("the pulled job", Duration::from_secs(40), |a| {
+        a.job(51).completion.is_some()
+    })
+    .await;
+    assert_eq!(api.job(51).log, "pulled\n");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn once_exits_non_zero_when_the_result_stays_in_the_spool() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(1, "echo kept"));
+    api.faults(|f| f.reject_complete = true);
+    let mut agent = Agent::pull("undelivered", &api.url, &["--once"], &[]).await;
+    let code = agent.wait_exit(Duration::from_secs(60)).await;
+    let log = agent.log_text();
+    assert_eq!(code, 3, "{log}");
+    assert!(log.contains("could not be delivered"), "{log}");
+    assert_eq!(agent.spooled_results().len(), 1);
+    assert!(api.job(1).completion.is_none());
+}
+
+#[tokio::test]
+async fn zero_job_limits_are_refused() {
+    let api = FakeApi::start(KEY, 30).await;
+    for flag in ["--max-jobs", "--idle-exit"] {
+        let mut agent = Agent::pull("zero", &api.url, &[flag, "0"], &[]).await;
+        let code = agent.wait_exit(Duration::from_secs(10)).await;
+        let log = agent.log_text();
+        assert_eq!(code, 2, "{flag} 0: {log}");
+        assert!(log.contains(flag) && log.contains("0"), "{log}");
+    }
+    assert_eq!(api.count("lease"), 0);
+}
+
+/// A tmpfs mounted for one test (tests run as root), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .expect("cannot run mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_disk_that_fills_during_a_job_ends_it_with_error_and_loses_nothing_else() {
+    let api = FakeApi::start(KEY, 30).await;
+    // 20 MB of output into an 8 MiB spool.
+    api.push_job(shell_job(
+        1,
+        "echo begin; yes 0123456789 | head -c 20000000; echo never",
+    ));
+    api.push_job(shell_job(2, "echo after"));
+    let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _spool = Tmpfs::mount(&state.path().join("spool"), "8m");
+    let mut agent = Agent::pull_in(
+        &unique_agent_id("disk-full"),
+        state.path(),
+        work.path(),
+        &api.url,
+        &["--max-jobs", "2"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(120)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    let rec = api.job(1);
+    let done = rec.completion.expect("job 1 not completed");
+    assert_eq!(done["status"], "error", "{}", done["error"]);
+    let error = done["error"].as_str().unwrap();
+    assert!(error.contains("disk is full"), "{error}");
+    assert!(rec.log.starts_with("begin\n"));
+    assert!(
+        rec.log.contains("[gryt-agent: the log is cut here"),
+        "{}",
+        &rec.log[rec.log.len().saturating_sub(300)..]
+    );
+    assert_eq!(done["log_bytes"], rec.log.len());
+    assert!(!rec.log.contains("never"));
+    // The next job runs and is reported as usual; the spool is empty again.
+    assert_eq!(api.job(2).completion.unwrap()["status"], "success");
+    assert_eq!(api.job(2).log, "after\n");
+    assert!(agent.spooled_results().is_empty());
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_leased_job_whose_slot_push_took_waits_for_it() {
+    const LONG_KEY: &str = "pull-and-push-key-0123456789abcdef0123";
+    let api = FakeApi::start(LONG_KEY, 30).await;
+    let mut agent = Agent::pull(
+        "slot-wait",
+        &api.url,
+        &[],
+        &[
+            ("AGENT_API_KEY", LONG_KEY),
+            ("GRYT_PUSH", "true"),
+            ("GRYT_LEASE_WAIT", "20"),
+        ],
+    )
+    .await;
+    agent.wait_ready().await;
+    api.wait_for("a long poll", Duration::from_secs(20), |a| {
+        a.count("lease") > 0
+    })
+    .await;
+    // Push takes the only slot while pull waits in its long poll...
+    let url = agent.url.clone();
+    let pushed_at = Instant::now();
+    let push = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/jobs/execute"))
+            .header("content-type", "application/json")
+            .header("X-API-Key", LONG_KEY)
+            .body(shell_job(60, "echo pushed; sleep 3").to_string())
+            .send()
+            .await
+            .unwrap()
+    });
+    let until = Instant::now() + Duration::from_secs(20);
+    while agent.health().await["free_slots"] != 0 {
+        assert!(Instant::now() < until, "the push job never took the slot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and the long poll then hands out a job: it waits for the slot, then runs.
+    api.push_job(shell_job(61, "echo pulled"));
+    api.wait_for("the pulled job", Duration::from_secs(60), |a| {
+        a.job(61).completion.is_some()
+    })
+    .await;
+    let response = push.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        agent.log_text().contains("every slot was taken meanwhile"),
+        "{}",
+        agent.log_text()
+    );
+    let start = api
+        .requests()
+        .into_iter()
+        .find(|r| r.call == "start" && r.job_id == Some(61))
+        .unwrap();
+    assert!(
+        start.at - pushed_at >= Duration::from_millis(2500),
+        "the pulled job started while the push job held the only slot"
+    );
+    assert_eq!(api.job(61).completion.unwrap()["status"], "success");
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
+    agent.assert_clean().await;
 }

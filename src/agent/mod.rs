@@ -82,6 +82,10 @@ pub enum AgentError {
     },
     #[error("pull mode stopped unexpectedly: {0}")]
     PullTask(#[source] tokio::task::JoinError),
+    #[error(
+        "{0} result(s) could not be delivered to the API: they stay in the spool and are sent at the next start"
+    )]
+    Undelivered(usize),
 }
 
 impl AgentState {
@@ -163,7 +167,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     let state = AgentState::new(settings)?;
     // Checked before anything listens or connects: a refused URL means no traffic at all.
     let pull = match state.settings.api_url {
-        Some(_) => Some(crate::pull::Ctx::new(state.clone())?),
+        Some(_) => Some(crate::pull::Ctx::new(state.clone()).await?),
         None => None,
     };
     let (host, port) = state.listen_address();
@@ -202,7 +206,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         ended = finished(&mut pull_task) => Some(ended),
     };
     match &pull_ended {
-        Some(Ok(())) => tracing::info!("ephemeral limit reached: exiting"),
+        Some(Ok(_)) => tracing::info!("ephemeral limit reached: exiting"),
         Some(Err(e)) => tracing::error!(error = %e, "pull mode failed: exiting"),
         None => tracing::info!("signal received: taking no new jobs, letting running jobs finish"),
     }
@@ -221,17 +225,18 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     }
     match pull_ended {
         Some(Err(e)) => Err(AgentError::PullTask(e)),
+        Some(Ok(undelivered)) if undelivered > 0 => Err(AgentError::Undelivered(undelivered)),
         _ => Ok(()),
     }
 }
 
-/// Resolves when pull mode ends by itself (ephemeral limits, or a panic); never without pull
-/// mode.
+/// Resolves when pull mode ends by itself (ephemeral limits, or a panic) with the number of
+/// results it could not deliver; never without pull mode.
 async fn finished(
-    task: &mut Option<tokio::task::JoinHandle<crate::pull::WorkEnd>>,
-) -> Result<(), tokio::task::JoinError> {
+    task: &mut Option<tokio::task::JoinHandle<crate::pull::PullEnd>>,
+) -> Result<usize, tokio::task::JoinError> {
     match task {
-        Some(task) => task.await.map(|_| ()),
+        Some(task) => task.await.map(|end| end.undelivered),
         None => std::future::pending().await,
     }
 }

@@ -16,6 +16,7 @@ use super::endpoint::{base_url, http_client};
 use super::retry::{Transient, backoff, is_retryable, next_wait, retry_after};
 use super::{
     ApiError, Call, CompleteOutcome, HeartbeatOutcome, LeaseOutcome, LogsOutcome, StartOutcome,
+    UnreadableLease,
 };
 use crate::wire::pull::{
     CompleteRequest, HeartbeatReply, HeartbeatRequest, Lease, LeaseRequest, LogAck, LogChunk,
@@ -32,6 +33,10 @@ pub trait CallHooks: Send + Sync {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest server message kept in an error.
 const MAX_MESSAGE: usize = 500;
+/// Largest lease answer read: it carries a job spec (push mode takes 10 MiB bodies by default).
+pub const MAX_LEASE_ANSWER: usize = 16 * 1024 * 1024;
+/// Largest answer read for the other calls (small JSON objects or error messages).
+pub const MAX_ANSWER: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct ApiClient {
@@ -44,6 +49,44 @@ pub struct ApiClient {
 struct Answer {
     status: StatusCode,
     body: Bytes,
+    /// The body went past this cap: not read further, the call fails.
+    too_large: Option<usize>,
+}
+
+/// What is read of a lease answer whose job does not decode.
+#[derive(serde::Deserialize)]
+struct LeaseHead {
+    lease_id: String,
+    #[serde(default)]
+    lease_ttl_seconds: u64,
+    job: JobHead,
+}
+
+#[derive(serde::Deserialize)]
+struct JobHead {
+    job_id: i64,
+}
+
+/// Reads a body up to `cap` bytes; `None` when it is longer (the rest is never read, so a
+/// hostile or broken server cannot make the agent buffer an endless answer).
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Bytes>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > cap as u64)
+    {
+        return Ok(None);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 impl ApiClient {
@@ -71,10 +114,26 @@ impl ApiClient {
         let answer = self.send(Call::Lease, "/lease", request, timeout).await?;
         match answer.status {
             StatusCode::NO_CONTENT => Ok(LeaseOutcome::NoJob),
-            StatusCode::OK => Ok(LeaseOutcome::Job(Box::new(parse::<Lease>(
-                Call::Lease,
-                &answer,
-            )?))),
+            StatusCode::OK => match parse::<Lease>(Call::Lease, &answer) {
+                Ok(lease) => Ok(LeaseOutcome::Job(Box::new(lease))),
+                Err(e) => {
+                    // A job this agent cannot read but whose lease it can name: the caller
+                    // completes it with `error` instead of letting it cycle between agents.
+                    let Ok(head) = parse::<LeaseHead>(Call::Lease, &answer) else {
+                        return Err(e);
+                    };
+                    let error = match e {
+                        ApiError::Invalid { message, .. } => clip(&message),
+                        other => other.to_string(),
+                    };
+                    Ok(LeaseOutcome::Unreadable(Box::new(UnreadableLease {
+                        lease_id: head.lease_id,
+                        lease_ttl_seconds: head.lease_ttl_seconds,
+                        job_id: head.job.job_id,
+                        error,
+                    })))
+                }
+            },
             _ => Err(self.refused(Call::Lease, &answer)),
         }
     }
@@ -193,14 +252,28 @@ impl ApiClient {
             let status = response.status();
             if is_retryable(status) {
                 let after = retry_after(response.headers());
-                let text = response.text().await.unwrap_or_default();
+                let text = match read_capped(response, MAX_ANSWER).await {
+                    Ok(Some(body)) => String::from_utf8_lossy(&body).into_owned(),
+                    _ => String::new(),
+                };
                 return Err(Transient {
                     message: format!("HTTP {status}: {}", clip(&text)),
                     retry_after: after,
                 });
             }
-            let body = response.bytes().await.map_err(|e| transient(&e))?;
-            Ok(Answer { status, body })
+            let cap = if call == Call::Lease {
+                MAX_LEASE_ANSWER
+            } else {
+                MAX_ANSWER
+            };
+            let body = read_capped(response, cap)
+                .await
+                .map_err(|e| transient(&e))?;
+            Ok(Answer {
+                status,
+                too_large: body.is_none().then_some(cap),
+                body: body.unwrap_or_default(),
+            })
         };
         let answer = attempt
             .retry(backoff())
@@ -220,6 +293,17 @@ impl ApiClient {
                 call: call.as_str(),
                 message: e.message,
             })?;
+        if let Some(cap) = answer.too_large {
+            let error = ApiError::Invalid {
+                call: call.as_str(),
+                message: format!(
+                    "the answer is larger than {cap} bytes (HTTP {})",
+                    answer.status
+                ),
+            };
+            self.hooks.failed(call, &error.to_string());
+            return Err(error);
+        }
         if answer.status.is_success() || lost(answer.status).is_some() {
             // A lease-lost answer is still the API answering.
             self.hooks.succeeded(call);
@@ -259,7 +343,9 @@ fn lost(status: StatusCode) -> Option<u16> {
 }
 
 fn parse<T: DeserializeOwned>(call: Call, answer: &Answer) -> Result<T, ApiError> {
-    serde_json::from_slice(&answer.body).map_err(|e| ApiError::Invalid {
+    // The path names the field at fault (`job.timeout_seconds: invalid type ...`).
+    let mut decoder = serde_json::Deserializer::from_slice(&answer.body);
+    serde_path_to_error::deserialize(&mut decoder).map_err(|e| ApiError::Invalid {
         call: call.as_str(),
         message: e.to_string(),
     })

@@ -9,7 +9,7 @@ mod client;
 pub mod endpoint;
 pub mod retry;
 
-pub use client::{ApiClient, CallHooks};
+pub use client::{ApiClient, CallHooks, MAX_ANSWER, MAX_LEASE_ANSWER};
 
 /// The calls of the protocol, for metrics and messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,18 @@ pub enum LeaseOutcome {
     Job(Box<crate::wire::pull::Lease>),
     /// 204: no job within the long poll.
     NoJob,
+    /// 200 whose job does not decode, but whose lease and job id do.
+    Unreadable(Box<UnreadableLease>),
+}
+
+/// A leased job the agent cannot read: it is started and completed with `error`, saying why.
+#[derive(Debug, Clone)]
+pub struct UnreadableLease {
+    pub lease_id: String,
+    pub lease_ttl_seconds: u64,
+    pub job_id: i64,
+    /// Why the job does not decode.
+    pub error: String,
 }
 
 /// `POST /jobs/{id}/start`.

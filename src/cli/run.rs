@@ -38,11 +38,11 @@ pub struct RunArgs {
     /// Exit after one job is completed (ephemeral agents)
     #[arg(long)]
     pub once: bool,
-    /// Exit after N jobs are completed (ephemeral agents)
-    #[arg(long, value_name = "N")]
+    /// Exit after N jobs are completed (ephemeral agents; N >= 1)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_jobs: Option<u64>,
-    /// Exit after SECS without a job (ephemeral agents)
-    #[arg(long, value_name = "SECS")]
+    /// Exit after SECS without a job (ephemeral agents; SECS >= 1)
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_exit: Option<u64>,
 }
 
@@ -78,6 +78,9 @@ impl RunArgs {
     }
 }
 
+/// Exit code of an ephemeral agent that ended with results still in its spool.
+pub const UNDELIVERED_EXIT: u8 = 3;
+
 pub async fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     let overrides = args.overrides();
     let overrides: Vec<(&str, String)> = overrides.into_iter().collect();
@@ -87,6 +90,13 @@ pub async fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCod
         max_jobs: args.max_jobs,
         idle_exit: args.idle_exit.map(Duration::from_secs),
     };
-    agent::run(settings, options).await?;
-    Ok(ExitCode::SUCCESS)
+    match agent::run(settings, options).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // Its own code: an ephemeral agent's host must not be thrown away with results in it.
+        Err(e @ agent::AgentError::Undelivered(_)) => {
+            eprintln!("gryt-agent: {e}");
+            Ok(ExitCode::from(UNDELIVERED_EXIT))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -1,14 +1,36 @@
-//! The result spool, `<state_dir>/spool/`: a completion is written here (atomically) before it is
-//! sent and removed once the API has answered 200 or lease-lost, so a restart never loses one.
-//! A job's log file lives next to its entry until then.
+//! The result spool, `<state_dir>/spool/`: a completion is written here (atomically, fsynced,
+//! directory included) the moment its job ends, and removed once the API has answered 200 or
+//! lease-lost, so a crash never loses one. A job's log file and its lease record
+//! (`<name>.lease`, written when the job starts) live next to its entry until then; a lease
+//! record without an entry is a job an earlier run did not finish.
 //!
-//! This module only stores files; it never talks to the API.
+//! The state dir and the spool are kept 0700, their files 0600. The `*_async` methods run the
+//! file work off the async runtime. This module only stores files; it never talks to the API.
 
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::wire::JobResult;
 use crate::wire::pull::CompleteRequest;
+
+/// Size of the room kept free in the spool (`.reserve`): deleted when a job's log fills the
+/// disk, so that job's result (whose stdout and stderr tails are at most
+/// `job.output_cap_bytes` each) can still be written.
+pub const RESERVE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// What the spool keeps of a running job's lease, for a restart to report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub job_id: i64,
+    pub lease_id: String,
+}
+
+/// The error a job left unfinished by an earlier run is completed with.
+pub const INTERRUPTED: &str = "the agent stopped while this job ran (killed, crashed or restarted); \
+     its container was removed at the restart, so the job cannot be carried on: run it again";
 
 /// One undelivered completion.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,11 +62,117 @@ fn err(path: &Path, source: std::io::Error) -> SpoolError {
 }
 
 impl Spool {
-    /// `<state_dir>/spool`, created when missing.
+    /// `<state_dir>/spool`, created when missing; the state dir and the spool are made 0700
+    /// (tightened when they are wider: spooled results and logs are the jobs' output).
     pub fn open(state_dir: &Path) -> Result<Self, SpoolError> {
         let dir = state_dir.join("spool");
-        std::fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| err(&dir, e))?;
+        for path in [state_dir, dir.as_path()] {
+            let mode = std::fs::metadata(path)
+                .map_err(|e| err(path, e))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "tightening to 0700");
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| err(path, e))?;
+            }
+        }
         Ok(Spool { dir })
+    }
+
+    /// The reserve file (see [`RESERVE_BYTES`]).
+    pub fn reserve_path(&self) -> PathBuf {
+        self.dir.join(".reserve")
+    }
+
+    /// Makes the reserve when it is missing (after a disk-full job used it); best effort.
+    pub fn ensure_reserve(&self) {
+        let path = self.reserve_path();
+        if path.exists() {
+            return;
+        }
+        let made = (|| {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            let zeros = vec![0u8; 64 * 1024];
+            for _ in 0..RESERVE_BYTES / zeros.len() as u64 {
+                file.write_all(&zeros)?;
+            }
+            file.sync_all()
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep room for results in the spool");
+        }
+    }
+
+    fn lease_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.lease"))
+    }
+
+    /// Records a started job's lease (fsynced), so a restart can report the job.
+    pub fn write_lease(&self, name: &str, record: &LeaseRecord) -> Result<(), SpoolError> {
+        self.write_json(&self.lease_path(name), record)
+    }
+
+    /// Turns every lease record without an entry (a job an earlier run did not finish) into an
+    /// entry completing it with `error` ([`INTERRUPTED`]), with its buffered log if any.
+    pub fn recover_interrupted(&self) {
+        for (name, path) in self.files_with("lease") {
+            if self.entry_path(&name).exists() {
+                continue;
+            }
+            let record = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable lease record removed");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            let log = std::fs::metadata(self.log_path(&name)).ok();
+            tracing::warn!(
+                job_id = record.job_id,
+                "a job of an earlier run was not finished: completing it with `error`"
+            );
+            let entry = SpoolEntry {
+                job_id: record.job_id,
+                log_file: log.as_ref().map(|_| format!("{name}.log")),
+                request: CompleteRequest {
+                    lease_id: record.lease_id,
+                    log_bytes: log.map(|m| m.len()).unwrap_or(0),
+                    result: JobResult::agent_error(record.job_id, INTERRUPTED.to_owned()),
+                },
+            };
+            if let Err(e) = self.write(&name, &entry) {
+                tracing::error!(job_id = record.job_id, error = %e, "cannot spool the interrupted job's result");
+            }
+        }
+    }
+
+    /// `(name, path)` of the files with this extension.
+    fn files_with(&self, extension: &str) -> Vec<(String, PathBuf)> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .map(|item| item.path())
+            .filter_map(|path| {
+                let stem = path.file_stem()?.to_str()?.to_owned();
+                (path.extension()? == extension).then_some((stem, path))
+            })
+            .collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -65,63 +193,111 @@ impl Spool {
         self.dir.join(format!("{name}.json"))
     }
 
-    /// Writes the entry so that it is either wholly there or not at all (temp file + rename).
+    /// Writes the entry so that it is either wholly there or not at all, and stays there
+    /// through a power loss (temp file 0600, fsync, rename, fsync of the directory).
     pub fn write(&self, name: &str, entry: &SpoolEntry) -> Result<(), SpoolError> {
-        let path = self.entry_path(name);
-        let json = serde_json::to_vec(entry)
-            .map_err(|e| err(&path, std::io::Error::other(e.to_string())))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| err(&path, e))?;
-        std::io::Write::write_all(&mut tmp, &json).map_err(|e| err(&path, e))?;
-        tmp.as_file().sync_all().map_err(|e| err(&path, e))?;
-        tmp.persist(&path).map_err(|e| err(&path, e.error))?;
-        Ok(())
+        self.write_json(&self.entry_path(name), entry)
     }
 
-    /// Forgets a job: its entry and its log.
+    fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(value)
+            .map_err(|e| err(path, std::io::Error::other(e.to_string())))?;
+        // tempfile creates its files 0600.
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| err(path, e))?;
+        tmp.write_all(&json).map_err(|e| err(path, e))?;
+        tmp.as_file().sync_all().map_err(|e| err(path, e))?;
+        tmp.persist(path).map_err(|e| err(path, e.error))?;
+        self.sync_dir().map_err(|e| err(path, e))
+    }
+
+    /// Makes renames and removals in the spool durable.
+    fn sync_dir(&self) -> std::io::Result<()> {
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Forgets a job: its entry, its log and its lease record.
     pub fn remove(&self, name: &str) {
-        for path in [self.entry_path(name), self.log_path(name)] {
+        for path in [
+            self.entry_path(name),
+            self.log_path(name),
+            self.lease_path(name),
+        ] {
             if let Err(e) = std::fs::remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file");
             }
         }
+        let _ = self.sync_dir();
     }
 
-    /// Removes logs without an entry: jobs that were running when an earlier agent died (their
-    /// leases are gone, nothing will be sent for them).
+    /// Removes logs with neither an entry nor a lease record (nothing will be sent for them);
+    /// run after [`Spool::recover_interrupted`].
     pub fn remove_orphan_logs(&self) {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for item in dir.flatten() {
-            let path = item.path();
-            if path.extension().is_some_and(|e| e == "log") && !path.with_extension("json").exists()
-            {
+        for (name, path) in self.files_with("log") {
+            if !self.entry_path(&name).exists() && !self.lease_path(&name).exists() {
                 let _ = std::fs::remove_file(&path);
             }
         }
     }
 
+    /// [`Spool::write`] off the async runtime.
+    pub async fn write_async(&self, name: &str, entry: &SpoolEntry) -> Result<(), SpoolError> {
+        let (spool, name, entry) = (self.clone(), name.to_owned(), entry.clone());
+        let path = self.entry_path(&name);
+        tokio::task::spawn_blocking(move || spool.write(&name, &entry))
+            .await
+            .unwrap_or_else(|e| Err(err(&path, std::io::Error::other(e.to_string()))))
+    }
+
+    /// [`Spool::write_lease`] off the async runtime.
+    pub async fn write_lease_async(
+        &self,
+        name: &str,
+        record: &LeaseRecord,
+    ) -> Result<(), SpoolError> {
+        let (spool, name, record) = (self.clone(), name.to_owned(), record.clone());
+        let path = self.lease_path(&name);
+        tokio::task::spawn_blocking(move || spool.write_lease(&name, &record))
+            .await
+            .unwrap_or_else(|e| Err(err(&path, std::io::Error::other(e.to_string()))))
+    }
+
+    /// [`Spool::remove`] off the async runtime.
+    pub async fn remove_async(&self, name: &str) {
+        let (spool, name) = (self.clone(), name.to_owned());
+        let _ = tokio::task::spawn_blocking(move || spool.remove(&name)).await;
+    }
+
+    /// [`Spool::ensure_reserve`] off the async runtime.
+    pub async fn ensure_reserve_async(&self) {
+        let spool = self.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.ensure_reserve()).await;
+    }
+
+    /// At start, off the async runtime: reports the jobs an earlier run left unfinished, drops
+    /// orphan logs, and returns every entry to resend.
+    pub async fn prepare_async(&self) -> Vec<(String, SpoolEntry)> {
+        let spool = self.clone();
+        tokio::task::spawn_blocking(move || {
+            spool.recover_interrupted();
+            spool.remove_orphan_logs();
+            spool.ensure_reserve();
+            spool.entries()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// Every entry left by earlier runs, by name. Unreadable ones are logged and left in place.
     pub fn entries(&self) -> Vec<(String, SpoolEntry)> {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
         let mut entries = Vec::new();
-        for item in dir.flatten() {
-            let path = item.path();
-            let (Some(stem), Some("json")) = (
-                path.file_stem().and_then(|s| s.to_str()),
-                path.extension().and_then(|s| s.to_str()),
-            ) else {
-                continue;
-            };
+        for (stem, path) in self.files_with("json") {
             match std::fs::read(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<SpoolEntry>(&b).map_err(|e| e.to_string()))
             {
-                Ok(entry) => entries.push((stem.to_owned(), entry)),
+                Ok(entry) => entries.push((stem, entry)),
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "unreadable spool entry left in place")
                 }
@@ -182,5 +358,40 @@ mod tests {
         reopened.remove(&name);
         assert!(reopened.entries().is_empty());
         assert!(!reopened.log_path(&name).exists());
+    }
+
+    #[test]
+    fn a_lease_record_without_an_entry_becomes_an_error_completion_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        for path in [dir.path(), spool.dir()] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", path.display());
+        }
+        let name = Spool::new_name(3);
+        let record = LeaseRecord {
+            job_id: 3,
+            lease_id: "L3".into(),
+        };
+        spool.write_lease(&name, &record).unwrap();
+        std::fs::write(spool.log_path(&name), "partial").unwrap();
+        spool.recover_interrupted();
+        spool.remove_orphan_logs();
+        let entries = spool.entries();
+        assert_eq!(entries.len(), 1);
+        let (found, entry) = &entries[0];
+        assert_eq!(found, &name);
+        assert_eq!(entry.request.lease_id, "L3");
+        assert_eq!(entry.request.log_bytes, 7);
+        assert_eq!(entry.request.result.status, JobStatus::Error);
+        assert!(spool.log_path(&name).exists());
+        let mode = std::fs::metadata(spool.entry_path(&name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        spool.remove(&name);
+        assert!(spool.files_with("lease").is_empty());
     }
 }

@@ -1,11 +1,16 @@
 //! Sends a job's log file to the API in chunks, continuing from the server's `committed` each
-//! time (resending what it lacks, skipping what it has), until the whole log is there.
+//! time (resending what it lacks, skipping what it has), until the whole log is there, or until
+//! the log has made no progress for `log_give_up_seconds`.
+//!
+//! A `committed` beyond what was sent is a protocol error: logged, and streaming continues from
+//! what was sent, so no output is ever skipped on the server's word.
 //!
 //! It reads the log; it never writes it, and it never completes the job.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Ctx;
@@ -17,10 +22,6 @@ use crate::wire::pull::LogChunk;
 pub const MAX_CHUNK: usize = 1024 * 1024;
 /// How often new output is sent while it flows (the contract asks for at least once a second).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
-
-/// Answers in a row that take none of the log before the streamer gives up on it (a minute at
-/// [`FLUSH_EVERY`]); the job is then completed without the rest, as after a refused log.
-const MAX_STALLS: u32 = 120;
 
 /// How streaming ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,16 +40,22 @@ pub struct Streamer {
     lease_id: String,
     log: Arc<LogFile>,
     committed: u64,
+    /// No progress for this long: the rest of the log is not sent.
+    give_up_after: Duration,
+    /// A `committed` beyond what was sent was logged (once per job).
+    overshoot_logged: bool,
 }
 
 impl Streamer {
     pub fn new(ctx: Arc<Ctx>, job_id: i64, lease_id: String, log: Arc<LogFile>) -> Self {
         Streamer {
-            ctx,
             job_id,
             lease_id,
+            give_up_after: Duration::from_secs(ctx.state.settings.log_give_up_seconds),
+            ctx,
             log,
             committed: 0,
+            overshoot_logged: false,
         }
     }
 
@@ -89,6 +96,9 @@ impl Streamer {
             r = self.ctx.client.logs(self.job_id, &probe) => r,
         };
         match sent {
+            // Earlier runs sent the log up to its length at most: more is a protocol error, and
+            // the whole log is sent again (the server skips what it has).
+            Ok(LogsOutcome::Committed(n)) if n > self.log.len() => self.overshoot(n, 0),
             Ok(LogsOutcome::Committed(n)) => self.committed = n,
             Ok(LogsOutcome::Lost(_)) => return StreamEnd::Lost,
             Err(e) => {
@@ -102,11 +112,25 @@ impl Streamer {
         }
     }
 
-    /// Sends everything written so far.
+    /// A `committed` beyond `sent`: logged once, and streaming goes on from `sent`.
+    fn overshoot(&mut self, committed: u64, sent: u64) {
+        if !self.overshoot_logged {
+            tracing::error!(
+                job_id = self.job_id,
+                committed,
+                sent,
+                "protocol error: the API's `committed` is beyond what was sent; continuing from what was sent"
+            );
+            self.overshoot_logged = true;
+        }
+        self.committed = sent;
+    }
+
+    /// Sends everything written so far, or gives up after `give_up_after` without progress.
     async fn push(&mut self) -> Result<(), StreamEnd> {
-        let mut stalls = 0;
+        let mut last_progress = Instant::now();
         while self.committed < self.log.len() {
-            let data = match self.log.read(self.committed, MAX_CHUNK) {
+            let data = match self.log.read(self.committed, MAX_CHUNK).await {
                 Ok(Some(data)) => data,
                 Ok(None) => {
                     tracing::error!(
@@ -121,36 +145,38 @@ impl Streamer {
                     return Err(StreamEnd::Stopped);
                 }
             };
+            let sent = self.committed + data.len() as u64;
             let chunk = LogChunk {
                 lease_id: self.lease_id.clone(),
                 offset: self.committed,
                 data,
             };
-            match self.ctx.client.logs(self.job_id, &chunk).await {
+            let give_up_at = last_progress + self.give_up_after;
+            let answer = tokio::select! {
+                r = self.ctx.client.logs(self.job_id, &chunk) => r,
+                _ = tokio::time::sleep_until(give_up_at) => return Err(self.give_up()),
+            };
+            match answer {
                 Ok(LogsOutcome::Committed(n)) => {
-                    if n > self.committed {
+                    if n > sent {
+                        self.overshoot(n, sent);
+                    } else if n > self.committed {
                         self.ctx
                             .state
                             .metrics
                             .log_bytes_streamed(n - self.committed);
                         self.committed = n;
-                        stalls = 0;
                     } else {
-                        // The server took nothing new (it may have lost what it had): resend from
-                        // what it says, after a pause so a stuck server is not hammered; but not
-                        // forever, or the job would hold its slot for good.
-                        stalls += 1;
-                        if stalls > MAX_STALLS {
-                            tracing::error!(
-                                job_id = self.job_id,
-                                committed = n,
-                                "the API keeps taking none of the job's log; not streaming the rest"
-                            );
-                            return Err(StreamEnd::Stopped);
-                        }
+                        // The server took nothing new (it may have lost what it had): resend
+                        // from what it says, after a pause so a stuck server is not hammered.
                         self.committed = n;
-                        tokio::time::sleep(FLUSH_EVERY).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                            _ = tokio::time::sleep_until(give_up_at) => return Err(self.give_up()),
+                        }
+                        continue;
                     }
+                    last_progress = Instant::now();
                 }
                 Ok(LogsOutcome::Lost(_)) => return Err(StreamEnd::Lost),
                 Err(e) => {
@@ -160,5 +186,16 @@ impl Streamer {
             }
         }
         Ok(())
+    }
+
+    fn give_up(&self) -> StreamEnd {
+        tracing::error!(
+            job_id = self.job_id,
+            committed = self.committed,
+            log_bytes = self.log.len(),
+            give_up_seconds = self.give_up_after.as_secs(),
+            "the job's log made no progress on the API for log_give_up_seconds; not streaming the rest"
+        );
+        StreamEnd::Stopped
     }
 }

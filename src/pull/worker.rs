@@ -1,8 +1,14 @@
-//! The lease loop: asks for work only with a free slot (and, in ephemeral modes, only for jobs it
-//! will still run), hands each lease to a runner, and ends on drain, idleness or the job limit.
+//! The lease loop: asks for work only while a slot is free (and, in ephemeral modes, only for
+//! jobs it will still run), without holding the slot during the long poll, hands each lease to
+//! a runner, and ends on drain, idleness or the job limit.
+//!
+//! It paces itself: an answer that comes back well before the requested wait (or any answer,
+//! with a wait of 0) is followed by a jittered pause, so an idle agent makes at most about two
+//! lease calls a second whatever the server does.
 //!
 //! It never runs a job itself and never sends anything but `lease`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,11 +17,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::Ctx;
-use super::runner::{JobEnd, run_job};
+use super::runner::{JobEnd, catch_panic, complete_with_error, run_job};
 use crate::agent::AgentOptions;
 use crate::api::retry::MAX_BACKOFF;
 use crate::api::{ApiError, LeaseOutcome};
 use crate::wire::pull::LeaseRequest;
+
+/// The shortest pause after a quick lease answer; the pause is uniform in [`QUICK_PAUSE`, 2 ×
+/// [`QUICK_PAUSE`]].
+pub const QUICK_PAUSE: Duration = Duration::from_millis(500);
 
 /// How often the loop looks at its counters while it waits for jobs to end.
 const TICK: Duration = Duration::from_millis(100);
@@ -38,8 +48,9 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
         (false, n) => n,
     };
     let mut last_credentials_log: Option<Instant> = None;
+    let mut quick_logged = false;
     loop {
-        reap(&ctx, tasks);
+        let mut dropped = reap(&ctx, tasks);
         if state.shutdown.is_draining() {
             return WorkEnd::Draining;
         }
@@ -65,29 +76,52 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
             }
             continue;
         }
-        let slot = tokio::select! {
-            slot = state.slots.take() => slot,
+        tokio::select! {
+            _ = slot_free(&ctx) => {}
             _ = state.shutdown.draining() => return WorkEnd::Draining,
             _ = idle(&ctx, options) => return WorkEnd::Idle,
             // Wakes the loop to reap finished jobs (the job limit may now be reached).
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-        };
-        let capacity = (state.slots.free() + 1).min(budget.unwrap_or(u64::MAX) as usize);
+        }
+        // A leased job that was not started (start refused, lease gone) is a quick answer too:
+        // a server that keeps handing out such jobs must not make the agent spin.
+        dropped |= reap(&ctx, tasks);
+        if dropped && let Some(end) = quick_pause(&ctx, options, &mut quick_logged, None).await {
+            return end;
+        }
+        let capacity = state.slots.free().clamp(
+            1,
+            budget.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize,
+        );
+        let wait_seconds = state.settings.lease_wait_seconds;
         let request = LeaseRequest {
             agent_id: state.agent_id.clone(),
             hostname: ctx.hostname.clone(),
             version: crate::VERSION.to_owned(),
             labels: state.settings.labels.clone(),
             capacity,
-            wait_seconds: state.settings.lease_wait_seconds,
+            wait_seconds,
         };
+        let asked = Instant::now();
+        // No slot is held during the long poll: push mode may take one meanwhile.
         let outcome = tokio::select! {
             r = ctx.client.lease(&request) => r,
             // Abandons the long poll: no new job once shutdown began.
             _ = state.shutdown.draining() => return WorkEnd::Draining,
             _ = idle(&ctx, options) => return WorkEnd::Idle,
         };
+        let received = Instant::now();
+        let mut quick = false;
         match outcome {
+            Ok(LeaseOutcome::Job(lease)) if lease.lease_ttl_seconds == 0 => {
+                state.metrics.lease_call("job");
+                // Expired on arrival: the server would refuse any call for it.
+                tracing::error!(
+                    job_id = lease.job.job_id,
+                    "the API leased a job with lease_ttl_seconds 0: not started (the lease is already over)"
+                );
+                quick = true;
+            }
             Ok(LeaseOutcome::Job(lease)) => {
                 state.metrics.lease_call("job");
                 tracing::info!(
@@ -96,13 +130,51 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
                     "leased a job"
                 );
                 ctx.touch();
-                tasks.spawn(run_job(ctx.clone(), *lease, Instant::now(), slot));
+                let (job_id, lease_id, ttl) = (
+                    lease.job.job_id,
+                    lease.lease_id.clone(),
+                    lease.lease_ttl_seconds,
+                );
+                // Taken here, before the next lease call can count it as free; when push mode
+                // took it meanwhile, the job waits for one (and leasing waits with it).
+                let slot = match state.slots.try_take() {
+                    Some(slot) => Ok(slot),
+                    None => Err(ctx.awaiting_slot()),
+                };
+                let job = run_job(ctx.clone(), *lease, received, slot);
+                tasks.spawn(guarded(ctx.clone(), job_id, lease_id, ttl, received, job));
+            }
+            Ok(LeaseOutcome::Unreadable(bad)) => {
+                state.metrics.lease_call("job");
+                ctx.touch();
+                quick = true;
+                if bad.lease_ttl_seconds == 0 {
+                    tracing::error!(
+                        job_id = bad.job_id,
+                        error = %bad.error,
+                        "the API leased an unreadable job with lease_ttl_seconds 0: not started"
+                    );
+                } else {
+                    let message = format!("the agent cannot read this job: {}", bad.error);
+                    tasks.spawn(complete_with_error(
+                        ctx.clone(),
+                        bad.job_id,
+                        bad.lease_id,
+                        bad.lease_ttl_seconds,
+                        received,
+                        true,
+                        message,
+                    ));
+                }
             }
             Ok(LeaseOutcome::NoJob) => {
                 state.metrics.lease_call("empty");
+                // Well before the wait asked for (or no wait at all): the long poll is not
+                // pacing this agent, so it paces itself.
+                quick =
+                    received - asked < Duration::from_secs(wait_seconds) / 2 || wait_seconds == 0;
             }
             Err(e @ ApiError::Unauthorized { .. }) => {
-                drop(slot);
                 state.metrics.lease_call("unauthorized");
                 let message = e.to_string();
                 state.api_status.record_credentials_problem(message.clone());
@@ -115,7 +187,6 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
                 }
             }
             Err(e) => {
-                drop(slot);
                 state.metrics.lease_call("error");
                 tracing::error!(error = %e, "lease failed; retrying in {}s", MAX_BACKOFF.as_secs());
                 if let Some(end) = wait_or_stop(&ctx, options, MAX_BACKOFF).await {
@@ -123,21 +194,83 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
                 }
             }
         }
+        if quick
+            && let Some(end) =
+                quick_pause(&ctx, options, &mut quick_logged, Some(received - asked)).await
+        {
+            return end;
+        }
     }
 }
 
-/// Collects the jobs that ended.
-fn reap(ctx: &Ctx, tasks: &mut JoinSet<JobEnd>) {
+/// The jittered pause after a quick answer (0.5-1 s); the first one is logged.
+async fn quick_pause(
+    ctx: &Ctx,
+    options: &AgentOptions,
+    logged: &mut bool,
+    answered_in: Option<Duration>,
+) -> Option<WorkEnd> {
+    if !*logged {
+        tracing::warn!(
+            wait_seconds = ctx.state.settings.lease_wait_seconds,
+            answered_ms = answered_in.map(|d| d.as_millis() as u64),
+            "the API answered the lease long poll well before the wait asked for (or with a job that could not be started): pausing 0.5-1 s between such calls"
+        );
+        *logged = true;
+    }
+    let pause = QUICK_PAUSE + QUICK_PAUSE.mul_f64(fastrand::f64());
+    wait_or_stop(ctx, options, pause).await
+}
+
+/// Resolves when a slot is free and no leased job is still waiting for one.
+async fn slot_free(ctx: &Ctx) {
+    loop {
+        ctx.state.slots.wait_free().await;
+        if ctx.awaiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// Runs a job's task; a panic anywhere in it is logged and the job completed with `error`
+/// (its helpers died with the task).
+async fn guarded(
+    ctx: Arc<Ctx>,
+    job_id: i64,
+    lease_id: String,
+    ttl_seconds: u64,
+    received: Instant,
+    job: impl Future<Output = JobEnd>,
+) -> JobEnd {
+    match catch_panic(job).await {
+        Ok(end) => end,
+        Err(panic) => {
+            tracing::error!(job_id, panic = %panic, "the job's task panicked");
+            let message =
+                format!("the agent failed while running this job (internal error: {panic})");
+            complete_with_error(ctx, job_id, lease_id, ttl_seconds, received, false, message).await
+        }
+    }
+}
+
+/// Collects the jobs that ended; true when one of them was dropped without running.
+fn reap(ctx: &Ctx, tasks: &mut JoinSet<JobEnd>) -> bool {
+    let mut dropped = false;
     while let Some(done) = tasks.try_join_next() {
         match done {
             Ok(JobEnd::Ran) => {
                 ctx.ran.fetch_add(1, Ordering::AcqRel);
                 ctx.touch();
             }
-            Ok(JobEnd::Dropped) => ctx.touch(),
+            Ok(JobEnd::Dropped) => {
+                dropped = true;
+                ctx.touch();
+            }
             Err(e) => tracing::error!(error = %e, "a job task failed"),
         }
     }
+    dropped
 }
 
 /// Sleeps `wait` unless shutdown begins or the agent turns idle first.

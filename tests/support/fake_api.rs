@@ -68,6 +68,16 @@ pub struct Faults {
     /// dropped before (this fake never offers a leased job again, so a lost lease answer would
     /// be a job lost on the server's side, not the agent's).
     pub drop_rate: f64,
+    /// `lease` answers 204 at once, whatever the wait asked for.
+    pub instant_204: bool,
+    /// `lease` answers 200 with an endless body.
+    pub endless_lease_answer: bool,
+    /// `logs` keeps nothing and answers what it already had.
+    pub stall_logs: bool,
+    /// How many of the next log answers claim 1000 bytes more than the server holds.
+    pub overshoot_committed: u32,
+    /// Every complete answers 400 (a final refusal).
+    pub reject_complete: bool,
 }
 
 /// How many faults were injected, by kind.
@@ -191,6 +201,13 @@ impl FakeApi {
                 .as_ref()
                 .and_then(|l| g.leases.get(l))
                 .is_some_and(|info| Instant::now() > info.expires)
+    }
+
+    /// When the job's current lease expires by the fake's clock.
+    pub fn lease_expires(&self, job_id: i64) -> Option<Instant> {
+        let g = self.lock();
+        let lease = g.jobs.get(&job_id)?.lease_id.clone()?;
+        g.leases.get(&lease).map(|l| l.expires)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -373,8 +390,19 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
             return (StatusCode::UNPROCESSABLE_ENTITY, format!("{field} missing")).into_response();
         }
     }
+    if lock(&s).faults.endless_lease_answer {
+        set_status(&s, index, StatusCode::OK);
+        let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+        let endless = futures_util::stream::repeat_with(move || {
+            Ok::<_, std::convert::Infallible>(chunk.clone())
+        });
+        return (StatusCode::OK, axum::body::Body::from_stream(endless)).into_response();
+    }
     let capacity = body["capacity"].as_u64().unwrap_or(0);
-    let wait = Duration::from_secs(body["wait_seconds"].as_u64().unwrap_or(0));
+    let mut wait = Duration::from_secs(body["wait_seconds"].as_u64().unwrap_or(0));
+    if lock(&s).faults.instant_204 {
+        wait = Duration::ZERO;
+    }
     let until = Instant::now() + wait;
     loop {
         {
@@ -503,6 +531,14 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
                 return (StatusCode::UNPROCESSABLE_ENTITY, "offset and data required")
                     .into_response();
             };
+            if g.faults.stall_logs {
+                let committed = g.jobs[&job_id].log.len();
+                return axum::Json(json!({"committed": committed})).into_response();
+            }
+            let overshoot = g.faults.overshoot_committed > 0;
+            if overshoot {
+                g.faults.overshoot_committed -= 1;
+            }
             let lower = g.faults.lower_committed > 0;
             if lower {
                 g.faults.lower_committed -= 1;
@@ -534,7 +570,8 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
                 }
                 job.log.truncate(cut);
             }
-            axum::Json(json!({"committed": job.log.len()})).into_response()
+            let extra = if overshoot { 1000 } else { 0 };
+            axum::Json(json!({"committed": job.log.len() + extra})).into_response()
         }
         "complete" => {
             let missing: Vec<&str> = [
@@ -554,7 +591,9 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
             .into_iter()
             .filter(|f| body.get(*f).is_none())
             .collect();
-            if !missing.is_empty() {
+            if g.faults.reject_complete {
+                (StatusCode::BAD_REQUEST, "complete refused (injected)").into_response()
+            } else if !missing.is_empty() {
                 (
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!("missing {missing:?}"),

@@ -282,10 +282,15 @@ impl Agent {
         request.send().await.unwrap()
     }
 
-    /// Every file in the spool (results and whatever else is there).
+    /// Every file in the spool (results, logs, lease records and whatever else is there) but
+    /// the room the agent keeps free for results (`.reserve`).
     pub fn spool_files(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.state.join("spool"))
-            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .map(|d| {
+                d.map(|e| e.unwrap().path())
+                    .filter(|p| !p.ends_with(".reserve"))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
