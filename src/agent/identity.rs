@@ -51,10 +51,7 @@ fn load_or_create(state_dir: &Path) -> Result<String, IdentityError> {
             });
         }
     }
-    std::fs::create_dir_all(state_dir).map_err(|source| IdentityError::StateDir {
-        path: state_dir.display().to_string(),
-        source,
-    })?;
+    create_state_dir(state_dir)?;
     let id = generate();
     // Write then rename, so a crash never leaves a half-written id.
     let tmp = state_dir.join(".agent-id.tmp");
@@ -65,6 +62,20 @@ fn load_or_create(state_dir: &Path) -> Result<String, IdentityError> {
             source,
         })?;
     Ok(id)
+}
+
+/// Creates the state dir (and missing parents) readable by the agent's user only (0700): it
+/// holds the agent's identity, its lock and the spooled results. An existing dir is left as is.
+pub fn create_state_dir(state_dir: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|source| IdentityError::StateDir {
+            path: state_dir.display().to_string(),
+            source,
+        })
 }
 
 fn generate() -> String {
@@ -98,6 +109,16 @@ mod tests {
         let first = load_or_create(dir.path()).unwrap();
         assert!(valid_agent_id(&first), "{first}");
         assert_eq!(load_or_create(dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn the_state_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        load_or_create(&state).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
     }
 
     #[test]

@@ -38,11 +38,11 @@ pub struct RunArgs {
     /// Exit after one job is completed (ephemeral agents)
     #[arg(long)]
     pub once: bool,
-    /// Exit after N jobs are completed (ephemeral agents)
-    #[arg(long, value_name = "N")]
+    /// Exit after N jobs are completed (ephemeral agents; at least 1)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_jobs: Option<u64>,
-    /// Exit after SECS without a job (ephemeral agents)
-    #[arg(long, value_name = "SECS")]
+    /// Exit after SECS without a job (ephemeral agents; at least 1)
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_exit: Option<u64>,
 }
 

@@ -44,6 +44,10 @@ pub fn check(url: &str, allow: &[String]) -> Result<reqwest::Url, CallbackError>
 
 /// Posts `result` to `url` with `X-API-Key`, retrying network errors and 5xx/408/429 with
 /// exponential backoff for about a minute. Logs the outcome; never fails the job.
+///
+/// `client` must follow no redirects (see [`client`]): the allow list vouches for `url` only,
+/// and a redirect would carry the key and the result to a host nobody allowed. A 3xx answer is
+/// a failure, not retried.
 pub async fn deliver(
     client: &reqwest::Client,
     url: reqwest::Url,
@@ -56,12 +60,22 @@ pub async fn deliver(
             .header("X-API-Key", api_key.expose_secret())
             .json(result)
             .send()
-            .await?;
-        response.error_for_status().map(|_| ())
+            .await
+            .map_err(Failure::Http)?;
+        if response.status().is_redirection() {
+            return Err(Failure::Redirect(response.status().as_u16()));
+        }
+        response
+            .error_for_status()
+            .map(|_| ())
+            .map_err(Failure::Http)
     };
-    let retryable = |e: &reqwest::Error| match e.status() {
-        Some(s) => s.is_server_error() || s.as_u16() == 408 || s.as_u16() == 429,
-        None => true,
+    let retryable = |e: &Failure| match e {
+        Failure::Redirect(_) => false,
+        Failure::Http(e) => match e.status() {
+            Some(s) => s.is_server_error() || s.as_u16() == 408 || s.as_u16() == 429,
+            None => true,
+        },
     };
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
@@ -75,11 +89,31 @@ pub async fn deliver(
         }
         // Without the URL: `check` refuses credentials in it, but a query string could still
         // carry a token of the API's; the host is logged instead.
-        Err(e) => {
+        Err(Failure::Http(e)) => {
             let e = e.without_url();
             tracing::warn!(job_id = result.job_id, callback_host = %host, error = %e, "callback failed")
         }
+        Err(Failure::Redirect(status)) => {
+            tracing::warn!(job_id = result.job_id, callback_host = %host, status, "callback answered with a redirect: not followed, result not delivered")
+        }
     }
+}
+
+enum Failure {
+    Http(reqwest::Error),
+    Redirect(u16),
+}
+
+/// The HTTP client for callbacks: no redirects followed, a 30 s limit per attempt. `None` when
+/// it cannot be built (no fallback to a client that would follow redirects).
+pub fn client() -> Option<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("gryt-agent/", env!("CARGO_PKG_VERSION")))
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .inspect_err(|e| tracing::error!(error = %e, "cannot build the callback HTTP client"))
+        .ok()
 }
 
 #[cfg(test)]

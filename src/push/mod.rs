@@ -64,15 +64,23 @@ async fn run_in_slot(
         exit_code = result.exit_code,
         "push job finished"
     );
+    if result.status == crate::wire::JobStatus::Error {
+        // Maybe the agent's fault (Docker gone, a directory removed): check now, not in two
+        // seconds, so the next request already gets 503 if so.
+        state.readiness.wake();
+    }
 
     if let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) {
         match callback::check(url, &state.settings.push.callback_allow) {
-            Ok(url) => {
-                let result = result.clone();
-                tokio::spawn(async move {
-                    callback::deliver(http_client(), url, &presented_key, &result).await
-                });
-            }
+            Ok(url) => match http_client() {
+                Some(client) => {
+                    let result = result.clone();
+                    tokio::spawn(async move {
+                        callback::deliver(client, url, &presented_key, &result).await
+                    });
+                }
+                None => tracing::warn!(job_id = job.job_id, "callback not sent: no HTTP client"),
+            },
             Err(e) => tracing::warn!(job_id = job.job_id, error = %e, "callback ignored"),
         }
     }
@@ -91,15 +99,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
-fn http_client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .user_agent(concat!("gryt-agent/", env!("CARGO_PKG_VERSION")))
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .unwrap_or_default()
-    })
+fn http_client() -> Option<&'static reqwest::Client> {
+    static CLIENT: OnceLock<Option<reqwest::Client>> = OnceLock::new();
+    CLIENT.get_or_init(callback::client).as_ref()
 }
 
 fn panic_result(job_id: i64, error: tokio::task::JoinError) -> JobResult {
