@@ -116,6 +116,7 @@ async fn a_second_agent_on_the_same_state_dir_refuses_to_start_and_never_sweeps(
         free_port(),
     );
     cmd.stdout(Stdio::null());
+    let started = Instant::now();
     let mut second = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -128,6 +129,11 @@ async fn a_second_agent_on_the_same_state_dir_refuses_to_start_and_never_sweeps(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    println!(
+        "second agent exited {:?} after {:.2?}",
+        status.code(),
+        started.elapsed()
+    );
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -151,6 +157,7 @@ async fn sighup_and_sigquit_drain_like_sigterm() {
         let mut agent = Agent::push(&format!("signal-{signal}"), &[]).await;
         let job = push_job(&agent.url, 1, "sleep 2; echo finished");
         wait_running(&agent, 1).await;
+        let sent = Instant::now();
         agent.signal(signal);
         // The running job finishes and its result is delivered; then the agent exits 0.
         let (status, result) = job.await.unwrap();
@@ -158,6 +165,10 @@ async fn sighup_and_sigquit_drain_like_sigterm() {
         assert_eq!(result["status"], "success", "SIG{signal}: {result}");
         assert_eq!(result["stdout"], "finished\n");
         let code = agent.wait_exit(Duration::from_secs(30)).await;
+        println!(
+            "SIG{signal}: job finished, agent exited {code} {:.1?} after the signal",
+            sent.elapsed()
+        );
         assert_eq!(code, 0, "SIG{signal}: {}", agent.log_text());
         assert!(agent.log_text().contains("signal received"));
         agent.assert_clean().await;
@@ -213,6 +224,7 @@ async fn idle_connections_cannot_lock_out_health_or_push_and_are_closed() {
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap();
+    let asked = Instant::now();
     let health: serde_json::Value = client
         .get(format!("{}/health", agent.url))
         .send()
@@ -222,6 +234,7 @@ async fn idle_connections_cannot_lock_out_health_or_push_and_are_closed() {
         .await
         .unwrap();
     assert_eq!(health["status"], "healthy", "{health}");
+    let health_took = asked.elapsed();
     let (status, result) = push_job(&agent.url, 1, "echo through").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(result["stdout"], "through\n");
@@ -260,6 +273,8 @@ async fn idle_connections_cannot_lock_out_health_or_push_and_are_closed() {
         took >= Duration::from_secs(9),
         "closed before the timeout: {took:?}"
     );
-    println!("{IDLE} idle connections: all closed {took:.1?} after opening; {open} open at most");
+    println!(
+        "{IDLE} idle connections: /health answered in {health_took:.2?}; all closed {took:.1?} after opening; {open} open at most"
+    );
     assert!(agent.get("/health").await.status().is_success());
 }

@@ -92,6 +92,7 @@ async fn directories_removed_under_a_running_agent_are_made_again_or_stop_the_le
     // Removed: made again within a few seconds, and the next job runs as usual.
     std::fs::remove_dir_all(&spool).unwrap();
     std::fs::remove_dir_all(work.path()).unwrap();
+    let removed = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(15);
     while !(spool.is_dir() && work.path().is_dir()) {
         assert!(
@@ -101,6 +102,10 @@ async fn directories_removed_under_a_running_agent_are_made_again_or_stop_the_le
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    println!(
+        "directories made again {:.1?} after removal",
+        removed.elapsed()
+    );
     api.push_job(shell_job(1, "echo after-removal"));
     api.wait_for("job 1 completed", Duration::from_secs(60), |a| {
         a.job(1).completion.is_some()
@@ -114,7 +119,12 @@ async fn directories_removed_under_a_running_agent_are_made_again_or_stop_the_le
     std::fs::remove_dir_all(work.path()).unwrap();
     std::fs::write(work.path(), "not a directory").unwrap();
     let not_leasing = agent.log_text().matches("not leasing").count();
+    let blocked = Instant::now();
     let health = wait_health(&agent, "degraded").await;
+    println!(
+        "a file in the work dir's place: degraded {:.1?} after",
+        blocked.elapsed()
+    );
     assert!(
         health["reasons"].to_string().contains("is not a directory"),
         "{health}"
@@ -168,7 +178,12 @@ async fn descriptors_nearly_exhausted_take_no_job() {
     // Leave the agent 20 free descriptors: enough to answer, too few for a job.
     let limit = open_descriptors(agent.pid()) + 20;
     set_descriptor_limit(agent.pid(), limit);
+    let lowered = Instant::now();
     let health = wait_health(&agent, "degraded").await;
+    println!(
+        "descriptor limit {limit}: degraded {:.1?} after",
+        lowered.elapsed()
+    );
     assert!(
         health["reasons"]
             .to_string()
