@@ -65,9 +65,11 @@ async fn run_in_slot(
         "push job finished"
     );
     if result.status == crate::wire::JobStatus::Error {
-        // Maybe the agent's fault (Docker gone, a directory removed): check now, not in two
-        // seconds, so the next request already gets 503 if so.
-        state.readiness.wake();
+        tokio::spawn(check_after_error(
+            state.clone(),
+            job.job_id,
+            result.error.clone().unwrap_or_default(),
+        ));
     }
 
     if let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) {
@@ -85,6 +87,18 @@ async fn run_in_slot(
         }
     }
     result
+}
+
+/// After a job ended in `error`: checks the agent at once (not at the monitor's next tick). If
+/// the agent itself is now unable to run jobs (Docker gone, a directory removed), the error was
+/// most likely its fault: it is reported as such, so no job is taken until the agent is healthy
+/// again for a while (`readiness::INFRA_HOLD`), and the next request already gets 503.
+async fn check_after_error(state: Arc<AgentState>, job_id: i64, error: String) {
+    let probe = state.probe().await;
+    if !probe.problems.is_empty() {
+        state.report_infra_failure(format!("job {job_id}: {error}"));
+    }
+    state.readiness.record(probe);
 }
 
 /// Cancels the job when the request handling it is dropped before the job ended.
