@@ -85,6 +85,11 @@ pub enum AgentError {
     Identity(#[from] identity::IdentityError),
     #[error("{0}")]
     Lock(#[from] lock::LockError),
+    #[error("cannot create the work dir {path}: {source}")]
+    WorkDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Executor(#[from] ExecutorError),
     #[error("{0}")]
@@ -138,6 +143,12 @@ impl AgentState {
         let state_lock = lock::acquire(&settings.state_dir)?;
         let agent_id = identity::agent_id(&settings)?;
         let executor_settings = ExecutorSettings::from_settings(&settings, agent_id.clone())?;
+        // Made now, so that a work dir missing later means someone removed it.
+        let work_dir = &executor_settings.work_dir;
+        std::fs::create_dir_all(work_dir).map_err(|source| AgentError::WorkDir {
+            path: work_dir.display().to_string(),
+            source,
+        })?;
         executor_settings.register_secrets_for_logs();
         let executor = Arc::new(Executor::new(executor_settings)?);
         let slots = Slots::new(settings.concurrency);
