@@ -15,8 +15,8 @@ pub enum CallbackError {
     NotAllowed(String),
 }
 
-/// Checks `url` against the allow list (`host` or `host:port` entries; a bare host allows any
-/// port). Returns the URL to post to.
+/// Checks `url` against the allow list (`host` or `host:port` entries, IPv6 as `[addr]:port`
+/// or a bare address; a host without a port allows any port). Returns the URL to post to.
 pub fn check(url: &str, allow: &[String]) -> Result<reqwest::Url, CallbackError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| CallbackError::InvalidUrl)?;
     if !matches!(parsed.scheme(), "http" | "https")
@@ -30,16 +30,38 @@ pub fn check(url: &str, allow: &[String]) -> Result<reqwest::Url, CallbackError>
         .ok_or(CallbackError::InvalidUrl)?
         .to_ascii_lowercase();
     let port = parsed.port_or_known_default().unwrap_or(0);
-    let host_port = format!("{host}:{port}");
-    let allowed = allow
-        .iter()
-        .map(|a| a.trim().to_ascii_lowercase())
-        .any(|a| a == host || a == host_port);
-    if allowed {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if allow.iter().any(|entry| allows(entry, bare, port)) {
         Ok(parsed)
     } else {
-        Err(CallbackError::NotAllowed(host_port))
+        Err(CallbackError::NotAllowed(format!("{host}:{port}")))
     }
+}
+
+/// Whether one allow-list entry covers `host` (IPv6 without brackets) and `port`. An entry whose
+/// port is not a number covers nothing.
+fn allows(entry: &str, host: &str, port: u16) -> bool {
+    let entry = entry.trim().to_ascii_lowercase();
+    let (entry_host, entry_port) = if let Some(rest) = entry.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        }
+    } else if entry.matches(':').count() == 1 {
+        let (h, p) = entry.split_once(':').unwrap_or((&entry, ""));
+        (h, Some(p))
+    } else {
+        (entry.as_str(), None)
+    };
+    let port_ok = match entry_port {
+        None => true,
+        Some(p) => p.parse::<u16>().is_ok_and(|p| p == port),
+    };
+    !entry_host.is_empty() && entry_host == host && port_ok
 }
 
 /// Posts `result` to `url` with `X-API-Key`, retrying network errors and 5xx/408/429 with
@@ -143,5 +165,24 @@ mod tests {
             Err(CallbackError::InvalidUrl)
         );
         assert_eq!(check("not a url", &allow), Err(CallbackError::InvalidUrl));
+    }
+
+    #[test]
+    fn entries_with_and_without_a_port() {
+        let allow = vec![
+            " API.Internal:8443 ".to_string(),
+            "cb.internal".to_string(),
+            "[::1]:9000".to_string(),
+            "fd00::5".to_string(),
+            "bad.port:http".to_string(),
+        ];
+        assert!(check("https://api.internal:8443/cb", &allow).is_ok());
+        assert!(check("https://api.internal/cb", &allow).is_err());
+        assert!(check("http://cb.internal:1234/cb", &allow).is_ok());
+        assert!(check("http://[::1]:9000/cb", &allow).is_ok());
+        assert!(check("http://[::1]:9001/cb", &allow).is_err());
+        assert!(check("http://[fd00::5]:7/cb", &allow).is_ok());
+        assert!(check("http://bad.port/cb", &allow).is_err());
+        assert!(check("http://bad.port:80/cb", &allow).is_err());
     }
 }
