@@ -53,15 +53,31 @@ fn load_or_create(state_dir: &Path) -> Result<String, IdentityError> {
     }
     create_state_dir(state_dir)?;
     let id = generate();
-    // Write then rename, so a crash never leaves a half-written id.
+    write_id(state_dir, &path, &id)?;
+    Ok(id)
+}
+
+/// Writes `id` to `<state_dir>/agent-id` again when the file is gone (the state dir was removed
+/// under a running agent): a restart then keeps the id, and sweeps what this run leaves.
+pub fn restore(state_dir: &Path, id: &str) -> Result<(), IdentityError> {
+    let path = state_dir.join("agent-id");
+    if path.exists() {
+        return Ok(());
+    }
+    write_id(state_dir, &path, id)?;
+    tracing::warn!(path = %path.display(), "the agent id file was removed: wrote it again");
+    Ok(())
+}
+
+/// Write then rename, so a crash never leaves a half-written id.
+fn write_id(state_dir: &Path, path: &Path, id: &str) -> Result<(), IdentityError> {
     let tmp = state_dir.join(".agent-id.tmp");
     std::fs::write(&tmp, format!("{id}\n"))
-        .and_then(|_| std::fs::rename(&tmp, &path))
+        .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|source| IdentityError::File {
-            path: shown,
+            path: path.display().to_string(),
             source,
-        })?;
-    Ok(id)
+        })
 }
 
 /// Creates the state dir (and missing parents) readable by the agent's user only (0700): it
@@ -108,6 +124,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = load_or_create(dir.path()).unwrap();
         assert!(valid_agent_id(&first), "{first}");
+        assert_eq!(load_or_create(dir.path()).unwrap(), first);
+        std::fs::remove_file(dir.path().join("agent-id")).unwrap();
+        restore(dir.path(), &first).unwrap();
         assert_eq!(load_or_create(dir.path()).unwrap(), first);
     }
 

@@ -171,11 +171,22 @@ impl AgentState {
         }
         let dirs = self.required_dirs();
         let state_lock = self.state_lock.clone();
+        // A generated id lives in the state dir only: written again if the dir was removed.
+        let generated_id = match self.settings.agent_id {
+            Some(_) => None,
+            None => Some((self.settings.state_dir.clone(), self.agent_id.clone())),
+        };
         let work_dir = self.executor.settings().work_dir.clone();
         let min_free = self.settings.min_free_disk_mb;
         let local = tokio::task::spawn_blocking(move || {
+            let dirs_problem = ensure_dirs(&dirs, &state_lock).or_else(|| {
+                let (dir, id) = generated_id?;
+                super::identity::restore(&dir, &id)
+                    .err()
+                    .map(|e| e.to_string())
+            });
             [
-                (Cause::Directories, ensure_dirs(&dirs, &state_lock)),
+                (Cause::Directories, dirs_problem),
                 (Cause::Descriptors, resources::descriptor_problem()),
                 (Cause::Disk, resources::disk_problem(&work_dir, min_free)),
             ]
