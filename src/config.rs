@@ -17,6 +17,9 @@ use crate::executor::limits::{parse_cpus, parse_memory};
 /// Where the TOML file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gryt-agent/agent.toml";
 
+/// The largest `push.max_queue`: each waiting request holds a connection of the endpoint.
+pub const MAX_PUSH_QUEUE: usize = 256;
+
 /// Environment variable → setting key. Lists are comma-separated (`GRYT_AGENT_LABELS=a,b`),
 /// except the gryt command, which is split on whitespace.
 pub const ENV_VARS: &[(&str, &str)] = &[
@@ -37,6 +40,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_PUSH", "push.enabled"),
     ("GRYT_CALLBACK_ALLOW", "push.callback_allow"),
     ("GRYT_MAX_BODY_BYTES", "push.max_body_bytes"),
+    ("GRYT_PUSH_MAX_QUEUE", "push.max_queue"),
     ("GRYT_SECRET_ENV_PATTERNS", "secret_env_patterns"),
     ("AGENT_HOST", "host"),
     ("AGENT_PORT", "port"),
@@ -129,6 +133,8 @@ pub struct PushSettings {
     pub callback_allow: Vec<String>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Push requests that may wait for a free slot; one more is answered 429.
+    pub max_queue: usize,
 }
 
 impl Default for PushSettings {
@@ -137,6 +143,7 @@ impl Default for PushSettings {
             enabled: false,
             callback_allow: Vec::new(),
             max_body_bytes: 10 * 1024 * 1024,
+            max_queue: 16,
         }
     }
 }
@@ -409,6 +416,12 @@ impl Settings {
         if self.push.max_body_bytes < 1024 {
             return Err(key_error("push.max_body_bytes", "must be at least 1024"));
         }
+        if self.push.max_queue > MAX_PUSH_QUEUE {
+            return Err(key_error(
+                "push.max_queue",
+                format!("must be at most {MAX_PUSH_QUEUE}"),
+            ));
+        }
         for pattern in &self.secret_env_patterns {
             crate::secrets::mask::glob(pattern)
                 .map_err(|e| key_error("secret_env_patterns", format!("`{pattern}`: {e}")))?;
@@ -588,6 +601,11 @@ mod tests {
         let err = Settings::load_from(None, &[], &[("docker.pull_policy", "sometimes".into())])
             .unwrap_err();
         assert!(err.to_string().contains("pull_policy"), "{err}");
+        let err =
+            Settings::load_from(None, &env(&[("GRYT_PUSH_MAX_QUEUE", "257")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("push.max_queue"), "{err}");
+        let s = Settings::load_from(None, &env(&[("GRYT_PUSH_MAX_QUEUE", "0")]), &[]).unwrap();
+        assert_eq!(s.push.max_queue, 0);
     }
 
     #[test]

@@ -57,6 +57,14 @@ pub struct Metrics {
     api_errors: Family<CallLabel, Counter>,
     log_bytes: Counter,
     image_pulls: Family<OutcomeLabel, Counter>,
+    not_ready: Family<CauseLabel, Gauge>,
+    push_queue: Gauge,
+    connections: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
 }
 
 impl Metrics {
@@ -108,6 +116,24 @@ impl Metrics {
             "Image pulls, by outcome",
             image_pulls.clone(),
         );
+        let not_ready = Family::<CauseLabel, Gauge>::default();
+        let push_queue = Gauge::default();
+        let connections = Gauge::default();
+        registry.register(
+            "not_ready",
+            "1 while this cause stops the agent from taking jobs (docker, directories, descriptors, disk, infra_failure, not_checked)",
+            not_ready.clone(),
+        );
+        registry.register(
+            "push_queue",
+            "Push requests waiting for a free slot",
+            push_queue.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open connections to the local endpoint",
+            connections.clone(),
+        );
         slots_gauge.set(slots as i64);
         Metrics {
             registry,
@@ -120,6 +146,9 @@ impl Metrics {
             api_errors,
             log_bytes,
             image_pulls,
+            not_ready,
+            push_queue,
+            connections,
         }
     }
 
@@ -163,6 +192,21 @@ impl Metrics {
         self.image_pulls
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
+    }
+
+    /// `cause`: one of `agent::readiness::Cause`'s names.
+    pub fn set_not_ready(&self, cause: &'static str, on: bool) {
+        self.not_ready
+            .get_or_create(&CauseLabel { cause })
+            .set(i64::from(on));
+    }
+
+    pub fn set_push_queue(&self, waiting: usize) {
+        self.push_queue.set(waiting as i64);
+    }
+
+    pub fn set_connections(&self, open: usize) {
+        self.connections.set(open as i64);
     }
 
     pub fn set_slots(&self, slots: usize) {

@@ -1,6 +1,8 @@
-//! Job slots: how many jobs this agent runs at once, shared by pull and push mode.
+//! Job slots: how many jobs this agent runs at once, shared by pull and push mode, and the
+//! bounded queue of push requests waiting for one.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -8,6 +10,20 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct Slots {
     semaphore: Arc<Semaphore>,
     total: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A place in the queue for a slot; dropping it (the slot came, or the request went away)
+/// leaves the queue.
+#[derive(Debug)]
+pub struct QueuePlace {
+    queued: Arc<AtomicUsize>,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A taken slot; dropping it frees the slot.
@@ -21,6 +37,7 @@ impl Slots {
         Slots {
             semaphore: Arc::new(Semaphore::new(total)),
             total,
+            queued: Arc::default(),
         }
     }
 
@@ -34,6 +51,24 @@ impl Slots {
 
     pub fn running(&self) -> usize {
         self.total - self.free()
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// A place in the queue, unless `max` requests wait already. Hold it while waiting in
+    /// [`Slots::take`] (the semaphore serves waiters in order).
+    pub fn join_queue(&self, max: usize) -> Option<QueuePlace> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| QueuePlace {
+                queued: self.queued.clone(),
+            })
     }
 
     /// Takes a slot if one is free now.
@@ -77,5 +112,18 @@ mod tests {
         assert_eq!((slots.running(), slots.free()), (2, 0));
         drop(a);
         assert_eq!(slots.free(), 1);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_a_dropped_place_leaves_it() {
+        let slots = Slots::new(1);
+        let a = slots.join_queue(2).unwrap();
+        let _b = slots.join_queue(2).unwrap();
+        assert!(slots.join_queue(2).is_none());
+        assert_eq!(slots.queued(), 2);
+        drop(a);
+        assert_eq!(slots.queued(), 1);
+        assert!(slots.join_queue(2).is_some());
+        assert!(Slots::new(1).join_queue(0).is_none());
     }
 }

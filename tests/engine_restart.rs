@@ -1,5 +1,5 @@
 //! The Docker engine restarting under a running job: the job fails with status `error` and a
-//! clear message, `/health` turns `degraded`, and once the engine is back the agent takes jobs
+//! clear message, `/health` turns `degraded`, push requests get 503 meanwhile, and once the engine is back the agent takes jobs
 //! again and the stranded container is removed, with no restart of the agent.
 //!
 //! The test runs its OWN `dockerd` (Debian's docker.io) on a private socket and data root, in a
@@ -201,6 +201,24 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
     );
     let down = wait_health(&agent, "degraded", Duration::from_secs(15)).await;
     assert_eq!(down["docker_available"], false);
+    // The job's error is taken for the agent's own failure: no job until healthy for a while.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let h = agent.health().await;
+        if h["reasons"]
+            .to_string()
+            .contains("could not run because of the agent")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no infrastructure failure: {h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // While the engine is down the agent takes no job: 503 with Retry-After (the API runs it).
+    let refused = json!({"job_id": 72, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo no\n")});
+    let response = agent.execute(Some(KEY), refused.to_string()).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some());
 
     let docker = engine.start().await;
     wait_health(&agent, "healthy", Duration::from_secs(30)).await;

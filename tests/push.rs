@@ -134,19 +134,75 @@ async fn a_failing_job_is_200_with_success_false_and_its_exit_code() {
 }
 
 #[tokio::test]
-async fn a_full_agent_answers_429_with_retry_after() {
-    let agent = Arc::new(Agent::push("push-busy", &[("GRYT_CONCURRENCY", "1")]).await);
-    let slow = json!({"job_id": 3, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: sleep 3\n")}).to_string();
-    let first = {
+async fn over_capacity_requests_wait_in_a_bounded_queue_and_only_a_full_queue_gets_429() {
+    let agent = Arc::new(
+        Agent::push(
+            "push-queue",
+            &[("GRYT_CONCURRENCY", "1"), ("GRYT_PUSH_MAX_QUEUE", "2")],
+        )
+        .await,
+    );
+    let job = |id: i64, script: &str| support::shell_job(id, script).to_string();
+    let send = |body: String| {
         let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(Some(KEY), slow).await.status() })
+        tokio::spawn(async move {
+            let response = agent.execute(Some(KEY), body).await;
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        })
     };
+    let first = send(job(30, "sleep 8; echo first"));
     wait_for_running(&agent, 1).await;
+    // Every slot busy: the next request waits instead of being refused.
+    let second = send(job(31, "echo second"));
+    wait_for_queue(&agent, 1).await;
+    // A waiting client that gives up leaves the queue, and its job never runs.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .post(format!("{}/jobs/execute", agent.url))
+        .header("X-API-Key", KEY)
+        .body(job(32, "echo never"))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the impatient client timed out");
+    wait_for_queue(&agent, 1).await;
+    let third = send(job(33, "echo third"));
+    wait_for_queue(&agent, 2).await;
+    // The queue is full: 429 with Retry-After, and /health still answers at once.
     let response = agent.execute(Some(KEY), hello_body()).await;
     assert_eq!(response.status(), 429);
     assert!(response.headers().get("retry-after").is_some());
-    assert_eq!(first.await.unwrap(), 200);
+    let health: Value = agent.get("/health").await.json().await.unwrap();
+    assert_eq!(health["push_queue"], 2, "{health}");
+    assert_eq!(health["push_queue_max"], 2, "{health}");
+
+    for (task, out) in [(first, "first\n"), (second, "second\n"), (third, "third\n")] {
+        let (status, result) = task.await.unwrap();
+        assert_eq!(status, 200, "{result}");
+        assert_eq!(result["status"], "success", "{result}");
+        assert_eq!(result["stdout"], out);
+    }
+    // Three jobs ran: the abandoned one never did.
+    let text = agent.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("gryt_agent_jobs_started_total{mode=\"push\"} 3"),
+        "{text}"
+    );
+    assert!(text.contains("gryt_agent_push_queue 0"), "{text}");
     agent.assert_clean().await;
+}
+
+async fn wait_for_queue(agent: &Agent, n: u64) {
+    for _ in 0..200 {
+        let health: Value = agent.get("/health").await.json().await.unwrap();
+        if health["push_queue"] == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the push queue never held {n}");
 }
 
 async fn wait_for_running(agent: &Agent, n: u64) {
@@ -178,15 +234,29 @@ async fn health_reports_docker_and_degrades_when_it_is_unreachable() {
     let health: Value = response.json().await.unwrap();
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["docker_available"], false);
-    // A job on an agent without Docker fails with a clear error and the agent keeps running.
-    let result: Value = dead
-        .execute(Some(KEY), hello_body())
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(result["status"], "error");
+    assert!(
+        health["reasons"]
+            .to_string()
+            .contains("the Docker engine does not answer"),
+        "{health}"
+    );
+    // An agent that cannot run jobs takes none: 503 with Retry-After, so the API runs the job
+    // itself; the agent keeps running.
+    let response = dead.execute(Some(KEY), hello_body()).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some());
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("Docker engine"),
+        "{body}"
+    );
+    assert!(!dead.log_text().contains("push job started"));
     assert!(dead.get("/").await.status().is_success());
+    let text = dead.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("gryt_agent_not_ready{cause=\"docker\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -293,6 +363,56 @@ async fn callbacks_reach_allowed_hosts_only() {
     );
 }
 
+/// A receiver on an allowed host that answers every callback with a 307 to `to`.
+async fn redirector(to: String) -> (u16, Arc<Mutex<usize>>) {
+    let hits: Arc<Mutex<usize>> = Arc::default();
+    let count = hits.clone();
+    let app = axum::Router::new().route(
+        "/callback",
+        axum::routing::post(move || {
+            let (count, to) = (count.clone(), to.clone());
+            async move {
+                *count.lock().unwrap() += 1;
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, to)],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, hits)
+}
+
+#[tokio::test]
+async fn a_callback_redirect_is_not_followed() {
+    let (elsewhere_port, elsewhere_seen) = receiver().await;
+    let (port, hits) = redirector(format!("http://127.0.0.1:{elsewhere_port}/callback")).await;
+    // Only the redirecting host and port are allowed.
+    let allow = format!("127.0.0.1:{port}");
+    let agent = Agent::push("push-redirect", &[("GRYT_CALLBACK_ALLOW", &allow)]).await;
+    let body = json!({"job_id": 12, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo cb\n"),
+                      "callback_url": format!("http://127.0.0.1:{port}/callback")});
+    assert_eq!(
+        agent.execute(Some(KEY), body.to_string()).await.status(),
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !agent.log_text().contains("redirect: not followed") {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A redirect is a final failure: asked once, not retried, and nothing reached the target.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(*hits.lock().unwrap(), 1);
+    assert!(
+        elsewhere_seen.lock().unwrap().is_empty(),
+        "the key and the result followed the redirect"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_disconnects_mid_job_leaves_nothing_behind() {
     let agent = Agent::push("push-disconnect", &[]).await;
@@ -330,7 +450,11 @@ async fn a_client_that_disconnects_mid_job_leaves_nothing_behind() {
 async fn push_mode_refuses_to_start_with_a_short_or_missing_key() {
     let image = support::test_image().await;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for key in [Some("too-short"), None] {
+    for (key, previous) in [
+        (Some("too-short"), None),
+        (None, None),
+        (Some(KEY), Some("too-short")),
+    ] {
         let mut cmd = push::command(
             &image,
             "short-key",
@@ -342,12 +466,19 @@ async fn push_mode_refuses_to_start_with_a_short_or_missing_key() {
         if let Some(key) = key {
             cmd.env("AGENT_API_KEY", key);
         }
+        // The previous key is held to the same minimum as the current one.
+        if let Some(previous) = previous {
+            cmd.env("AGENT_API_KEY_PREVIOUS", previous);
+        }
         let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
             .unwrap();
         assert_eq!(out.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("at least 32 characters"), "{stderr}");
+        if previous.is_some() {
+            assert!(stderr.contains("AGENT_API_KEY_PREVIOUS"), "{stderr}");
+        }
         assert!(
             !stderr.contains("too-short"),
             "the key must not be echoed: {stderr}"

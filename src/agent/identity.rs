@@ -51,20 +51,47 @@ fn load_or_create(state_dir: &Path) -> Result<String, IdentityError> {
             });
         }
     }
-    std::fs::create_dir_all(state_dir).map_err(|source| IdentityError::StateDir {
-        path: state_dir.display().to_string(),
-        source,
-    })?;
+    create_state_dir(state_dir)?;
     let id = generate();
-    // Write then rename, so a crash never leaves a half-written id.
+    write_id(state_dir, &path, &id)?;
+    Ok(id)
+}
+
+/// Writes `id` to `<state_dir>/agent-id` again when the file is gone (the state dir was removed
+/// under a running agent): a restart then keeps the id, and sweeps what this run leaves.
+pub fn restore(state_dir: &Path, id: &str) -> Result<(), IdentityError> {
+    let path = state_dir.join("agent-id");
+    if path.exists() {
+        return Ok(());
+    }
+    write_id(state_dir, &path, id)?;
+    tracing::warn!(path = %path.display(), "the agent id file was removed: wrote it again");
+    Ok(())
+}
+
+/// Write then rename, so a crash never leaves a half-written id.
+fn write_id(state_dir: &Path, path: &Path, id: &str) -> Result<(), IdentityError> {
     let tmp = state_dir.join(".agent-id.tmp");
     std::fs::write(&tmp, format!("{id}\n"))
-        .and_then(|_| std::fs::rename(&tmp, &path))
+        .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|source| IdentityError::File {
-            path: shown,
+            path: path.display().to_string(),
             source,
-        })?;
-    Ok(id)
+        })
+}
+
+/// Creates the state dir (and missing parents) readable by the agent's user only (0700): it
+/// holds the agent's identity, its lock and the spooled results. An existing dir is left as is.
+pub fn create_state_dir(state_dir: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|source| IdentityError::StateDir {
+            path: state_dir.display().to_string(),
+            source,
+        })
 }
 
 fn generate() -> String {
@@ -98,6 +125,19 @@ mod tests {
         let first = load_or_create(dir.path()).unwrap();
         assert!(valid_agent_id(&first), "{first}");
         assert_eq!(load_or_create(dir.path()).unwrap(), first);
+        std::fs::remove_file(dir.path().join("agent-id")).unwrap();
+        restore(dir.path(), &first).unwrap();
+        assert_eq!(load_or_create(dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn the_state_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        load_or_create(&state).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! The long-running agent (`gryt-agent run`): shared state, the local endpoint, the modes that
 //! feed it jobs, signals and the drain on shutdown.
 //!
-//! Shutdown: the first SIGTERM/SIGINT stops taking jobs at once; running jobs get
-//! `shutdown_timeout_seconds` to finish, then they are cancelled (status `cancelled`); a second
-//! signal kills them at once. The agent exits 0 once every job has been reported.
+//! Shutdown: the first SIGTERM, SIGINT, SIGHUP or SIGQUIT stops taking jobs at once (a drain);
+//! running jobs get `shutdown_timeout_seconds` to finish, then they are cancelled (status
+//! `cancelled`); a second one of any of them kills them at once. Either way every job is cleaned
+//! up and reported, and the agent exits 0. SIGHUP (a closed terminal, or a reload by habit) and
+//! SIGQUIT (Ctrl-\) would otherwise kill the process without cleanup.
 
 pub mod identity;
 pub mod jobs;
+pub mod lock;
+pub mod readiness;
 pub mod resources;
 pub mod status;
 pub mod sweep;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -41,6 +45,10 @@ pub struct AgentState {
     pub jobs: RunningJobs,
     pub api_status: ApiStatus,
     pub shutdown: Shutdown,
+    /// Whether a job can run now (cached checks; see [`readiness`]).
+    pub readiness: readiness::Readiness,
+    /// The state dir's lock, held for the process's life (taken again if its file is removed).
+    pub state_lock: Arc<Mutex<Option<lock::StateLock>>>,
 }
 
 /// Ephemeral-agent limits (autoscaled fleets): exit after some work or some idleness.
@@ -69,8 +77,19 @@ pub enum AgentError {
         "pull mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE): the key the API knows this agent by"
     )]
     PullKey,
+    #[error(
+        "AGENT_API_KEY_PREVIOUS must be at least {MIN_PUSH_KEY_LEN} characters, like the current key (or unset)"
+    )]
+    PreviousPushKey,
     #[error("{0}")]
     Identity(#[from] identity::IdentityError),
+    #[error("{0}")]
+    Lock(#[from] lock::LockError),
+    #[error("cannot create the work dir {path}: {source}")]
+    WorkDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Executor(#[from] ExecutorError),
     #[error("{0}")]
@@ -107,6 +126,14 @@ impl AgentState {
         if pull && key_len == 0 {
             return Err(AgentError::PullKey);
         }
+        let previous_len = settings
+            .api_key_previous
+            .as_ref()
+            .map(|k| k.expose_secret().len())
+            .unwrap_or(0);
+        if push && previous_len > 0 && previous_len < MIN_PUSH_KEY_LEN {
+            return Err(AgentError::PreviousPushKey);
+        }
         let push_keys = match (&api_key, push) {
             (Some(key), true) => Some(crate::push::auth::PushKeys::new(
                 key.clone(),
@@ -114,8 +141,18 @@ impl AgentState {
             )),
             _ => None,
         };
+        // Locked before anything else touches the state dir: a second agent on it stops here,
+        // before it sweeps the first one's containers or replays its spool.
+        identity::create_state_dir(&settings.state_dir)?;
+        let state_lock = lock::acquire(&settings.state_dir)?;
         let agent_id = identity::agent_id(&settings)?;
         let executor_settings = ExecutorSettings::from_settings(&settings, agent_id.clone())?;
+        // Made now, so that a work dir missing later means someone removed it.
+        let work_dir = &executor_settings.work_dir;
+        std::fs::create_dir_all(work_dir).map_err(|source| AgentError::WorkDir {
+            path: work_dir.display().to_string(),
+            source,
+        })?;
         executor_settings.register_secrets_for_logs();
         let executor = Arc::new(Executor::new(executor_settings)?);
         let slots = Slots::new(settings.concurrency);
@@ -131,15 +168,32 @@ impl AgentState {
             jobs: RunningJobs::default(),
             api_status: ApiStatus::default(),
             shutdown: Shutdown::default(),
+            readiness: readiness::Readiness::default(),
+            state_lock: Arc::new(Mutex::new(Some(state_lock))),
         }))
     }
 
-    /// Why this agent cannot take a job now (too little free disk), if it cannot.
+    /// Why this agent cannot take a job now, if it cannot: Docker does not answer, a directory
+    /// is missing and cannot be made again, descriptors or disk space are short, or a job just
+    /// failed because of the agent. Cheap (it reads the last check; see [`readiness`]): called
+    /// before every lease and every push admission.
     pub fn capacity_problem(&self) -> Option<String> {
-        resources::disk_problem(
-            &self.executor.settings().work_dir,
-            self.settings.min_free_disk_mb,
-        )
+        let problems = self.readiness.problems();
+        if problems.is_empty() {
+            return None;
+        }
+        let reasons: Vec<String> = problems.into_iter().map(|(_, r)| r).collect();
+        Some(reasons.join("; "))
+    }
+
+    /// For the code that runs jobs: a job failed because of the agent, not of the job (the
+    /// Docker engine went away, the work dir vanished, descriptors ran out). Report the job as
+    /// `error` saying the agent could not run it, then call this: the agent takes no job (no
+    /// lease, push answers 503) until `readiness::INFRA_HOLD` has passed and a full check finds
+    /// nothing wrong, and `/health` says why meanwhile.
+    pub fn report_infra_failure(&self, reason: impl Into<String>) {
+        self.metrics.set_not_ready("infra_failure", true);
+        self.readiness.report_infra_failure(reason);
     }
 
     /// Where the endpoint listens: `AGENT_HOST` else `0.0.0.0` with push mode (the API must
@@ -164,6 +218,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     // Installed first and kept for the whole run: a signal that arrives at any moment from here
     // on (even before readiness is announced, or between the first and the second) is seen.
     let mut signals = Signals::install();
+    let descriptors = resources::raise_descriptor_limit();
     let state = AgentState::new(settings)?;
     // Checked before anything listens or connects: a refused URL means no traffic at all.
     let pull = match state.settings.api_url {
@@ -180,12 +235,16 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         })?;
     // Leftovers of an earlier run go before the first job can arrive.
     let sweeper = sweep::start(state.clone()).await;
+    // The first check before any job can arrive; then one every few seconds.
+    readiness::check_once(&state, &mut Vec::new()).await;
+    let monitor = readiness::start_monitor(state.clone());
     tracing::info!(
         agent_id = %state.agent_id,
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
         pull = state.settings.api_url.is_some(),
         push = state.settings.push.enabled,
         slots = state.slots.total(),
+        descriptors = descriptors.unwrap_or(u64::MAX),
         "gryt-agent {} running",
         crate::VERSION
     );
@@ -196,6 +255,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         tokio::spawn(crate::server::serve(
             listener,
             crate::server::router(state.clone()),
+            crate::server::Limits::for_descriptors(descriptors),
+            state.clone(),
             async move { shutdown.stopped().await },
         ))
     };
@@ -220,6 +281,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     }
     state.shutdown.stop();
     sweeper.abort();
+    monitor.abort();
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }
@@ -273,10 +335,13 @@ async fn wait_until_idle(state: &AgentState) {
     }
 }
 
-/// SIGTERM and SIGINT, registered once for the agent's whole life.
+/// SIGTERM, SIGINT, SIGHUP and SIGQUIT, registered once for the agent's whole life. All four
+/// mean the same: drain (the first), kill the jobs (the next).
 pub struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+    quit: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -285,11 +350,13 @@ impl Signals {
         Signals {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+            quit: signal(SignalKind::quit()).ok(),
         }
     }
 
-    /// Resolves on the next SIGTERM or SIGINT; never, if no handler could be installed (the
-    /// agent can then only be killed, but never stops spuriously).
+    /// Resolves on the next SIGTERM, SIGINT, SIGHUP or SIGQUIT; never, if no handler could be
+    /// installed (the agent can then only be killed, but never stops spuriously).
     pub async fn next(&mut self) {
         async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
             match signal {
@@ -304,6 +371,8 @@ impl Signals {
         tokio::select! {
             _ = recv(&mut self.term) => {}
             _ = recv(&mut self.int) => {}
+            _ = recv(&mut self.hup) => {}
+            _ = recv(&mut self.quit) => {}
         }
     }
 }

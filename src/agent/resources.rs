@@ -1,7 +1,9 @@
-//! Resource guards: the free disk space below which the agent takes no new job.
+//! Resource guards: the free disk space and file descriptors below which the agent takes no new
+//! job.
 //!
-//! A full disk fails jobs in confusing ways (a clone that stops halfway, a build that cannot
-//! write); it is better not to take them and to say why on `/health`.
+//! A full disk or a descriptor table at its limit fails jobs in confusing ways (a clone that
+//! stops halfway, a build that cannot write, a Docker call that cannot connect); it is better not
+//! to take them and to say why on `/health`.
 
 use std::path::Path;
 
@@ -36,6 +38,51 @@ pub fn disk_problem(work_dir: &Path, min_free_mb: u64) -> Option<String> {
     }
 }
 
+/// Descriptors a job may need beyond what the agent holds (Docker connections, the log file,
+/// the clone's pack files, the API client): fewer free than this and no job is taken.
+pub const MIN_FREE_DESCRIPTORS: u64 = 64;
+
+/// The soft `RLIMIT_NOFILE` of this process (`None`: unlimited).
+pub fn descriptor_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one (the endpoint's connections and the jobs
+/// share the table; many systems start services at a soft 1024). Returns the soft limit now.
+pub fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(error = %e, "cannot raise the descriptor limit");
+        }
+    }
+    descriptor_limit()
+}
+
+/// Descriptors this process has open (entries of `/proc/self/fd`, less the one reading it).
+pub fn open_descriptors() -> std::io::Result<u64> {
+    let count = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+    Ok(count.saturating_sub(1))
+}
+
+/// Why the descriptor table cannot take a job now, if it cannot.
+pub fn descriptor_problem() -> Option<String> {
+    let limit = descriptor_limit()?;
+    match open_descriptors() {
+        Ok(open) if limit.saturating_sub(open) >= MIN_FREE_DESCRIPTORS => None,
+        Ok(open) => Some(format!(
+            "only {} of {limit} file descriptors free (RLIMIT_NOFILE; a job needs {MIN_FREE_DESCRIPTORS}): taking no jobs",
+            limit.saturating_sub(open)
+        )),
+        // EMFILE itself: reading the table needs a descriptor.
+        Err(e) => Some(format!(
+            "cannot count the open file descriptors ({e}): taking no jobs"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +96,13 @@ mod tests {
         assert_eq!(disk_problem(dir.path(), 1), None);
         let problem = disk_problem(dir.path(), u64::MAX / (1024 * 1024)).unwrap();
         assert!(problem.contains("min_free_disk_mb"), "{problem}");
+    }
+
+    #[test]
+    fn descriptors_are_counted_against_the_limit() {
+        let open = open_descriptors().unwrap();
+        assert!(open >= 3, "{open}");
+        let limit = descriptor_limit().unwrap_or(u64::MAX);
+        assert!(limit > open);
     }
 }

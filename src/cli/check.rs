@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use gryt_agent::agent::MIN_PUSH_KEY_LEN;
+use gryt_agent::agent::{MIN_PUSH_KEY_LEN, identity, resources};
 use gryt_agent::api::{ApiClient, ApiError, Call, CallHooks, HeartbeatOutcome};
 use gryt_agent::config::{PullPolicy, Settings};
 use gryt_agent::executor::{Executor, ExecutorSettings};
@@ -46,6 +46,7 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     };
     check_modes(&settings, &mut list);
     check_dirs(&settings, &mut list);
+    check_descriptors(&mut list);
     check_docker(&settings, &mut list).await;
     check_api(&settings, &mut list).await;
     if list.failures == 0 {
@@ -106,7 +107,13 @@ fn check_dirs(settings: &Settings, list: &mut Checklist) {
         ("state dir", settings.state_dir.clone()),
         ("work dir", settings.work_dir()),
     ] {
-        let probe = std::fs::create_dir_all(&dir).and_then(|_| tempfile::tempfile_in(&dir));
+        // The state dir as the agent makes it: private (0700).
+        let made = if what == "state dir" {
+            identity::create_state_dir(&dir).map_err(std::io::Error::other)
+        } else {
+            std::fs::create_dir_all(&dir)
+        };
+        let probe = made.and_then(|_| tempfile::tempfile_in(&dir));
         match probe {
             Ok(_) => list.ok(format!("{what} {} is writable", dir.display())),
             Err(e) => list.fail(
@@ -114,6 +121,18 @@ fn check_dirs(settings: &Settings, list: &mut Checklist) {
                 "create it and give the agent's user write access (or set GRYT_STATE_DIR / GRYT_WORK_DIR)",
             ),
         }
+    }
+}
+
+/// The descriptor limit the agent would get (it raises its soft limit to the hard one).
+fn check_descriptors(list: &mut Checklist) {
+    match resources::raise_descriptor_limit() {
+        Some(limit) if limit < 4096 => list.warn(
+            format!("the file descriptor limit is {limit}"),
+            "raise it (LimitNOFILE=65536 in the systemd unit, `ulimit -n` in a shell): the endpoint's connections and the jobs share it",
+        ),
+        Some(limit) => list.ok(format!("file descriptor limit {limit}")),
+        None => list.ok("file descriptor limit: unlimited"),
     }
 }
 

@@ -64,19 +64,41 @@ async fn run_in_slot(
         exit_code = result.exit_code,
         "push job finished"
     );
+    if result.status == crate::wire::JobStatus::Error {
+        tokio::spawn(check_after_error(
+            state.clone(),
+            job.job_id,
+            result.error.clone().unwrap_or_default(),
+        ));
+    }
 
     if let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) {
         match callback::check(url, &state.settings.push.callback_allow) {
-            Ok(url) => {
-                let result = result.clone();
-                tokio::spawn(async move {
-                    callback::deliver(http_client(), url, &presented_key, &result).await
-                });
-            }
+            Ok(url) => match http_client() {
+                Some(client) => {
+                    let result = result.clone();
+                    tokio::spawn(async move {
+                        callback::deliver(client, url, &presented_key, &result).await
+                    });
+                }
+                None => tracing::warn!(job_id = job.job_id, "callback not sent: no HTTP client"),
+            },
             Err(e) => tracing::warn!(job_id = job.job_id, error = %e, "callback ignored"),
         }
     }
     result
+}
+
+/// After a job ended in `error`: checks the agent at once (not at the monitor's next tick). If
+/// the agent itself is now unable to run jobs (Docker gone, a directory removed), the error was
+/// most likely its fault: it is reported as such, so no job is taken until the agent is healthy
+/// again for a while (`readiness::INFRA_HOLD`), and the next request already gets 503.
+async fn check_after_error(state: Arc<AgentState>, job_id: i64, error: String) {
+    let probe = state.probe().await;
+    if !probe.problems.is_empty() {
+        state.report_infra_failure(format!("job {job_id}: {error}"));
+    }
+    state.readiness.record(probe);
 }
 
 /// Cancels the job when the request handling it is dropped before the job ended.
@@ -91,15 +113,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
-fn http_client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .user_agent(concat!("gryt-agent/", env!("CARGO_PKG_VERSION")))
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .unwrap_or_default()
-    })
+fn http_client() -> Option<&'static reqwest::Client> {
+    static CLIENT: OnceLock<Option<reqwest::Client>> = OnceLock::new();
+    CLIENT.get_or_init(callback::client).as_ref()
 }
 
 fn panic_result(job_id: i64, error: tokio::task::JoinError) -> JobResult {

@@ -1,4 +1,5 @@
-//! `GET /health`: whether this agent can take jobs, and why not.
+//! `GET /health`: whether this agent can take jobs, and why not. Answers at once: it reads the
+//! last readiness check (every 2 s), never pings Docker itself.
 
 use std::sync::Arc;
 
@@ -21,6 +22,11 @@ pub struct Health {
     pub capacity: usize,
     pub free_slots: usize,
     pub draining: bool,
+    /// Push requests waiting for a slot, and how many may (push mode only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_queue: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_queue_max: Option<usize>,
     /// Why the status is `degraded` (empty when healthy).
     pub reasons: Vec<String>,
     /// Pull mode's view of the API; absent without pull mode.
@@ -34,14 +40,13 @@ pub async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
 
 impl AgentState {
     pub async fn health(&self) -> Health {
-        let docker_available = self.executor.ping().await;
-        let mut reasons = Vec::new();
-        if !docker_available {
-            reasons.push("the Docker engine does not answer".to_owned());
-        }
-        if let Some(problem) = self.capacity_problem() {
-            reasons.push(problem);
-        }
+        let docker_available = self.readiness.docker_available();
+        let mut reasons: Vec<String> = self
+            .readiness
+            .problems()
+            .into_iter()
+            .map(|(_, reason)| reason)
+            .collect();
         let api = self
             .settings
             .api_url
@@ -63,6 +68,11 @@ impl AgentState {
             capacity: self.slots.total(),
             free_slots: self.slots.free(),
             draining: self.shutdown.is_draining(),
+            push_queue: self.push_keys.as_ref().map(|_| self.slots.queued()),
+            push_queue_max: self
+                .push_keys
+                .as_ref()
+                .map(|_| self.settings.push.max_queue),
             reasons,
             api,
         }

@@ -1,18 +1,18 @@
 //! The local HTTP endpoint: `GET /`, `GET /health`, `GET /metrics` and (push mode)
 //! `POST /jobs/execute`. Handlers are thin: they read the agent's state or call the executor.
 
+pub mod conn;
 mod health;
 pub mod push;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::agent::AgentState;
+pub use conn::{Limits, serve};
 
 /// The endpoint's routes for this agent's settings.
 pub fn router(state: Arc<AgentState>) -> Router {
@@ -28,17 +28,6 @@ pub fn router(state: Arc<AgentState>) -> Router {
     router.with_state(state)
 }
 
-/// Serves until `shutdown` resolves; in-flight requests are allowed to finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 async fn root() -> axum::Json<serde_json::Value> {
     axum::Json(json!({"service": "Gryt CI Agent", "version": crate::VERSION, "status": "running"}))
 }
@@ -46,6 +35,7 @@ async fn root() -> axum::Json<serde_json::Value> {
 async fn metrics(
     axum::extract::State(state): axum::extract::State<Arc<AgentState>>,
 ) -> impl axum::response::IntoResponse {
+    state.metrics.set_push_queue(state.slots.queued());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -1,8 +1,12 @@
 //! `POST /jobs/execute`: the existing API's push endpoint, unchanged in paths, fields and codes.
 //!
 //! Order matters: the key is checked (middleware) before the body is read; the body is then
-//! bounded (413), parsed (422 naming the field), its pipeline validated (422), and only then is a
-//! slot taken (429 when none is free). A job that ran and failed is still a 200.
+//! bounded (413), parsed (422 naming the field), its pipeline validated (422), the agent's
+//! readiness checked (503 with `Retry-After` while it cannot run jobs, so the API runs the job
+//! itself), and only then is a slot taken. With every slot busy the request waits for one in a
+//! bounded queue (`push.max_queue`), as the existing agent ran jobs one after another; only a
+//! full queue answers 429. A request whose client goes away leaves the queue. A job that ran and
+//! failed is still a 200.
 
 use std::sync::Arc;
 
@@ -19,6 +23,7 @@ use serde_json::json;
 
 use crate::agent::AgentState;
 use crate::pipeline::Pipeline;
+use crate::slots::Slot;
 use crate::wire::JobSpec;
 
 const API_KEY_HEADER: &str = "x-api-key";
@@ -86,18 +91,20 @@ async fn execute(
             Some("pipeline_b64"),
         );
     }
-    if state.shutdown.is_draining() {
-        return busy(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is shutting down",
-        );
+    if let Some(refusal) = refusal(&state) {
+        return refusal;
     }
-    if let Some(problem) = state.capacity_problem() {
-        return busy(StatusCode::SERVICE_UNAVAILABLE, &problem);
-    }
-    let Some(slot) = state.slots.try_take() else {
-        return busy(StatusCode::TOO_MANY_REQUESTS, "all job slots are busy");
+    let slot = match state.slots.try_take() {
+        Some(slot) => slot,
+        None => match wait_for_slot(&state).await {
+            Ok(slot) => slot,
+            Err(refusal) => return refusal,
+        },
     };
+    // Again: the wait may have been long, and the agent may have turned unable meanwhile.
+    if let Some(refusal) = refusal(&state) {
+        return refusal;
+    }
     // The middleware accepted this header, so it is present and valid.
     let presented = headers
         .get(API_KEY_HEADER)
@@ -106,6 +113,41 @@ async fn execute(
         .unwrap_or_else(|| SecretString::from(String::new()));
     let result = crate::push::run_job(state, job, slot, presented).await;
     axum::Json(result).into_response()
+}
+
+/// 503 while the agent drains or cannot run jobs now.
+fn refusal(state: &AgentState) -> Option<Response> {
+    if state.shutdown.is_draining() {
+        return Some(busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        ));
+    }
+    let problem = state.capacity_problem()?;
+    Some(busy(StatusCode::SERVICE_UNAVAILABLE, &problem))
+}
+
+/// Waits in the bounded queue for a slot; 429 when the queue is full, 503 if the agent starts
+/// draining meanwhile. Dropped with the request (client gone): the place in the queue goes too.
+async fn wait_for_slot(state: &AgentState) -> Result<Slot, Response> {
+    let max = state.settings.push.max_queue;
+    let Some(place) = state.slots.join_queue(max) else {
+        return Err(busy(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("all job slots are busy and {max} requests wait already (push.max_queue)"),
+        ));
+    };
+    let slot = tokio::select! {
+        slot = state.slots.take() => Some(slot),
+        _ = state.shutdown.draining() => None,
+    };
+    drop(place);
+    slot.ok_or_else(|| {
+        busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        )
+    })
 }
 
 fn busy(status: StatusCode, message: &str) -> Response {
