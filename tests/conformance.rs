@@ -68,6 +68,8 @@ async fn check(api: &FakeApi) -> (i32, String) {
         !text.contains(KEY) && !err.contains(KEY),
         "the key was printed"
     );
+    // Shown with --nocapture: what an API team would read.
+    println!("{text}{err}");
     (out.status.code().unwrap_or(-1), format!("{text}{err}"))
 }
 
@@ -204,4 +206,40 @@ async fn a_normal_job_handed_to_the_checker_is_completed_as_error_and_fails_r14(
         3,
         "the conformance jobs were leased after the stray one"
     );
+}
+
+#[tokio::test]
+async fn without_conformance_jobs_it_takes_nothing_and_says_what_to_queue() {
+    let api = FakeApi::start(KEY, TTL).await;
+    api.push_job(json!({"job_id": NORMAL_JOB, "pipeline_b64": "ZWNobyBoaQo="}));
+    let (code, text) = check(&api).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("0 of the 3 conformance jobs came") && text.contains("gryt-conformance"),
+        "{text}"
+    );
+    never_took_the_normal_job(&api);
+}
+
+#[tokio::test]
+async fn an_api_that_does_not_answer_is_exit_code_2() {
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gryt-agent"))
+        .args(["conformance", "--api", &format!("http://127.0.0.1:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GRYT_STATE_DIR", state.path())
+        .env("AGENT_API_KEY", KEY)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("did not answer"), "{text}");
 }

@@ -3,9 +3,11 @@
 //! and grace; C is started, left to expire, and (if the server leases started jobs again) comes
 //! back with a new, empty log.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
 
 use super::MIN_GRACE;
 use super::report::Rule;
@@ -41,8 +43,9 @@ async fn chunk(s: &Session, held: &Held, offset: u64, data: &str, want: u64, wha
 }
 
 /// Job A: idempotent start (already sent twice by the caller), heartbeats across more than a
-/// TTL, every log offset case, the chunk limit, a repeated completion, calls after the end.
-pub async fn job_a(s: &Session, a: &Held) {
+/// TTL (sent alongside, as an agent does), every log offset case, the chunk limit, a repeated
+/// completion, calls after the end.
+pub async fn job_a(s: Arc<Session>, a: Held) {
     let hb = s.heartbeat(a.job_id, &a.lease_id).await;
     let renewed = hb.status == 200
         && hb.body["lease_ttl_seconds"]
@@ -54,7 +57,10 @@ pub async fn job_a(s: &Session, a: &Held) {
             hb.shown()
         )
     });
-    let mut last_renewal = if renewed { hb.received } else { a.received };
+    let last_renewal = if renewed { hb.received } else { a.received };
+    let stop = CancellationToken::new();
+    let beats = tokio::spawn(keep_alive(s.clone(), a.clone(), last_renewal, stop.clone()));
+
     let stranger = s
         .probe
         .post_as_stranger(
@@ -68,7 +74,58 @@ pub async fn job_a(s: &Session, a: &Held) {
             stranger.shown()
         )
     });
+    let committed = log_cases(&s, &a).await;
 
+    // The lease must have lived 1.3 TTLs on heartbeats alone before the job ends.
+    sleep_until(a.received + a.ttl.mul_f64(1.3)).await;
+    stop.cancel();
+    let _ = beats.await;
+    let (id, lease) = (a.job_id, a.lease_id.as_str());
+    let body = completion(id, None, committed);
+    let first = s.complete(id, lease, &body).await;
+    s.check(Rule::R9, first.is_success(), || {
+        format!("the completion got {}", first.shown())
+    });
+    let again = s.complete(id, lease, &body).await;
+    s.check(Rule::R9, again.status == 200, || {
+        format!("the same completion again got {} (want 200)", again.shown())
+    });
+    lost(
+        &s,
+        &s.heartbeat(id, lease).await,
+        "a heartbeat after the job completed",
+    );
+    lost(
+        &s,
+        &s.logs(id, lease, committed, "more\n").await,
+        "a log chunk after the job completed",
+    );
+}
+
+/// Heartbeats every TTL/3 from the last renewal until `stop`: each must renew (R5).
+async fn keep_alive(s: Arc<Session>, a: Held, mut last_renewal: Instant, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sleep_until(last_renewal + a.ttl / 3) => {}
+        }
+        let hb = s.heartbeat(a.job_id, &a.lease_id).await;
+        let age = (hb.sent - a.received).as_secs_f64();
+        s.check(Rule::R5, hb.status == 200, || {
+            format!(
+                "a heartbeat {age:.1} s into a lease renewed every TTL/3 got {}",
+                hb.shown()
+            )
+        });
+        if hb.status != 200 {
+            return;
+        }
+        last_renewal = hb.received;
+    }
+}
+
+/// Every log offset case (R6) and the chunk limit (R7) on job A; what the server holds after.
+async fn log_cases(s: &Session, a: &Held) -> u64 {
     let (id, lease) = (a.job_id, a.lease_id.as_str());
     let probe = s.logs(id, lease, 0, "").await;
     s.check(Rule::R6, probe.committed() == Some(0), || {
@@ -105,56 +162,19 @@ pub async fn job_a(s: &Session, a: &Held) {
         "a chunk overlapping committed (only the part past it is kept)",
     )
     .await;
-    let mut committed = chunk(s, a, 0, "", 13, "an empty chunk asking for committed").await;
+    let committed = chunk(s, a, 0, "", 13, "an empty chunk asking for committed").await;
 
     let big = "x".repeat(CHUNK_LIMIT);
     let r = s.logs(id, lease, committed, &big).await;
     s.check(Rule::R7, r.status == 200, || {
         format!("a chunk of exactly 1 MiB got {}", r.shown())
     });
-    committed = r.committed().unwrap_or(committed);
+    let committed = r.committed().unwrap_or(committed);
     let r = s.logs(id, lease, committed, &format!("{big}y")).await;
     s.check(Rule::R7, r.status == 413, || {
         format!("a chunk of 1 MiB + 1 byte got {} (want 413)", r.shown())
     });
-
-    // Heartbeats every TTL/3 until the lease has lived 1.3 TTLs: each must renew it.
-    let until = a.received + a.ttl.mul_f64(1.3);
-    while Instant::now() < until {
-        sleep_until(last_renewal + a.ttl / 3).await;
-        let hb = s.heartbeat(id, lease).await;
-        let age = (hb.sent - a.received).as_secs_f64();
-        s.check(Rule::R5, hb.status == 200, || {
-            format!(
-                "a heartbeat {age:.1} s into a lease renewed every TTL/3 got {}",
-                hb.shown()
-            )
-        });
-        if hb.status != 200 {
-            break;
-        }
-        last_renewal = hb.received;
-    }
-
-    let body = completion(id, None, committed);
-    let first = s.complete(id, lease, &body).await;
-    s.check(Rule::R9, first.is_success(), || {
-        format!("the completion got {}", first.shown())
-    });
-    let again = s.complete(id, lease, &body).await;
-    s.check(Rule::R9, again.status == 200, || {
-        format!("the same completion again got {} (want 200)", again.shown())
-    });
-    lost(
-        s,
-        &s.heartbeat(id, lease).await,
-        "a heartbeat after the job completed",
-    );
-    lost(
-        s,
-        &s.logs(id, lease, committed, "more\n").await,
-        "a log chunk after the job completed",
-    );
+    committed
 }
 
 /// Job C, first lease: started, a line of log, a second start late in the TTL, then no

@@ -90,10 +90,7 @@ pub async fn run(options: &Options) -> Result<Report, ConformanceError> {
             r.shown()
         )
     });
-    let flow_a = tokio::spawn({
-        let (s, a) = (session.clone(), a.clone());
-        async move { job_a(&s, &a).await }
-    });
+    let flow_a = tokio::spawn(job_a(session.clone(), a.clone()));
     let flow_c = tokio::spawn({
         let (s, c) = (session.clone(), c.clone());
         async move { job_c_first_lease(&s, &c).await }
@@ -216,8 +213,14 @@ async fn watch(
     let mut c_deadline = c.received + c.ttl + MAX_GRACE;
     let (mut b_back, mut c_back, mut held_empty) = (false, false, false);
     let done = |b: bool, c: bool, empty: bool| b && c && empty;
+    // Bounds the run when jobs keep coming and no poll is ever empty.
+    let give_up = b_deadline.max(c_deadline) + Duration::from_secs(60);
     while !s.stopped() && !done(b_back, c_back, held_empty) {
         let now = Instant::now();
+        if now > give_up {
+            s.stop("jobs kept coming: no lease poll was ever empty".into());
+            break;
+        }
         if !b_back && now > b_deadline {
             s.check(Rule::R12, false, || {
                 format!(

@@ -4,7 +4,8 @@
 //! is leased again, start/heartbeat/logs/complete with lease checks (404 unknown, 409 not this
 //! lease or job finished, 410 expired, revoked or cancelled), `committed` semantics and logs per
 //! lease, idempotent start and complete, the 1 MiB chunk limit. `gryt-agent conformance` passes
-//! every rule against it. It records every request and has switchable faults, counted ones ("the
+//! every rule against it (R8 needs `set_relet_started(true)`; by default a started job whose
+//! lease expired ends as lost, which the rules allow and the crash suite relies on). It records every request and has switchable faults, counted ones ("the
 //! next N calls") and random ones (a rate of 5xx answers and dropped connections, from a seeded
 //! generator so a run can be repeated), and [`Broken`] rules for the checker to catch.
 #![allow(dead_code)]
@@ -263,8 +264,8 @@ impl FakeApi {
         self.lock().injected
     }
 
-    /// Whether the job's current lease has run out of time without a completion (the server
-    /// would give the job to someone else now).
+    /// Whether the job's current lease has run out of time without a completion (every call
+    /// with it gets 410; the job is leased again once the grace period has passed too).
     pub fn lease_expired(&self, job_id: i64) -> bool {
         let g = self.lock();
         let Some(job) = g.jobs.get(&job_id) else {
