@@ -243,3 +243,40 @@ async fn an_api_that_does_not_answer_is_exit_code_2() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("did not answer"), "{text}");
 }
+
+/// R3's second half, which the checker cannot provoke (it cannot cancel a job): the fake answers
+/// `410` to the start of a job cancelled before it started, and never leases it again.
+#[tokio::test]
+async fn the_fake_answers_410_to_the_start_of_a_job_cancelled_before_start() {
+    let api = FakeApi::start(KEY, 1).await;
+    api.set_grace(Duration::from_millis(200));
+    api.push_job(json!({"job_id": 9, "pipeline_b64": "ZWNobyBoaQo="}));
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{}{}{path}", api.url, fake_api::PREFIX))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+    };
+    let lease_body = json!({"agent_id": "t", "hostname": "h", "version": "0", "labels": [],
+                            "capacity": 1, "wait_seconds": 0});
+    let lease: serde_json::Value = post("/lease", lease_body.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    api.faults(|f| {
+        f.cancel_before_start.insert(9);
+    });
+    let start = post(
+        "/jobs/9/start",
+        json!({"lease_id": lease["lease_id"], "started_at": "2026-01-01T00:00:00.000Z"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(start.status(), 410);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = post("/lease", lease_body).await.unwrap();
+    assert_eq!(again.status(), 204, "a cancelled job was leased again");
+}

@@ -277,9 +277,3 @@ async fn watch(
         let _ = first.await;
     }
 }
-
-impl Session {
-    fn skip(&self, rule: Rule, why: &str) {
-        self.report().skip(rule, why);
-    }
-}

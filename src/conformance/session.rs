@@ -77,6 +77,11 @@ impl Session {
         self.report().expect(rule, ok, what);
     }
 
+    /// `rule` cannot be checked against this server, for a reason the rules allow.
+    pub fn skip(&self, rule: Rule, why: &str) {
+        self.report().skip(rule, why);
+    }
+
     /// No more leases: the server handed out a job that is not a conformance job.
     pub fn stop(&self, why: String) {
         self.stopped.store(true, Ordering::Release);

@@ -55,6 +55,9 @@ pub struct Faults {
     pub lower_committed: u32,
     /// Jobs whose heartbeat says `cancel: true`.
     pub cancel: HashSet<i64>,
+    /// Jobs cancelled before they started: their `start` answers 410 (R3) and they are not
+    /// leased again.
+    pub cancel_before_start: HashSet<i64>,
     /// Jobs whose lease is revoked: every call for them answers 410.
     pub revoke: HashSet<i64>,
     /// Jobs whose start answers 409.
@@ -557,6 +560,7 @@ fn requeue_expired(g: &mut Inner) {
             && !g.requeued.contains(id)
             && !g.faults.revoke.contains(id)
             && !g.faults.cancel.contains(id)
+            && !g.faults.cancel_before_start.contains(id)
         {
             due.push((*id, job.started));
         }
@@ -647,7 +651,7 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
                 || (started && g.faults.broken.start_not_idempotent)
             {
                 detail(StatusCode::CONFLICT, "start refused")
-            } else if !started && g.faults.cancel.contains(&job_id) {
+            } else if !started && g.faults.cancel_before_start.contains(&job_id) {
                 // Cancelled before it started: the lease is over, the job will not run.
                 detail(StatusCode::GONE, "job cancelled")
             } else if body["started_at"].as_str().is_none() {
