@@ -41,9 +41,11 @@ pub async fn run(config: Option<&Path>, args: ConformanceArgs) -> anyhow::Result
         "gryt-agent conformance: leasing only jobs labelled `{}`",
         conformance::LABEL
     );
+    let began = std::time::Instant::now();
     match conformance::run(&options).await {
         Ok(report) => {
             print!("{}", report.render());
+            println!("(the run took {:.0} s)", began.elapsed().as_secs_f64());
             Ok(ExitCode::from(if report.passed() { 0 } else { 1 }))
         }
         Err(e) => {
