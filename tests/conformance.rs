@@ -280,3 +280,16 @@ async fn the_fake_answers_410_to_the_start_of_a_job_cancelled_before_start() {
     let again = post("/lease", lease_body).await.unwrap();
     assert_eq!(again.status(), 204, "a cancelled job was leased again");
 }
+
+#[tokio::test]
+async fn a_key_bound_to_another_agent_id_is_named_with_the_fix() {
+    let api = fake(Broken::default(), true).await;
+    api.faults(|f| f.key_bound_to = Some("builder-1".into()));
+    let (code, text) = check(&api).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("a lease was refused: 403") && text.contains("--agent-id"),
+        "{text}"
+    );
+    assert_eq!(api.queued(), 4, "nothing was leased");
+}

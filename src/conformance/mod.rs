@@ -159,7 +159,15 @@ async fn take_jobs(s: &Session) -> Option<[Held; JOBS]> {
             }
             Leased::Job(job) => held.push(job),
             Leased::Empty(_) => {}
-            Leased::Refused(_) => break,
+            Leased::Refused(reply) => {
+                let hint = if reply.status == 403 {
+                    " (a key bound to an agent id needs that id: --agent-id)"
+                } else {
+                    ""
+                };
+                s.stop(format!("a lease was refused: {}{hint}", reply.shown()));
+                break;
+            }
         }
     }
     if !s.stopped() && held.len() < JOBS {

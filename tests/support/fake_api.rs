@@ -76,6 +76,8 @@ pub struct Faults {
     pub drop_rate: f64,
     /// Server rules this fake breaks on purpose, for the conformance checker to catch.
     pub broken: Broken,
+    /// The key is bound to this agent id: a lease from another id gets 403 (R1).
+    pub key_bound_to: Option<String>,
 }
 
 /// Rules of `docs/protocol.md` the fake can be told to break (all kept by default).
@@ -466,6 +468,14 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
         if body.get(field).is_none() {
             return (StatusCode::UNPROCESSABLE_ENTITY, format!("{field} missing")).into_response();
         }
+    }
+    let bound = lock(&s).faults.key_bound_to.clone();
+    if let Some(bound) = bound.filter(|b| body["agent_id"].as_str() != Some(b.as_str())) {
+        set_status(&s, index, StatusCode::FORBIDDEN);
+        return detail(
+            StatusCode::FORBIDDEN,
+            &format!("this key belongs to agent {bound}"),
+        );
     }
     let capacity = body["capacity"].as_u64().unwrap_or(0);
     let labels: Vec<String> = body["labels"]
