@@ -11,6 +11,8 @@ pub mod api;
 #[cfg(feature = "runtime")]
 pub mod checkout;
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod conformance;
 pub mod executor;
 #[cfg(feature = "runtime")]
 pub mod metrics;

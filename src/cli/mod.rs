@@ -2,6 +2,7 @@
 //! Nothing here does the work itself.
 
 mod check;
+mod conformance;
 mod exec;
 mod run;
 mod token;
@@ -53,6 +54,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Work with the encrypted GitHub tokens the main API sends.
     Token(token::TokenArgs),
+    /// Check a main API against the pull protocol's server rules, with its conformance jobs.
+    Conformance(conformance::ConformanceArgs),
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -85,5 +88,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(cli.config.as_deref(), args).await,
         Command::Check => check::run(cli.config.as_deref()).await,
         Command::Token(args) => token::run(cli.config.as_deref(), args),
+        Command::Conformance(args) => conformance::run(cli.config.as_deref(), args).await,
     }
 }

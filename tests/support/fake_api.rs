@@ -1,9 +1,13 @@
-//! A conformance fake of the main API's pull protocol v1, written from `docs/protocol.md` (not
-//! from the agent's client): lease long poll, lease TTL and expiry, start/heartbeat/logs/complete
-//! with lease checks (404 unknown, 409 not this lease, 410 expired or revoked), `committed`
-//! semantics, idempotent complete. It records every request and has switchable faults, counted
-//! ones ("the next N calls") and random ones (a rate of 5xx answers and dropped connections, from
-//! a seeded generator so a run can be repeated).
+//! A conformance fake of the main API's pull protocol, written from the server rules of
+//! `docs/protocol.md` (not from the agent's client): lease long poll, label matching (the
+//! reserved `gryt-conformance` label), lease TTL and expiry, a grace period before an expired job
+//! is leased again, start/heartbeat/logs/complete with lease checks (404 unknown, 409 not this
+//! lease or job finished, 410 expired, revoked or cancelled), `committed` semantics and logs per
+//! lease, idempotent start and complete, the 1 MiB chunk limit. `gryt-agent conformance` passes
+//! every rule against it (R8 needs `set_relet_started(true)`; by default a started job whose
+//! lease expired ends as lost, which the rules allow and the crash suite relies on). It records every request and has switchable faults, counted ones ("the
+//! next N calls") and random ones (a rate of 5xx answers and dropped connections, from a seeded
+//! generator so a run can be repeated), and [`Broken`] rules for the checker to catch.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,6 +55,9 @@ pub struct Faults {
     pub lower_committed: u32,
     /// Jobs whose heartbeat says `cancel: true`.
     pub cancel: HashSet<i64>,
+    /// Jobs cancelled before they started: their `start` answers 410 (R3) and they are not
+    /// leased again.
+    pub cancel_before_start: HashSet<i64>,
     /// Jobs whose lease is revoked: every call for them answers 410.
     pub revoke: HashSet<i64>,
     /// Jobs whose start answers 409.
@@ -65,8 +72,7 @@ pub struct Faults {
     pub error_rate: f64,
     /// Share (0.0–1.0) of all requests whose connection is dropped at random. For job calls half
     /// of these are dropped after the call took effect (the answer is lost); `lease` is always
-    /// dropped before (this fake never offers a leased job again, so a lost lease answer would
-    /// be a job lost on the server's side, not the agent's).
+    /// dropped before (a lost lease answer would only delay the job by a TTL and its grace).
     pub drop_rate: f64,
     /// `lease` answers 204 at once, whatever the wait asked for.
     pub instant_204: bool,
@@ -78,7 +84,33 @@ pub struct Faults {
     pub overshoot_committed: u32,
     /// Every complete answers 400 (a final refusal).
     pub reject_complete: bool,
+    /// Server rules this fake breaks on purpose, for the conformance checker to catch.
+    pub broken: Broken,
+    /// The key is bound to this agent id: a lease from another id gets 403 (R1).
+    pub key_bound_to: Option<String>,
 }
+
+/// Rules of `docs/protocol.md` the fake can be told to break (all kept by default).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Broken {
+    /// R2: `lease` answers 204 at once instead of holding the long poll.
+    pub poll_at_once: bool,
+    /// R3: a second `start` with the same lease answers 409.
+    pub start_not_idempotent: bool,
+    /// R6: every log chunk is appended whatever its offset (repeats and gaps included).
+    pub logs_any_offset: bool,
+    /// R11: an expired job is leased again as soon as its TTL ends, without a grace period.
+    pub no_grace: bool,
+    /// R14: labels are ignored: any job goes to any agent.
+    pub ignore_labels: bool,
+}
+
+/// The label reserved for conformance jobs: an agent that sends it gets only jobs carrying it.
+pub const CONFORMANCE_LABEL: &str = "gryt-conformance";
+/// The grace period after a lease's TTL before its job is leased again, unless changed.
+pub const GRACE: Duration = Duration::from_secs(5);
+/// The largest `data` of a log chunk, in bytes; a larger one gets 413.
+pub const MAX_CHUNK: usize = 1024 * 1024;
 
 /// How many faults were injected, by kind.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -97,12 +129,27 @@ struct LeaseInfo {
     expires: Instant,
 }
 
+/// A job waiting in the queue, with the labels an agent must have to get it.
+#[derive(Debug, Clone)]
+struct Queued {
+    spec: Value,
+    labels: Vec<String>,
+}
+
 /// What the fake knows of a job.
 #[derive(Debug, Clone, Default)]
 pub struct JobRecord {
+    /// The current (latest) lease.
     pub lease_id: Option<String>,
+    /// Started under the current lease.
     pub started: bool,
+    /// The log of the current lease (a job leased again starts a new one).
     pub log: String,
+    /// How many times the job was leased.
+    pub leases: u32,
+    /// Its lease expired after it started and it is not leased again (`relet_started` off):
+    /// the server ended it as lost.
+    pub lost: bool,
     /// The accepted completion (the first one).
     pub completion: Option<Value>,
     /// How many completes were answered 200 (repeats included).
@@ -113,7 +160,12 @@ pub struct JobRecord {
 struct Inner {
     key: String,
     ttl: u64,
-    queue: VecDeque<Value>,
+    grace: Duration,
+    /// A started job whose lease expired is leased again (else it ends as lost).
+    relet_started: bool,
+    queue: VecDeque<Queued>,
+    /// What each job was queued with, to queue it again when its lease expires.
+    specs: HashMap<i64, Queued>,
     leases: HashMap<String, LeaseInfo>,
     jobs: HashMap<i64, JobRecord>,
     requests: Vec<Recorded>,
@@ -121,6 +173,8 @@ struct Inner {
     running: HashSet<i64>,
     max_running: usize,
     injected: FaultCounts,
+    /// Jobs queued again after their lease expired (and not leased since).
+    requeued: HashSet<i64>,
     /// splitmix64 state for the random faults.
     rng: u64,
 }
@@ -149,6 +203,7 @@ impl FakeApi {
         let inner = Arc::new(Mutex::new(Inner {
             key: key.to_owned(),
             ttl,
+            grace: GRACE,
             rng: 0x5EED,
             ..Default::default()
         }));
@@ -158,6 +213,8 @@ impl FakeApi {
                 &format!("{PREFIX}/jobs/{{job_id}}/{{call}}"),
                 post(job_call),
             )
+            // A chunk of 1 MiB of `data` can be up to six times that once JSON-escaped.
+            .layer(axum::extract::DefaultBodyLimit::max(8 * MAX_CHUNK))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -169,9 +226,43 @@ impl FakeApi {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a job (a JobSpec as JSON).
+    /// Queues a job (a JobSpec as JSON) that any agent may get.
     pub fn push_job(&self, job: Value) {
-        self.lock().queue.push_back(job);
+        self.push_labelled(job, &[]);
+    }
+
+    /// Queues a job for agents that have all of `labels`.
+    pub fn push_labelled(&self, job: Value, labels: &[&str]) {
+        let queued = Queued {
+            spec: job,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        };
+        let mut g = self.lock();
+        g.specs
+            .insert(queued.spec["job_id"].as_i64().unwrap(), queued.clone());
+        g.queue.push_back(queued);
+    }
+
+    /// Queues the jobs `gryt-agent conformance` expects (docs/protocol.md), ids from `first`.
+    pub fn push_conformance_jobs(&self, first: i64) {
+        for id in first..first + 3 {
+            self.push_labelled(
+                json!({"job_id": id,
+                       "pipeline_b64": "dmVyc2lvbjogMQpzdGVwczoKICAtIHJ1bjogInRydWUiCg==",
+                       "env_vars": {"GRYT_CONFORMANCE": "1"}}),
+                &[CONFORMANCE_LABEL],
+            );
+        }
+    }
+
+    /// The grace period after a TTL before an expired job is leased again.
+    pub fn set_grace(&self, grace: Duration) {
+        self.lock().grace = grace;
+    }
+
+    /// Whether a started job whose lease expired is leased again (off: it ends as lost).
+    pub fn set_relet_started(&self, relet: bool) {
+        self.lock().relet_started = relet;
     }
 
     pub fn faults(&self, f: impl FnOnce(&mut Faults)) {
@@ -188,8 +279,8 @@ impl FakeApi {
         self.lock().injected
     }
 
-    /// Whether the job's current lease has run out of time without a completion (the server
-    /// would give the job to someone else now).
+    /// Whether the job's current lease has run out of time without a completion (every call
+    /// with it gets 410; the job is leased again once the grace period has passed too).
     pub fn lease_expired(&self, job_id: i64) -> bool {
         let g = self.lock();
         let Some(job) = g.jobs.get(&job_id) else {
@@ -353,6 +444,11 @@ async fn common(
     }
 }
 
+/// An error answer with the JSON body the rules ask for.
+fn detail(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({"detail": message}))).into_response()
+}
+
 fn unavailable(retry_after: Option<u64>) -> Response {
     let mut r = (StatusCode::SERVICE_UNAVAILABLE, "injected outage").into_response();
     if let Some(after) = retry_after {
@@ -390,6 +486,14 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
             return (StatusCode::UNPROCESSABLE_ENTITY, format!("{field} missing")).into_response();
         }
     }
+    let bound = lock(&s).faults.key_bound_to.clone();
+    if let Some(bound) = bound.filter(|b| body["agent_id"].as_str() != Some(b.as_str())) {
+        set_status(&s, index, StatusCode::FORBIDDEN);
+        return detail(
+            StatusCode::FORBIDDEN,
+            &format!("this key belongs to agent {bound}"),
+        );
+    }
     if lock(&s).faults.endless_lease_answer {
         set_status(&s, index, StatusCode::OK);
         let chunk = Bytes::from(vec![b' '; 64 * 1024]);
@@ -399,6 +503,14 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
         return (StatusCode::OK, axum::body::Body::from_stream(endless)).into_response();
     }
     let capacity = body["capacity"].as_u64().unwrap_or(0);
+    let labels: Vec<String> = body["labels"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut wait = Duration::from_secs(body["wait_seconds"].as_u64().unwrap_or(0));
     if lock(&s).faults.instant_204 {
         wait = Duration::ZERO;
@@ -407,9 +519,16 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
     loop {
         {
             let mut g = lock(&s);
+            requeue_expired(&mut g);
+            let ignore = g.faults.broken.ignore_labels;
+            let pick = g
+                .queue
+                .iter()
+                .position(|q| ignore || labels_match(&q.labels, &labels));
             if capacity > 0
-                && let Some(job) = g.queue.pop_front()
+                && let Some(job) = pick.and_then(|i| g.queue.remove(i))
             {
+                let job = job.spec;
                 let job_id = job["job_id"].as_i64().unwrap();
                 let lease_id = format!("lease-{}", uuid::Uuid::new_v4());
                 let ttl = g.ttl;
@@ -420,8 +539,13 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
                         expires: Instant::now() + Duration::from_secs(ttl),
                     },
                 );
+                g.requeued.remove(&job_id);
                 let rec = g.jobs.entry(job_id).or_default();
+                // Logs are per lease: a job leased again starts a new log, and a new start.
                 rec.lease_id = Some(lease_id.clone());
+                rec.started = false;
+                rec.log.clear();
+                rec.leases += 1;
                 drop(g);
                 set_status(&s, index, StatusCode::OK);
                 return (
@@ -430,12 +554,64 @@ async fn lease(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Resp
                 )
                     .into_response();
             }
+            if g.faults.broken.poll_at_once {
+                drop(g);
+                set_status(&s, index, StatusCode::NO_CONTENT);
+                return StatusCode::NO_CONTENT.into_response();
+            }
         }
         if Instant::now() >= until {
             set_status(&s, index, StatusCode::NO_CONTENT);
             return StatusCode::NO_CONTENT.into_response();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A job goes to an agent that has all of its labels; an agent with the conformance label gets
+/// only jobs that carry it.
+fn labels_match(job: &[String], agent: &[String]) -> bool {
+    let reserved = |l: &[String]| l.iter().any(|l| l == CONFORMANCE_LABEL);
+    job.iter().all(|l| agent.contains(l)) && (!reserved(agent) || reserved(job))
+}
+
+/// Queues again the jobs whose lease expired more than the grace period ago: a job that never
+/// started always, a started one only with `relet_started` (else it ends as lost). Revoked and
+/// cancelled jobs are not queued again.
+fn requeue_expired(g: &mut Inner) {
+    let grace = if g.faults.broken.no_grace {
+        Duration::ZERO
+    } else {
+        g.grace
+    };
+    let now = Instant::now();
+    let mut due = Vec::new();
+    for (id, job) in &g.jobs {
+        let expired = job
+            .lease_id
+            .as_ref()
+            .and_then(|l| g.leases.get(l))
+            .is_some_and(|info| now > info.expires + grace);
+        if expired
+            && job.completion.is_none()
+            && !job.lost
+            && !g.requeued.contains(id)
+            && !g.faults.revoke.contains(id)
+            && !g.faults.cancel.contains(id)
+            && !g.faults.cancel_before_start.contains(id)
+        {
+            due.push((*id, job.started));
+        }
+    }
+    for (id, started) in due {
+        if started && !g.relet_started {
+            g.jobs.get_mut(&id).unwrap().lost = true;
+            g.running.remove(&id);
+        } else if let Some(spec) = g.specs.get(&id).cloned() {
+            g.running.remove(&id);
+            g.requeued.insert(id);
+            g.queue.push_front(spec);
+        }
     }
 }
 
@@ -500,16 +676,22 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
         return StatusCode::OK.into_response();
     }
     if done {
-        return (StatusCode::CONFLICT, "job already completed").into_response();
+        return detail(StatusCode::CONFLICT, "job already completed");
     }
     if let Err(status) = check_lease(&mut g, job_id, &lease_id) {
-        return (status, "lease not held").into_response();
+        return detail(status, "lease not held");
     }
     let ttl = g.ttl;
     match call {
         "start" => {
-            if g.faults.refuse_start.contains(&job_id) {
-                (StatusCode::CONFLICT, "start refused").into_response()
+            let started = g.jobs[&job_id].started;
+            if g.faults.refuse_start.contains(&job_id)
+                || (started && g.faults.broken.start_not_idempotent)
+            {
+                detail(StatusCode::CONFLICT, "start refused")
+            } else if !started && g.faults.cancel_before_start.contains(&job_id) {
+                // Cancelled before it started: the lease is over, the job will not run.
+                detail(StatusCode::GONE, "job cancelled")
             } else if body["started_at"].as_str().is_none() {
                 (StatusCode::UNPROCESSABLE_ENTITY, "started_at missing").into_response()
             } else {
@@ -531,6 +713,12 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
                 return (StatusCode::UNPROCESSABLE_ENTITY, "offset and data required")
                     .into_response();
             };
+            if data.len() > MAX_CHUNK {
+                return detail(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("data is {} bytes; at most {MAX_CHUNK}", data.len()),
+                );
+            }
             if g.faults.stall_logs {
                 let committed = g.jobs[&job_id].log.len();
                 return axum::Json(json!({"committed": committed})).into_response();
@@ -543,11 +731,14 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
             if lower {
                 g.faults.lower_committed -= 1;
             }
+            let any_offset = g.faults.broken.logs_any_offset;
             let job = g.jobs.get_mut(&job_id).unwrap();
             let committed = job.log.len() as u64;
             // Only what continues the log is kept: a chunk past `committed` is ignored, the
             // part of a chunk the server already has is skipped.
-            if offset <= committed {
+            if any_offset {
+                job.log.push_str(data);
+            } else if offset <= committed {
                 let skip = (committed - offset) as usize;
                 if skip < data.len() {
                     match data.get(skip..) {
