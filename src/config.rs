@@ -59,6 +59,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_CHECKOUT_TIMEOUT", "checkout.timeout_seconds"),
     ("GRYT_CHECKOUT_MAX_BYTES", "checkout.max_bytes"),
     ("GRYT_ALLOW_FILE_URLS", "checkout.allow_file_urls"),
+    ("GRYT_GC_IMAGES", "docker.gc_images"),
+    ("GRYT_GC_TRIGGER_FREE_MB", "disk.gc_trigger_free_mb"),
+    ("GRYT_GC_TARGET_FREE_MB", "disk.gc_target_free_mb"),
+    ("GRYT_GC_INTERVAL", "disk.gc_interval_seconds"),
 ];
 
 /// Keys whose environment value is a list.
@@ -109,6 +113,8 @@ pub struct Settings {
     pub job: JobSettings,
     pub push: PushSettings,
     pub checkout: CheckoutConfig,
+    /// Disk hygiene: when the agent collects images and leftovers (see `crate::gc`).
+    pub disk: DiskSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,7 +155,47 @@ pub struct DockerSettings {
     pub memory_limit: String,
     /// Default CPU limit when the job gives none (`1.5`).
     pub cpu_limit: String,
+    /// Which images the disk collector may remove: `agent` (only those this agent pulled or
+    /// ran), `all` (any unused image: a dedicated host), `off`.
+    pub gc_images: GcImages,
 }
+
+/// Which images the disk collector may remove (`docker.gc_images`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GcImages {
+    Agent,
+    All,
+    Off,
+}
+
+/// The `[disk]` section: the free-space marks of the disk collector, in MiB of free space on
+/// Docker's data root and the work dir. Below `gc_trigger_free_mb` (the high-water mark of use)
+/// the agent removes unused images and its own leftovers until `gc_target_free_mb` (the
+/// low-water mark) is free again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskSettings {
+    /// Collect when free space falls below this (MiB; 0: never for space, leftovers still go).
+    pub gc_trigger_free_mb: u64,
+    /// Stop collecting once this much is free (MiB); at least `gc_trigger_free_mb`.
+    pub gc_target_free_mb: u64,
+    /// Time between checks of the free space.
+    pub gc_interval_seconds: u64,
+}
+
+impl Default for DiskSettings {
+    fn default() -> Self {
+        DiskSettings {
+            gc_trigger_free_mb: 5 * 1024,
+            gc_target_free_mb: 10 * 1024,
+            gc_interval_seconds: 300,
+        }
+    }
+}
+
+/// The largest free-space mark accepted (MiB): 1 EiB, far beyond any disk, and its bytes fit a u64.
+pub const MAX_DISK_MARK_MB: u64 = 1 << 40;
 
 /// The `[checkout]` section: cloning a job's repository (see `crate::checkout`).
 #[derive(Debug, Clone, Deserialize)]
@@ -223,6 +269,7 @@ impl Default for Settings {
             job: JobSettings::default(),
             push: PushSettings::default(),
             checkout: CheckoutConfig::default(),
+            disk: DiskSettings::default(),
         }
     }
 }
@@ -238,6 +285,7 @@ impl Default for DockerSettings {
             pids_limit: 1024,
             memory_limit: "2g".into(),
             cpu_limit: "2".into(),
+            gc_images: GcImages::Agent,
         }
     }
 }
@@ -387,12 +435,44 @@ impl Settings {
         if self.checkout.timeout_seconds == 0 {
             return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
         }
+        self.validate_disk()?;
         if let Some(id) = &self.agent_id
             && !valid_agent_id(id)
         {
             return Err(key_error(
                 "agent_id",
                 "use 1-64 characters from [A-Za-z0-9._-]",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_disk(&self) -> Result<(), ConfigError> {
+        let d = &self.disk;
+        for (key, value) in [
+            ("disk.gc_trigger_free_mb", d.gc_trigger_free_mb),
+            ("disk.gc_target_free_mb", d.gc_target_free_mb),
+        ] {
+            if value > MAX_DISK_MARK_MB {
+                return Err(key_error(
+                    key,
+                    format!("must be at most {MAX_DISK_MARK_MB}"),
+                ));
+            }
+        }
+        if d.gc_target_free_mb < d.gc_trigger_free_mb {
+            return Err(key_error(
+                "disk.gc_target_free_mb",
+                format!(
+                    "must be at least disk.gc_trigger_free_mb ({})",
+                    d.gc_trigger_free_mb
+                ),
+            ));
+        }
+        if !(10..=86_400).contains(&d.gc_interval_seconds) {
+            return Err(key_error(
+                "disk.gc_interval_seconds",
+                "must be between 10 and 86400",
             ));
         }
         Ok(())
@@ -607,5 +687,42 @@ mod tests {
         let s =
             Settings::load_from(None, &env(&[("AGENT_API_KEY", "visible-secret")]), &[]).unwrap();
         assert!(!format!("{s:?}").contains("visible-secret"));
+    }
+
+    #[test]
+    fn disk_collection_settings_from_env_and_bounded() {
+        let s = Settings::load_from(None, &[], &[]).unwrap();
+        assert_eq!(s.docker.gc_images, GcImages::Agent);
+        assert!(s.disk.gc_trigger_free_mb <= s.disk.gc_target_free_mb);
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_GC_IMAGES", "all"),
+                ("GRYT_GC_TRIGGER_FREE_MB", "100"),
+                ("GRYT_GC_TARGET_FREE_MB", "200"),
+                ("GRYT_GC_INTERVAL", "60"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.docker.gc_images, GcImages::All);
+        assert_eq!(
+            (s.disk.gc_trigger_free_mb, s.disk.gc_target_free_mb),
+            (100, 200)
+        );
+        assert_eq!(s.disk.gc_interval_seconds, 60);
+        for (var, value, key) in [
+            ("GRYT_GC_IMAGES", "some", "gc_images"),
+            ("GRYT_GC_TARGET_FREE_MB", "10", "disk.gc_target_free_mb"),
+            (
+                "GRYT_GC_TRIGGER_FREE_MB",
+                "99999999999999",
+                "disk.gc_trigger_free_mb",
+            ),
+            ("GRYT_GC_INTERVAL", "0", "disk.gc_interval_seconds"),
+        ] {
+            let err = Settings::load_from(None, &env(&[(var, value)]), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
     }
 }

@@ -13,6 +13,8 @@ pub mod checkout;
 pub mod config;
 pub mod executor;
 #[cfg(feature = "runtime")]
+pub mod gc;
+#[cfg(feature = "runtime")]
 pub mod metrics;
 pub mod pipeline;
 #[cfg(feature = "runtime")]

@@ -41,6 +41,8 @@ pub struct AgentState {
     pub jobs: RunningJobs,
     pub api_status: ApiStatus,
     pub shutdown: Shutdown,
+    /// The disk collector's last report and wake-up (`crate::gc`).
+    pub gc: crate::gc::GcHandle,
 }
 
 /// Ephemeral-agent limits (autoscaled fleets): exit after some work or some idleness.
@@ -127,15 +129,20 @@ impl AgentState {
             jobs: RunningJobs::default(),
             api_status: ApiStatus::default(),
             shutdown: Shutdown::default(),
+            gc: crate::gc::GcHandle::default(),
         }))
     }
 
     /// Why this agent cannot take a job now (too little free disk), if it cannot.
     pub fn capacity_problem(&self) -> Option<String> {
-        resources::disk_problem(
+        let problem = resources::disk_problem(
             &self.executor.settings().work_dir,
             self.settings.min_free_disk_mb,
-        )
+        );
+        if problem.is_some() {
+            self.gc.wake();
+        }
+        problem
     }
 
     /// Where the endpoint listens: `AGENT_HOST` else `0.0.0.0` with push mode (the API must
@@ -176,6 +183,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         })?;
     // Leftovers of an earlier run go before the first job can arrive.
     let sweeper = sweep::start(state.clone()).await;
+    let collector = crate::gc::start(state.clone()).await;
     tracing::info!(
         agent_id = %state.agent_id,
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
@@ -216,6 +224,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     }
     state.shutdown.stop();
     sweeper.abort();
+    collector.stop().await;
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }

@@ -34,6 +34,8 @@ pub struct ExecutorSettings {
     pub encryption_key_previous: Option<SecretString>,
     /// The agent's own secrets (API keys, encryption keys): masked in every job's output too.
     pub agent_secrets: Vec<SecretString>,
+    /// When each image was last used and which ones jobs hold (the disk collector reads it).
+    pub image_use: crate::gc::ImageUse,
 }
 
 impl ExecutorSettings {
@@ -70,6 +72,7 @@ impl ExecutorSettings {
             encryption_key,
             encryption_key_previous: settings.encryption_key_previous.clone(),
             agent_secrets,
+            image_use: crate::gc::ImageUse::in_state_dir(&settings.state_dir),
         })
     }
 }
