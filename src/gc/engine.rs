@@ -20,6 +20,8 @@ use crate::executor::container::{LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, tr
 pub struct Inspected {
     pub id: String,
     pub size_bytes: u64,
+    /// Its tags (`repo:tag`).
+    pub names: usize,
 }
 
 /// `Ok(None)` when the engine has no such image.
@@ -28,6 +30,7 @@ pub async fn inspect(docker: &Docker, reference: &str) -> Result<Option<Inspecte
         Ok(image) => Ok(image.id.map(|id| Inspected {
             id,
             size_bytes: image.size.unwrap_or(0).max(0) as u64,
+            names: image.repo_tags.map_or(0, |t| t.len()),
         })),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
@@ -57,6 +60,7 @@ pub async fn candidates(
                     image_id: image.id,
                     size_bytes: image.size_bytes,
                     last_used: Some(*stamp),
+                    names: image.names,
                 });
             }
             None if !record.is_held(reference) => record.forget(reference),
@@ -84,6 +88,7 @@ pub async fn candidates(
                     .into_iter()
                     .filter(|t| t != "<none>:<none>")
                     .collect();
+                let count = tags.len();
                 let names = if tags.is_empty() {
                     vec![image.id.clone()]
                 } else {
@@ -94,6 +99,7 @@ pub async fn candidates(
                     image_id: image.id.clone(),
                     size_bytes,
                     last_used,
+                    names: count,
                 }));
             }
             Ok(all)
@@ -101,14 +107,19 @@ pub async fn candidates(
     }
 }
 
-/// Image ids of running containers (any agent's, anyone's: an image in use is never a
-/// candidate).
-pub async fn running_image_ids(docker: &Docker) -> Result<HashSet<String>, String> {
+/// What running containers (anyone's) use: the names they were made from and their image ids.
+pub async fn running_images(docker: &Docker) -> Result<(HashSet<String>, HashSet<String>), String> {
     let containers = docker
         .list_containers(Some(ListContainersOptions::default()))
         .await
         .map_err(|e| e.to_string())?;
-    Ok(containers.into_iter().filter_map(|c| c.image_id).collect())
+    let mut names = HashSet::new();
+    let mut ids = HashSet::new();
+    for c in containers {
+        names.extend(c.image);
+        ids.extend(c.image_id);
+    }
+    Ok((names, ids))
 }
 
 /// What removing one name did.

@@ -15,7 +15,6 @@ pub mod plan;
 pub mod space;
 pub mod usage;
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,13 +156,16 @@ impl Collector {
         };
         let (plan, mut protected) = planned;
         let target = self.target_bytes();
-        for candidate in plan {
+        for mut candidate in plan {
             match self.read(root).await.image_free_bytes() {
                 Some(free) if free < target => {}
                 _ => break,
             }
             // A job may have started with this image since the plan was made.
-            if self.held_since(docker, &candidate, &mut protected).await {
+            if self
+                .held_since(docker, &mut candidate, &mut protected)
+                .await
+            {
                 continue;
             }
             match engine::remove_image(docker, &candidate.reference).await {
@@ -199,9 +201,10 @@ impl Collector {
         let settings = self.executor.settings();
         let record = &settings.image_use;
         let candidates = engine::candidates(docker, settings.docker.gc_images, record).await?;
+        let (references, image_ids) = engine::running_images(docker).await?;
         let mut protected = plan::Protected {
-            image_ids: engine::running_image_ids(docker).await?,
-            references: HashSet::new(),
+            image_ids,
+            references,
         };
         for reference in record.held() {
             protect(docker, &reference, &mut protected).await?;
@@ -219,12 +222,13 @@ impl Collector {
         Ok((plan, protected))
     }
 
-    /// True when a job holds `candidate` now (by name or by image id). Fails closed: an image
-    /// that cannot be checked counts as held.
+    /// True when `candidate` must stay now: a job holds it (by name, or by image id when it is
+    /// the image's last name, counted again now), or it is gone already. Fails closed: what
+    /// cannot be checked stays.
     async fn held_since(
         &self,
         docker: &bollard::Docker,
-        candidate: &plan::Candidate,
+        candidate: &mut plan::Candidate,
         protected: &mut plan::Protected,
     ) -> bool {
         for reference in self.executor.settings().image_use.held() {
@@ -233,6 +237,10 @@ impl Collector {
             {
                 return true;
             }
+        }
+        match engine::inspect(docker, &candidate.reference).await {
+            Ok(Some(now)) if now.id == candidate.image_id => candidate.names = now.names,
+            _ => return true,
         }
         protected.covers(candidate)
     }

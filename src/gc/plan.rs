@@ -1,8 +1,9 @@
 //! Which images to remove, in which order: pure code, no Docker.
 //!
-//! Never an image a running job holds or a running container uses (by image id, so another
-//! name for the same image does not slip through); least recently used first, images the agent
-//! never used (only under `docker.gc_images = all`) before any it used; the default image last.
+//! Never a name a running job holds or a running container was made from, and never the last
+//! name of an image such a job or container uses (removing it would delete the image; removing
+//! one of several names only untags it); least recently used first, images the agent never used
+//! (only under `docker.gc_images = all`) before any it used; the default image last.
 
 use std::collections::HashSet;
 
@@ -19,6 +20,8 @@ pub struct Candidate {
     pub size_bytes: u64,
     /// Last use by this agent (ms since the epoch); `None`: never used by it.
     pub last_used: Option<i64>,
+    /// How many tags the image has: removing the last one deletes the image.
+    pub names: usize,
 }
 
 /// What the plan must respect.
@@ -32,8 +35,8 @@ pub struct Protected {
 
 impl Protected {
     pub fn covers(&self, candidate: &Candidate) -> bool {
-        self.image_ids.contains(&candidate.image_id)
-            || self.references.contains(&candidate.reference)
+        self.references.contains(&candidate.reference)
+            || (candidate.names <= 1 && self.image_ids.contains(&candidate.image_id))
     }
 }
 
@@ -55,8 +58,11 @@ pub fn order(
         })
         .filter(|c| !protected.covers(c))
         .collect();
+    // The default image by its name, or by id when this is its last name (`alpine:latest`
+    // for `alpine`): removing one of its several names would not remove it.
     let is_default = |c: &Candidate| {
-        c.reference == default_image || Some(c.image_id.as_str()) == default_image_id
+        c.reference == default_image
+            || (c.names <= 1 && Some(c.image_id.as_str()) == default_image_id)
     };
     // `None` (never used) sorts before any time: an image nobody here used goes first.
     allowed.sort_by(|a, b| {
@@ -75,6 +81,7 @@ mod tests {
             image_id: id.into(),
             size_bytes: 1,
             last_used,
+            names: 1,
         }
     }
 
@@ -114,6 +121,28 @@ mod tests {
         assert_eq!(names(&plan), ["foreign:1", "old:1", "new:1", "default:1"]);
         let plan = order(GcImages::Off, candidates, &protected, "default:1", None);
         assert!(plan.is_empty());
+    }
+
+    #[test]
+    fn one_of_several_names_of_a_used_image_may_go_the_last_never() {
+        let protected = Protected {
+            image_ids: HashSet::from(["r".to_owned()]),
+            references: HashSet::from(["held:1".to_owned()]),
+        };
+        let mut alias = candidate("alias:1", "r", Some(1));
+        alias.names = 2;
+        let mut held = candidate("held:1", "r", Some(2));
+        held.names = 2;
+        let plan = order(
+            GcImages::Agent,
+            vec![alias.clone(), held],
+            &protected,
+            "x",
+            None,
+        );
+        assert_eq!(names(&plan), ["alias:1"]);
+        alias.names = 1;
+        assert!(protected.covers(&alias));
     }
 
     #[test]
