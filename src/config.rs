@@ -34,6 +34,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_SHUTDOWN_TIMEOUT", "shutdown_timeout_seconds"),
     ("GRYT_METRICS", "metrics"),
     ("GRYT_MIN_FREE_DISK_MB", "min_free_disk_mb"),
+    ("GRYT_GC_IMAGES", "docker.gc_images"),
+    ("GRYT_GC_TRIGGER_FREE_MB", "disk.gc_trigger_free_mb"),
+    ("GRYT_GC_TARGET_FREE_MB", "disk.gc_target_free_mb"),
+    ("GRYT_GC_INTERVAL", "disk.gc_interval_seconds"),
     ("GRYT_PUSH", "push.enabled"),
     ("GRYT_CALLBACK_ALLOW", "push.callback_allow"),
     ("GRYT_MAX_BODY_BYTES", "push.max_body_bytes"),
@@ -59,10 +63,6 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_CHECKOUT_TIMEOUT", "checkout.timeout_seconds"),
     ("GRYT_CHECKOUT_MAX_BYTES", "checkout.max_bytes"),
     ("GRYT_ALLOW_FILE_URLS", "checkout.allow_file_urls"),
-    ("GRYT_GC_IMAGES", "docker.gc_images"),
-    ("GRYT_GC_TRIGGER_FREE_MB", "disk.gc_trigger_free_mb"),
-    ("GRYT_GC_TARGET_FREE_MB", "disk.gc_target_free_mb"),
-    ("GRYT_GC_INTERVAL", "disk.gc_interval_seconds"),
 ];
 
 /// Keys whose environment value is a list.
@@ -146,6 +146,9 @@ pub struct DockerSettings {
     /// Default image when neither the job nor the pipeline names one.
     pub image: String,
     pub pull_policy: PullPolicy,
+    /// Which images the disk collector may remove: `agent` (only those this agent pulled or
+    /// ran), `all` (any unused image: a dedicated host), `off`.
+    pub gc_images: GcImages,
     /// `uid[:gid]` the job runs as; never root.
     pub user: String,
     /// `bridge` (default), `none`, or a named network.
@@ -155,9 +158,34 @@ pub struct DockerSettings {
     pub memory_limit: String,
     /// Default CPU limit when the job gives none (`1.5`).
     pub cpu_limit: String,
-    /// Which images the disk collector may remove: `agent` (only those this agent pulled or
-    /// ran), `all` (any unused image: a dedicated host), `off`.
-    pub gc_images: GcImages,
+}
+
+/// The `[checkout]` section: cloning a job's repository (see `crate::checkout`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckoutConfig {
+    pub timeout_seconds: u64,
+    /// Cap on the bytes of the fetched pack.
+    pub max_bytes: u64,
+    pub allow_file_urls: bool,
+}
+
+impl Default for CheckoutConfig {
+    fn default() -> Self {
+        CheckoutConfig {
+            timeout_seconds: 600,
+            max_bytes: 2 * 1024 * 1024 * 1024,
+            allow_file_urls: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    IfNotPresent,
+    Always,
+    Never,
 }
 
 /// Which images the disk collector may remove (`docker.gc_images`).
@@ -196,34 +224,6 @@ impl Default for DiskSettings {
 
 /// The largest free-space mark accepted (MiB): 1 EiB, far beyond any disk, and its bytes fit a u64.
 pub const MAX_DISK_MARK_MB: u64 = 1 << 40;
-
-/// The `[checkout]` section: cloning a job's repository (see `crate::checkout`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CheckoutConfig {
-    pub timeout_seconds: u64,
-    /// Cap on the bytes of the fetched pack.
-    pub max_bytes: u64,
-    pub allow_file_urls: bool,
-}
-
-impl Default for CheckoutConfig {
-    fn default() -> Self {
-        CheckoutConfig {
-            timeout_seconds: 600,
-            max_bytes: 2 * 1024 * 1024 * 1024,
-            allow_file_urls: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PullPolicy {
-    IfNotPresent,
-    Always,
-    Never,
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -280,12 +280,12 @@ impl Default for DockerSettings {
             host: None,
             image: "ghcr.io/epyklab/gryt/pipeline:latest".into(),
             pull_policy: PullPolicy::IfNotPresent,
+            gc_images: GcImages::Agent,
             user: "1000:1000".into(),
             network: "bridge".into(),
             pids_limit: 1024,
             memory_limit: "2g".into(),
             cpu_limit: "2".into(),
-            gc_images: GcImages::Agent,
         }
     }
 }

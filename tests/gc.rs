@@ -556,3 +556,19 @@ async fn the_agent_collects_by_itself_when_real_free_space_is_below_the_mark() {
     }
     assert_eq!(agent.health().await["running_jobs"], 0);
 }
+
+#[tokio::test]
+async fn an_agent_refusing_jobs_for_low_disk_collects_without_waiting_for_its_timer() {
+    let images = TestImages::new(&["default"]).await;
+    let (work, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let agent_id = support::unique_agent_id("gc-refusing");
+    let free_mb = gryt_agent::agent::resources::free_bytes(work.path()).unwrap() / MIB;
+    // The timer alone would collect once a day; the work dir is below min_free_disk_mb.
+    let env = [
+        ("GRYT_GC_INTERVAL", "86400".to_owned()),
+        ("GRYT_MIN_FREE_DISK_MB", (free_mb + 4096).to_string()),
+    ];
+    let agent = PushAgent::start(&images, &agent_id, work.path(), state.path(), &env).await;
+    agent.wait_collections(2).await;
+    assert!(images.exists("default").await);
+}

@@ -36,13 +36,13 @@ pub struct AgentState {
     /// Keys accepted on `POST /jobs/execute`; `Some` exactly when push mode is on.
     pub push_keys: Option<crate::push::auth::PushKeys>,
     pub executor: Arc<Executor>,
+    /// The disk collector's last report and wake-up (`crate::gc`).
+    pub gc: crate::gc::GcHandle,
     pub slots: Slots,
     pub metrics: Metrics,
     pub jobs: RunningJobs,
     pub api_status: ApiStatus,
     pub shutdown: Shutdown,
-    /// The disk collector's last report and wake-up (`crate::gc`).
-    pub gc: crate::gc::GcHandle,
 }
 
 /// Ephemeral-agent limits (autoscaled fleets): exit after some work or some idleness.
@@ -124,25 +124,21 @@ impl AgentState {
             api_key,
             push_keys,
             executor,
+            gc: crate::gc::GcHandle::default(),
             slots,
             metrics,
             jobs: RunningJobs::default(),
             api_status: ApiStatus::default(),
             shutdown: Shutdown::default(),
-            gc: crate::gc::GcHandle::default(),
         }))
     }
 
     /// Why this agent cannot take a job now (too little free disk), if it cannot.
     pub fn capacity_problem(&self) -> Option<String> {
-        let problem = resources::disk_problem(
+        resources::disk_problem(
             &self.executor.settings().work_dir,
             self.settings.min_free_disk_mb,
-        );
-        if problem.is_some() {
-            self.gc.wake();
-        }
-        problem
+        )
     }
 
     /// Where the endpoint listens: `AGENT_HOST` else `0.0.0.0` with push mode (the API must
@@ -173,6 +169,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         Some(_) => Some(crate::pull::Ctx::new(state.clone())?),
         None => None,
     };
+    let collector = crate::gc::start(state.clone()).await;
     let (host, port) = state.listen_address();
     let address = format!("{host}:{port}");
     let listener = TcpListener::bind((host.as_str(), port))
@@ -183,7 +180,6 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         })?;
     // Leftovers of an earlier run go before the first job can arrive.
     let sweeper = sweep::start(state.clone()).await;
-    let collector = crate::gc::start(state.clone()).await;
     tracing::info!(
         agent_id = %state.agent_id,
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
@@ -222,9 +218,9 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         // Returns at once: draining ended leasing, and drain waited for the jobs.
         let _ = task.await;
     }
+    collector.stop().await;
     state.shutdown.stop();
     sweeper.abort();
-    collector.stop().await;
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }

@@ -22,6 +22,8 @@ use super::{JobControl, OutputStream, job};
 pub struct ExecutorSettings {
     /// Put on every container's labels; the orphan sweep uses it.
     pub agent_id: String,
+    /// When each image was last used and which ones jobs hold (the disk collector reads it).
+    pub image_use: crate::gc::ImageUse,
     pub work_dir: PathBuf,
     pub docker: DockerSettings,
     pub job: JobSettings,
@@ -34,8 +36,6 @@ pub struct ExecutorSettings {
     pub encryption_key_previous: Option<SecretString>,
     /// The agent's own secrets (API keys, encryption keys): masked in every job's output too.
     pub agent_secrets: Vec<SecretString>,
-    /// When each image was last used and which ones jobs hold (the disk collector reads it).
-    pub image_use: crate::gc::ImageUse,
 }
 
 impl ExecutorSettings {
@@ -64,6 +64,7 @@ impl ExecutorSettings {
         .collect();
         Ok(ExecutorSettings {
             agent_id,
+            image_use: crate::gc::ImageUse::in_state_dir(&settings.state_dir),
             work_dir: settings.work_dir(),
             docker: settings.docker.clone(),
             job: settings.job.clone(),
@@ -72,7 +73,6 @@ impl ExecutorSettings {
             encryption_key,
             encryption_key_previous: settings.encryption_key_previous.clone(),
             agent_secrets,
-            image_use: crate::gc::ImageUse::in_state_dir(&settings.state_dir),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Disk hygiene: the agent frees disk space by itself, so it stays healthy for months.
 //!
-//! On a timer (`disk.gc_interval_seconds`) and when a job is refused for low disk, the collector
+//! On a timer (`disk.gc_interval_seconds`), and within [`WAKE_SPACING`] of the agent refusing
+//! jobs for low disk (`min_free_disk_mb`, or [`GcHandle::wake`]), the collector
 //! removes this agent's stopped containers, networks and volumes (by the `io.gryt.agent.id`
 //! label), then, when the free space of Docker's data root (or of the work dir on the same
 //! filesystem, or alone when Docker's root cannot be measured) is below
@@ -382,12 +383,32 @@ async fn run_timer(collector: Collector, state: Arc<AgentState>) {
             tokio::select! {
                 _ = tokio::time::sleep_until(last + interval) => {}
                 _ = state.gc.wake.notified() => tokio::time::sleep_until(last + WAKE_SPACING).await,
+                _ = refusing_jobs(&state, last + WAKE_SPACING) => {}
                 _ = state.shutdown.stopped() => return,
             }
         }
         let done = collector.collect().await;
         last = Some(Instant::now());
         report(&state, &done);
+    }
+}
+
+/// Resolves once the work dir is below `min_free_disk_mb` (the agent then refuses jobs),
+/// checking from `from` on every [`WAKE_SPACING`].
+async fn refusing_jobs(state: &AgentState, from: Instant) {
+    tokio::time::sleep_until(from).await;
+    loop {
+        let work_dir = state.executor.settings().work_dir.clone();
+        let min_free_mb = state.settings.min_free_disk_mb;
+        let refusing = tokio::task::spawn_blocking(move || {
+            crate::agent::resources::disk_problem(&work_dir, min_free_mb).is_some()
+        })
+        .await
+        .unwrap_or(false);
+        if refusing {
+            return;
+        }
+        tokio::time::sleep(WAKE_SPACING).await;
     }
 }
 
