@@ -23,8 +23,9 @@ if [ ! -x "$venv/bin/ansible-lint" ]; then
   "$venv/bin/pip" install -q "ansible-core==$ANSIBLE_CORE_VERSION" "ansible-lint==$ANSIBLE_LINT_VERSION"
 fi
 export PATH="$venv/bin:$PATH" ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_LOCALHOST_WARNING=0
-ansible-playbook --version | head -n 1
-ansible-lint --version | head -n 1
+# Whole outputs, then their first lines: `| head` would end them early (a broken pipe).
+version=$(ansible-playbook --version) && echo "${version%%$'\n'*}"
+version=$(ansible-lint --offline --version) && echo "${version%%$'\n'*}"
 
 echo "=== syntax and lint"
 for playbook in site.yml upgrade.yml rotate-keys.yml ci/local.yml; do
