@@ -572,3 +572,51 @@ async fn an_agent_refusing_jobs_for_low_disk_collects_without_waiting_for_its_ti
     agent.wait_collections(2).await;
     assert!(images.exists("default").await);
 }
+
+#[tokio::test]
+async fn check_shows_the_free_space_of_the_work_dir_and_dockers_root_against_the_marks() {
+    let image = support::test_image().await;
+    let state = tempfile::tempdir().unwrap();
+    let free_mb = gryt_agent::agent::resources::free_bytes(state.path()).unwrap() / MIB;
+    let check = |trigger_mb: u64| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+        cmd.arg("check")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GRYT_PUSH", "true")
+            .env("AGENT_API_KEY", support::process::push::KEY)
+            .env("GRYT_DOCKER_IMAGE", &image)
+            .env("GRYT_PULL_POLICY", "never")
+            .env("GRYT_STATE_DIR", state.path())
+            .env("GRYT_GC_TRIGGER_FREE_MB", trigger_mb.to_string())
+            .env("GRYT_GC_TARGET_FREE_MB", (trigger_mb + 1).to_string());
+        cmd
+    };
+    let run = |mut cmd: std::process::Command| async move {
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = run(check(1)).await;
+    assert!(ok, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("disk: work dir"))
+        .unwrap_or_else(|| panic!("no disk line in:\n{text}"));
+    assert!(line.starts_with("[ok]"), "{text}");
+    assert!(line.contains("Docker root"), "{line}");
+    assert!(
+        line.contains("collection below 1 MiB, until 2 MiB"),
+        "{line}"
+    );
+    assert!(line.contains("docker.gc_images = agent"), "{line}");
+    // Below the trigger: a warning that says what the agent will do, not a failure.
+    let (ok, text) = run(check(free_mb + 4096)).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("[warn] disk: work dir"), "{text}");
+    assert!(text.contains("will remove unused images"), "{text}");
+}

@@ -101,7 +101,8 @@ impl Collector {
             jobs.job_ids().iter().map(|id| id.to_string()).collect()
         })
         .await;
-        let root = space::docker_root(&docker, settings.docker.host.as_deref(), &*self.probe).await;
+        let root =
+            space::docker_root(&docker, settings.docker.host.as_deref(), self.probe.clone()).await;
         if let DockerRoot::Unknown(note) = &root {
             done.notes.push(note.clone());
         }
@@ -185,6 +186,12 @@ impl Collector {
                     );
                     done.images_removed.push(candidate.reference);
                 }
+                // A container (even a stopped one) still uses it: kept, as wanted.
+                Err(e) if e.ends_with("(HTTP 409)") => tracing::debug!(
+                    image = %candidate.reference,
+                    error = %e,
+                    "disk collection kept an image in use"
+                ),
                 Err(e) => tracing::warn!(
                     image = %candidate.reference,
                     error = %e,
@@ -280,7 +287,8 @@ impl Collector {
     pub async fn disk_state(&self) -> Option<DiskState> {
         let docker = self.executor.docker().await.ok()?;
         let settings = self.executor.settings();
-        let root = space::docker_root(&docker, settings.docker.host.as_deref(), &*self.probe).await;
+        let root =
+            space::docker_root(&docker, settings.docker.host.as_deref(), self.probe.clone()).await;
         let readings = self.read(&root).await;
         Some(self.state_of(&root, &readings))
     }

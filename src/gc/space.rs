@@ -2,6 +2,7 @@
 //! behind [`DiskProbe`] so tests can give the collector any reading without filling a disk).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -52,7 +53,7 @@ pub enum DockerRoot {
 pub async fn docker_root(
     docker: &bollard::Docker,
     host: Option<&str>,
-    probe: &dyn DiskProbe,
+    probe: Arc<dyn DiskProbe>,
 ) -> DockerRoot {
     if let Some(host) = host.filter(|h| h.starts_with("tcp://") || h.starts_with("http://")) {
         return DockerRoot::Unknown(format!(
@@ -73,20 +74,25 @@ pub async fn docker_root(
                 .into(),
         );
     };
-    if !root.exists() {
-        return DockerRoot::Unknown(format!(
-            "Docker's data root {} is not visible from here (another host or mount namespace): \
-             measuring the work dir only",
-            root.display()
-        ));
-    }
-    match probe.read(&root) {
-        Ok(_) => DockerRoot::Local(root),
-        Err(e) => DockerRoot::Unknown(format!(
-            "cannot stat Docker's data root {} ({e}): measuring the work dir only",
-            root.display()
-        )),
-    }
+    // Off the async runtime: a stat can block (a hung network filesystem).
+    tokio::task::spawn_blocking(move || {
+        if !root.exists() {
+            return DockerRoot::Unknown(format!(
+                "Docker's data root {} is not visible from here (another host or mount \
+                 namespace): measuring the work dir only",
+                root.display()
+            ));
+        }
+        match probe.read(&root) {
+            Ok(_) => DockerRoot::Local(root),
+            Err(e) => DockerRoot::Unknown(format!(
+                "cannot stat Docker's data root {} ({e}): measuring the work dir only",
+                root.display()
+            )),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| DockerRoot::Unknown(format!("cannot stat Docker's data root: {e}")))
 }
 
 /// The free space that matters for one collection, with the reason when Docker's root is not

@@ -144,7 +144,11 @@ impl ImageUse {
             })??;
         let mut inner = self.lock();
         let count = stored.len();
+        // A time far in the future (a clock set back, an edited file) is capped, so later
+        // stamps can still go after it. (Stamps of a busy run may run a little ahead of the clock.)
+        let cap = now_ms().saturating_add(24 * 3600 * 1000);
         for (image, stamp) in stored {
+            let stamp = stamp.min(cap);
             let entry = inner.last_used.entry(image).or_insert(stamp);
             *entry = (*entry).max(stamp);
             inner.last_stamp = inner.last_stamp.max(stamp);
@@ -191,7 +195,7 @@ impl ImageUse {
 
 impl Inner {
     fn touch(&mut self, image: &str) {
-        let stamp = now_ms().max(self.last_stamp + 1);
+        let stamp = now_ms().max(self.last_stamp.saturating_add(1));
         self.last_stamp = stamp;
         self.last_used.insert(image.to_owned(), stamp);
         self.bound();
@@ -321,6 +325,17 @@ mod tests {
         // A use after the restart is later than anything recorded before it.
         drop(restarted.begin("old:1"));
         assert!(restarted.recorded()["old:1"] > record.recorded()["new:1"]);
+
+        // A time far in the future is capped: later uses still come after it.
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            format!("{{\"version\":1,\"images\":{{\"future:1\":{}}}}}", i64::MAX),
+        )
+        .unwrap();
+        let future = ImageUse::in_state_dir(dir.path());
+        future.load().await.unwrap();
+        drop(future.begin("later:1"));
+        assert!(future.recorded()["later:1"] > future.recorded()["future:1"]);
 
         std::fs::write(dir.path().join(FILE_NAME), "{not json").unwrap();
         let broken = ImageUse::in_state_dir(dir.path());
