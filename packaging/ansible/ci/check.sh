@@ -17,6 +17,14 @@ expect() { # expect DESCRIPTION COMMAND...
   echo "ok: $1"
 }
 
+# python3-venv for the venv (Debian's Python), python3-apt for the apt module on this host.
+missing=()
+for p in python3-venv python3-apt; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 if [ ! -x "$venv/bin/ansible-lint" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
