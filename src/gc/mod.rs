@@ -37,6 +37,10 @@ use space::mib;
 /// However often jobs are refused for low disk, collections start at most this often.
 pub const WAKE_SPACING: Duration = Duration::from_secs(30);
 
+/// The first collection waits this long after the start: the orphan sweep at start removes
+/// what an earlier run left, and the two need not race for the same containers.
+pub const FIRST_DELAY: Duration = Duration::from_secs(10);
+
 /// What one collection did and saw.
 #[derive(Debug, Clone, Default)]
 pub struct Collection {
@@ -357,7 +361,8 @@ impl GcTasks {
 }
 
 /// Loads the record of image use and starts the collector's timer and the record's writer.
-/// The first collection runs at once, in the background: it never holds up the agent's start.
+/// The first collection runs [`FIRST_DELAY`] after the start, in the background: it never
+/// holds up the agent's start.
 pub async fn start(state: Arc<AgentState>) -> GcTasks {
     let record = state.executor.settings().image_use.clone();
     match record.load().await {
@@ -386,6 +391,10 @@ pub async fn start(state: Arc<AgentState>) -> GcTasks {
 async fn run_timer(collector: Collector, state: Arc<AgentState>) {
     let interval = Duration::from_secs(state.settings.disk.gc_interval_seconds);
     let mut last: Option<Instant> = None;
+    tokio::select! {
+        _ = tokio::time::sleep(FIRST_DELAY) => {}
+        _ = state.shutdown.stopped() => return,
+    }
     loop {
         if let Some(last) = last {
             tokio::select! {
