@@ -620,3 +620,61 @@ async fn check_shows_the_free_space_of_the_work_dir_and_dockers_root_against_the
     assert!(text.contains("[warn] disk: work dir"), "{text}");
     assert!(text.contains("will remove unused images"), "{text}");
 }
+
+/// Records whether the job's image was held when its pull started.
+struct HeldAtPull {
+    record: ImageUse,
+    held: Mutex<Option<bool>>,
+}
+
+impl gryt_agent::executor::JobObserver for HeldAtPull {
+    fn output(&self, _: gryt_agent::executor::OutputStream, _: &[u8]) {}
+
+    fn event(&self, event: gryt_agent::executor::JobEvent<'_>) {
+        if let gryt_agent::executor::JobEvent::PullStarted { image } = event {
+            *self.held.lock().unwrap() = Some(self.record.is_held(image));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_job_holds_its_image_before_the_image_is_pulled() {
+    let (work, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // A registry that refuses connections: the pull starts, then fails at once.
+    let image = format!(
+        "127.0.0.1:9/gryt-gc-test-{}:1",
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+    settings.docker.image = image.clone();
+    settings.docker.pull_policy = PullPolicy::Always;
+    settings.work_dir = Some(work.path().to_owned());
+    settings.state_dir = state.path().to_owned();
+    let agent_id = support::unique_agent_id("gc-pull");
+    let executor =
+        Executor::new(ExecutorSettings::from_settings(&settings, agent_id).unwrap()).unwrap();
+    let record = executor.settings().image_use.clone();
+    let observer = HeldAtPull {
+        record: record.clone(),
+        held: Mutex::new(None),
+    };
+    let result = executor
+        .run(
+            &support::job("version: 1\nsteps:\n  - run: true\n"),
+            &observer,
+            &JobControl::new(),
+        )
+        .await;
+    assert_eq!(
+        result.status,
+        gryt_agent::wire::JobStatus::Error,
+        "{result:?}"
+    );
+    assert_eq!(
+        *observer.held.lock().unwrap(),
+        Some(true),
+        "not held when the pull started"
+    );
+    assert!(!record.is_held(&image), "still held after the job");
+    assert!(record.recorded().contains_key(&image));
+}
