@@ -122,14 +122,20 @@ impl Collector {
                 .push("cannot read the free space: no image removed".into()),
         }
         let after = self.read(&root).await;
-        done.disk = Some(self.state_of(&root, &after));
+        let disk = self.state_of(&root, &after);
         if let Some(free) = after.lowest_free_bytes().filter(|f| *f < trigger) {
+            let place = match (&disk.docker_root, after.docker_root) {
+                (Some(path), Some(r)) if r.free_bytes == free => path.clone(),
+                _ => disk.work_dir.clone(),
+            };
             done.still_low = Some(format!(
-                "disk still low after collection: {} MiB free (disk.gc_trigger_free_mb = {})",
+                "disk still low after collection: {} MiB free on {} (disk.gc_trigger_free_mb = {})",
                 mib(free),
+                place.display(),
                 self.disk.gc_trigger_free_mb
             ));
         }
+        done.disk = Some(disk);
         done
     }
 
@@ -405,8 +411,9 @@ async fn run_timer(collector: Collector, state: Arc<AgentState>) {
             }
         }
         let done = collector.collect().await;
+        // What could not be done is said once at info level, then only in debug logs.
+        report(&state, &done, last.is_none());
         last = Some(Instant::now());
-        report(&state, &done);
     }
 }
 
@@ -429,7 +436,7 @@ async fn refusing_jobs(state: &AgentState, from: Instant) {
     }
 }
 
-fn report(state: &AgentState, done: &Collection) {
+fn report(state: &AgentState, done: &Collection, first: bool) {
     let l = done.leftovers;
     if !done.images_removed.is_empty() || l != engine::Leftovers::default() {
         tracing::info!(
@@ -442,7 +449,11 @@ fn report(state: &AgentState, done: &Collection) {
         );
     }
     for note in &done.notes {
-        tracing::debug!(note = %note, "disk collection");
+        if first {
+            tracing::info!(note = %note, "disk collection");
+        } else {
+            tracing::debug!(note = %note, "disk collection");
+        }
     }
     if let Some(problem) = &done.still_low {
         tracing::warn!("{problem}");
