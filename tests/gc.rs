@@ -678,3 +678,33 @@ async fn a_job_holds_its_image_before_the_image_is_pulled() {
     assert!(!record.is_held(&image), "still held after the job");
     assert!(record.recorded().contains_key(&image));
 }
+
+#[tokio::test]
+async fn without_a_docker_engine_a_collection_removes_nothing_and_says_why() {
+    let (work, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+    settings.docker.host = Some(format!("unix://{}/no-docker.sock", state.path().display()));
+    settings.docker.pull_policy = PullPolicy::IfNotPresent;
+    settings.work_dir = Some(work.path().to_owned());
+    settings.state_dir = state.path().to_owned();
+    let agent_id = support::unique_agent_id("gc-no-docker");
+    let executor = Arc::new(
+        Executor::new(ExecutorSettings::from_settings(&settings, agent_id).unwrap()).unwrap(),
+    );
+    let record = executor.settings().image_use.clone();
+    drop(record.begin("gryt-gc-test-never-there:1"));
+    let probe = Arc::new(Growing::new(&record, 500, 0));
+    let done = Collector::new(executor, RunningJobs::default(), marks(1000, 2000))
+        .with_probe(probe)
+        .collect()
+        .await;
+    assert!(done.images_removed.is_empty(), "{done:?}");
+    assert!(
+        done.notes.iter().any(|n| n.contains("no image removed")),
+        "{done:?}"
+    );
+    // Docker's root is unknown: the work dir alone was measured, and it is low.
+    assert!(done.still_low.is_some(), "{done:?}");
+    let disk = done.disk.unwrap();
+    assert!(disk.docker_root.is_none() && disk.docker_root_note.is_some());
+}

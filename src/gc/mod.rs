@@ -93,31 +93,36 @@ impl Collector {
     pub async fn collect(&self) -> Collection {
         let settings = self.executor.settings();
         let mut done = Collection::default();
-        let docker = match self.executor.docker().await {
-            Ok(docker) => docker,
-            Err(e) => {
-                done.notes.push(format!("Docker: {e}"));
-                return done;
+        // Without a client nothing is removed, but the disk is still measured and reported.
+        let docker = self.executor.docker().await.ok();
+        let root = match &docker {
+            Some(docker) => {
+                let jobs = self.jobs.clone();
+                done.leftovers = engine::remove_leftovers(docker, &settings.agent_id, move || {
+                    jobs.job_ids().iter().map(|id| id.to_string()).collect()
+                })
+                .await;
+                let host = settings.docker.host.as_deref();
+                space::docker_root(docker, host, self.probe.clone()).await
             }
+            None => DockerRoot::Unknown(
+                "no Docker client (see docker.host): measuring the work dir only".into(),
+            ),
         };
-        let jobs = self.jobs.clone();
-        done.leftovers = engine::remove_leftovers(&docker, &settings.agent_id, move || {
-            jobs.job_ids().iter().map(|id| id.to_string()).collect()
-        })
-        .await;
-        let root =
-            space::docker_root(&docker, settings.docker.host.as_deref(), self.probe.clone()).await;
         if let DockerRoot::Unknown(note) = &root {
             done.notes.push(note.clone());
         }
         let before = self.read(&root).await;
         let trigger = self.trigger_bytes();
-        match before.image_free_bytes() {
-            Some(free) if trigger > 0 && free < trigger => {
-                self.collect_images(&docker, &root, &mut done).await
+        match (before.image_free_bytes(), &docker) {
+            (Some(free), Some(docker)) if trigger > 0 && free < trigger => {
+                self.collect_images(docker, &root, &mut done).await
             }
-            Some(_) => {}
-            None => done
+            (Some(free), None) if trigger > 0 && free < trigger => {
+                done.notes.push("no image removed: no Docker client".into())
+            }
+            (Some(_), _) => {}
+            (None, _) => done
                 .notes
                 .push("cannot read the free space: no image removed".into()),
         }
