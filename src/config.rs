@@ -37,6 +37,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_SHUTDOWN_TIMEOUT", "shutdown_timeout_seconds"),
     ("GRYT_METRICS", "metrics"),
     ("GRYT_MIN_FREE_DISK_MB", "min_free_disk_mb"),
+    ("GRYT_GC_IMAGES", "docker.gc_images"),
+    ("GRYT_GC_TRIGGER_FREE_MB", "disk.gc_trigger_free_mb"),
+    ("GRYT_GC_TARGET_FREE_MB", "disk.gc_target_free_mb"),
+    ("GRYT_GC_INTERVAL", "disk.gc_interval_seconds"),
     ("GRYT_PUSH", "push.enabled"),
     ("GRYT_CALLBACK_ALLOW", "push.callback_allow"),
     ("GRYT_MAX_BODY_BYTES", "push.max_body_bytes"),
@@ -122,6 +126,8 @@ pub struct Settings {
     /// of it, or no answer) before the agent stops streaming it and completes the job without
     /// the rest.
     pub log_give_up_seconds: u64,
+    /// Disk hygiene: when the agent collects images and leftovers (see `crate::gc`).
+    pub disk: DiskSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +162,9 @@ pub struct DockerSettings {
     /// Default image when neither the job nor the pipeline names one.
     pub image: String,
     pub pull_policy: PullPolicy,
+    /// Which images the disk collector may remove: `agent` (only those this agent pulled or
+    /// ran), `all` (any unused image: a dedicated host), `off`.
+    pub gc_images: GcImages,
     /// `uid[:gid]` the job runs as; never root.
     pub user: String,
     /// `bridge` (default), `none`, or a named network.
@@ -197,6 +206,43 @@ pub enum PullPolicy {
     Always,
     Never,
 }
+
+/// Which images the disk collector may remove (`docker.gc_images`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GcImages {
+    Agent,
+    All,
+    Off,
+}
+
+/// The `[disk]` section: the free-space marks of the disk collector, in MiB of free space on
+/// Docker's data root and the work dir. Below `gc_trigger_free_mb` (the high-water mark of use)
+/// the agent removes unused images and its own leftovers until `gc_target_free_mb` (the
+/// low-water mark) is free again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskSettings {
+    /// Collect when free space falls below this (MiB; 0: never for space, leftovers still go).
+    pub gc_trigger_free_mb: u64,
+    /// Stop collecting once this much is free (MiB); at least `gc_trigger_free_mb`.
+    pub gc_target_free_mb: u64,
+    /// Time between checks of the free space.
+    pub gc_interval_seconds: u64,
+}
+
+impl Default for DiskSettings {
+    fn default() -> Self {
+        DiskSettings {
+            gc_trigger_free_mb: 5 * 1024,
+            gc_target_free_mb: 10 * 1024,
+            gc_interval_seconds: 300,
+        }
+    }
+}
+
+/// The largest free-space mark accepted (MiB): 1 EiB, far beyond any disk, and its bytes fit a u64.
+pub const MAX_DISK_MARK_MB: u64 = 1 << 40;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -243,6 +289,7 @@ impl Default for Settings {
             push: PushSettings::default(),
             checkout: CheckoutConfig::default(),
             log_give_up_seconds: 60,
+            disk: DiskSettings::default(),
         }
     }
 }
@@ -253,6 +300,7 @@ impl Default for DockerSettings {
             host: None,
             image: "ghcr.io/epyklab/gryt/pipeline:latest".into(),
             pull_policy: PullPolicy::IfNotPresent,
+            gc_images: GcImages::Agent,
             user: "1000:1000".into(),
             network: "bridge".into(),
             pids_limit: 1024,
@@ -442,12 +490,44 @@ impl Settings {
         if self.checkout.timeout_seconds == 0 {
             return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
         }
+        self.validate_disk()?;
         if let Some(id) = &self.agent_id
             && !valid_agent_id(id)
         {
             return Err(key_error(
                 "agent_id",
                 "use 1-64 characters from [A-Za-z0-9._-]",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_disk(&self) -> Result<(), ConfigError> {
+        let d = &self.disk;
+        for (key, value) in [
+            ("disk.gc_trigger_free_mb", d.gc_trigger_free_mb),
+            ("disk.gc_target_free_mb", d.gc_target_free_mb),
+        ] {
+            if value > MAX_DISK_MARK_MB {
+                return Err(key_error(
+                    key,
+                    format!("must be at most {MAX_DISK_MARK_MB}"),
+                ));
+            }
+        }
+        if d.gc_target_free_mb < d.gc_trigger_free_mb {
+            return Err(key_error(
+                "disk.gc_target_free_mb",
+                format!(
+                    "must be at least disk.gc_trigger_free_mb ({})",
+                    d.gc_trigger_free_mb
+                ),
+            ));
+        }
+        if !(10..=86_400).contains(&d.gc_interval_seconds) {
+            return Err(key_error(
+                "disk.gc_interval_seconds",
+                "must be between 10 and 86400",
             ));
         }
         Ok(())
@@ -686,5 +766,42 @@ mod tests {
         let s =
             Settings::load_from(None, &env(&[("AGENT_API_KEY", "visible-secret")]), &[]).unwrap();
         assert!(!format!("{s:?}").contains("visible-secret"));
+    }
+
+    #[test]
+    fn disk_collection_settings_from_env_and_bounded() {
+        let s = Settings::load_from(None, &[], &[]).unwrap();
+        assert_eq!(s.docker.gc_images, GcImages::Agent);
+        assert!(s.disk.gc_trigger_free_mb <= s.disk.gc_target_free_mb);
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_GC_IMAGES", "all"),
+                ("GRYT_GC_TRIGGER_FREE_MB", "100"),
+                ("GRYT_GC_TARGET_FREE_MB", "200"),
+                ("GRYT_GC_INTERVAL", "60"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.docker.gc_images, GcImages::All);
+        assert_eq!(
+            (s.disk.gc_trigger_free_mb, s.disk.gc_target_free_mb),
+            (100, 200)
+        );
+        assert_eq!(s.disk.gc_interval_seconds, 60);
+        for (var, value, key) in [
+            ("GRYT_GC_IMAGES", "some", "gc_images"),
+            ("GRYT_GC_TARGET_FREE_MB", "10", "disk.gc_target_free_mb"),
+            (
+                "GRYT_GC_TRIGGER_FREE_MB",
+                "99999999999999",
+                "disk.gc_trigger_free_mb",
+            ),
+            ("GRYT_GC_INTERVAL", "0", "disk.gc_interval_seconds"),
+        ] {
+            let err = Settings::load_from(None, &env(&[(var, value)]), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
     }
 }

@@ -15,6 +15,8 @@ pub mod config;
 pub mod conformance;
 pub mod executor;
 #[cfg(feature = "runtime")]
+pub mod gc;
+#[cfg(feature = "runtime")]
 pub mod metrics;
 pub mod pipeline;
 #[cfg(feature = "runtime")]

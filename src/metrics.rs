@@ -60,6 +60,47 @@ pub struct Metrics {
     not_ready: Family<CauseLabel, Gauge>,
     push_queue: Gauge,
     connections: Gauge,
+    gc: GcMetrics,
+}
+
+/// The disk collector's metrics (`crate::gc`).
+#[derive(Default)]
+struct GcMetrics {
+    runs: Counter,
+    images_removed: Counter,
+    freed_bytes: Counter,
+    last_run: Gauge,
+    disk_low: Gauge,
+}
+
+impl GcMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "disk_collections",
+            "Disk collections run",
+            self.runs.clone(),
+        );
+        registry.register(
+            "disk_collection_images_removed",
+            "Image names removed by the disk collector",
+            self.images_removed.clone(),
+        );
+        registry.register(
+            "disk_collection_freed_bytes",
+            "Bytes of images the disk collector deleted (Docker's sizes)",
+            self.freed_bytes.clone(),
+        );
+        registry.register(
+            "disk_collection_last_run_timestamp_seconds",
+            "When the disk collector last ran (Unix time)",
+            self.last_run.clone(),
+        );
+        registry.register(
+            "disk_low",
+            "1 when free space was still below disk.gc_trigger_free_mb after the last collection",
+            self.disk_low.clone(),
+        );
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +176,8 @@ impl Metrics {
             connections.clone(),
         );
         slots_gauge.set(slots as i64);
+        let gc = GcMetrics::default();
+        gc.register(&mut registry);
         Metrics {
             registry,
             jobs_started,
@@ -149,6 +192,7 @@ impl Metrics {
             not_ready,
             push_queue,
             connections,
+            gc,
         }
     }
 
@@ -207,6 +251,19 @@ impl Metrics {
 
     pub fn set_connections(&self, open: usize) {
         self.connections.set(open as i64);
+    }
+
+    /// One disk collection: image names removed, bytes deleted, whether the disk is still low.
+    pub fn disk_collection(&self, images_removed: u64, freed_bytes: u64, still_low: bool) {
+        self.gc.runs.inc();
+        self.gc.images_removed.inc_by(images_removed);
+        self.gc.freed_bytes.inc_by(freed_bytes);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.gc.last_run.set(now);
+        self.gc.disk_low.set(i64::from(still_low));
     }
 
     pub fn set_slots(&self, slots: usize) {
@@ -268,5 +325,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gryt_agent_jobs_running 0"), "{text}");
+    }
+
+    #[test]
+    fn disk_collections_show_in_the_exposition() {
+        let m = Metrics::new(1);
+        m.disk_collection(3, 4096, true);
+        let text = m.encode();
+        for line in [
+            "gryt_agent_disk_collections_total 1",
+            "gryt_agent_disk_collection_images_removed_total 3",
+            "gryt_agent_disk_collection_freed_bytes_total 4096",
+            "gryt_agent_disk_low 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
+        assert!(!text.contains("gryt_agent_disk_collection_last_run_timestamp_seconds 0\n"));
     }
 }

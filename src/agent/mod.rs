@@ -40,6 +40,8 @@ pub struct AgentState {
     /// Keys accepted on `POST /jobs/execute`; `Some` exactly when push mode is on.
     pub push_keys: Option<crate::push::auth::PushKeys>,
     pub executor: Arc<Executor>,
+    /// The disk collector's last report and wake-up (`crate::gc`).
+    pub gc: crate::gc::GcHandle,
     pub slots: Slots,
     pub metrics: Metrics,
     pub jobs: RunningJobs,
@@ -163,6 +165,7 @@ impl AgentState {
             api_key,
             push_keys,
             executor,
+            gc: crate::gc::GcHandle::default(),
             slots,
             metrics,
             jobs: RunningJobs::default(),
@@ -225,6 +228,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         Some(_) => Some(crate::pull::Ctx::new(state.clone()).await?),
         None => None,
     };
+    let collector = crate::gc::start(state.clone()).await;
     let (host, port) = state.listen_address();
     let address = format!("{host}:{port}");
     let listener = TcpListener::bind((host.as_str(), port))
@@ -279,6 +283,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         // Returns at once: draining ended leasing, and drain waited for the jobs.
         let _ = task.await;
     }
+    collector.stop().await;
     state.shutdown.stop();
     sweeper.abort();
     monitor.abort();

@@ -4,10 +4,12 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use gryt_agent::agent::jobs::RunningJobs;
 use gryt_agent::agent::{MIN_PUSH_KEY_LEN, identity, resources};
 use gryt_agent::api::{ApiClient, ApiError, Call, CallHooks, HeartbeatOutcome};
 use gryt_agent::config::{PullPolicy, Settings};
 use gryt_agent::executor::{Executor, ExecutorSettings};
+use gryt_agent::gc::Collector;
 use gryt_agent::wire::pull::HeartbeatRequest;
 use secrecy::ExposeSecret;
 
@@ -179,6 +181,47 @@ async fn check_docker(settings: &Settings, list: &mut Checklist) {
             format!("default image {image} is not present yet"),
             "it will be pulled before the first job; pull it now to save that time",
         ),
+    }
+    check_disk(settings, executor, list).await;
+}
+
+/// Free space of the work dir and Docker's data root against the collector's marks.
+async fn check_disk(settings: &Settings, executor: Executor, list: &mut Checklist) {
+    let collector = Collector::new(
+        std::sync::Arc::new(executor),
+        RunningJobs::default(),
+        settings.disk.clone(),
+    );
+    let Some(disk) = collector.disk_state().await else {
+        return;
+    };
+    let shown = |free: Option<u64>| free.map_or("unreadable".to_owned(), |f| format!("{f} MiB"));
+    let root = match (&disk.docker_root, &disk.docker_root_note) {
+        (Some(path), _) => format!(
+            "Docker root {}: {} free",
+            path.display(),
+            shown(disk.docker_root_free_mb)
+        ),
+        (None, note) => note.clone().unwrap_or_default(),
+    };
+    let what = format!(
+        "disk: work dir {}: {} free; {root}; collection below {} MiB, until {} MiB (docker.gc_images = {})",
+        disk.work_dir.display(),
+        shown(disk.work_dir_free_mb),
+        disk.trigger_free_mb,
+        disk.target_free_mb,
+        format!("{:?}", settings.docker.gc_images).to_lowercase(),
+    );
+    let lowest = [disk.work_dir_free_mb, disk.docker_root_free_mb]
+        .into_iter()
+        .flatten()
+        .min();
+    match lowest {
+        Some(free) if free < disk.trigger_free_mb => list.warn(
+            what,
+            "the agent will remove unused images; free space by hand if it stays low",
+        ),
+        _ => list.ok(what),
     }
 }
 

@@ -22,6 +22,8 @@ use super::{JobControl, OutputStream, job};
 pub struct ExecutorSettings {
     /// Put on every container's labels; the orphan sweep uses it.
     pub agent_id: String,
+    /// When each image was last used and which ones jobs hold (the disk collector reads it).
+    pub image_use: crate::gc::ImageUse,
     pub work_dir: PathBuf,
     pub docker: DockerSettings,
     pub job: JobSettings,
@@ -62,6 +64,7 @@ impl ExecutorSettings {
         .collect();
         Ok(ExecutorSettings {
             agent_id,
+            image_use: crate::gc::ImageUse::in_state_dir(&settings.state_dir),
             work_dir: settings.work_dir(),
             docker: settings.docker.clone(),
             job: settings.job.clone(),

@@ -337,6 +337,8 @@ async fn prepare_and_run(
     // The image: bounded by the job's deadline and by stop requests like everything else.
     let observer = run.observer;
     let image_name = plan.image.clone();
+    // Held until the container is gone: the disk collector never removes it under the job.
+    let _image_hold = settings.image_use.begin(&plan.image);
     let pull = image::ensure(
         &docker,
         &plan.image,

@@ -32,6 +32,9 @@ pub struct Health {
     /// Pull mode's view of the API; absent without pull mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiStatusReport>,
+    /// The last disk collection (free space, marks, what it removed); absent before the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_collection: Option<crate::gc::GcReport>,
 }
 
 pub async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
@@ -55,6 +58,10 @@ impl AgentState {
         if let Some(problem) = api.as_ref().and_then(|a| a.credentials_problem.clone()) {
             reasons.push(problem);
         }
+        let disk_collection = self.gc.report();
+        if let Some(problem) = disk_collection.as_ref().and_then(|r| r.still_low.clone()) {
+            reasons.push(problem);
+        }
         Health {
             status: if reasons.is_empty() {
                 "healthy"
@@ -75,6 +82,7 @@ impl AgentState {
                 .map(|_| self.settings.push.max_queue),
             reasons,
             api,
+            disk_collection,
         }
     }
 }
