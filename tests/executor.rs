@@ -615,3 +615,203 @@ async fn every_container_on_every_path_is_hardened() {
     );
     agent.assert_clean().await;
 }
+
+/// A gryt stand-in run as `sh pipeline.py`: the pipeline text is the shell script, so a test
+/// decides exactly what "gryt" prints.
+fn scripted_gryt(test: &str) -> impl std::future::Future<Output = support::TestAgent> + '_ {
+    test_agent(test, |s| {
+        s.job.gryt_command = vec!["sh".into(), "pipeline.py".into()];
+    })
+}
+
+/// A report whose first step printed `bytes` bytes (gryt puts every step's output in its
+/// report) and whose second step failed with 4.
+fn big_report_script(bytes: u64) -> String {
+    format!(
+        "# gryt stand-in\necho '[hook] start'\nprintf '{{\\n  \"status\": \"ok\",\\n  \"results\": {{\"runner_0\": {{\"big\": {{\"status\": \"success\", \"returncode\": 0, \"stdout\": \"'\nhead -c {bytes} /dev/zero | tr '\\0' x\nprintf '\", \"duration\": 1.0}},\\n    \"test\": {{\"status\": \"error\", \"returncode\": 4, \"error\": \"Process exited with code 4\"}}}}}}\\n}}\\n'\nexit 0\n"
+    )
+}
+
+#[tokio::test]
+async fn a_gryt_report_larger_than_the_output_tail_still_decides_the_verdict() {
+    let agent = scripted_gryt("gryt-big-report").await;
+    // 3 MiB of report: three times the 1 MiB tail kept for the result.
+    let result = agent.run(&job(&big_report_script(3 << 20))).await;
+    assert_eq!(result.status, JobStatus::Failed, "{:?}", result.error);
+    assert!(!result.success);
+    assert_eq!(result.exit_code, 4);
+    let steps: Vec<_> = result
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        steps,
+        [("big", StepStatus::Success), ("test", StepStatus::Failed)]
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_gryt_report_past_the_hard_cap_fails_the_job_and_says_so() {
+    let agent = scripted_gryt("gryt-huge-report").await;
+    let cap = gryt_agent::pipeline::gryt_report::MAX_REPORT_BYTES as u64;
+    let result = agent.run(&job(&big_report_script(cap + 1024))).await;
+    assert_eq!(result.status, JobStatus::Failed, "{:?}", result.error);
+    assert!(!result.success);
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("report is larger than {cap} bytes")),
+        "{error}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_gryt_run_without_a_readable_report_is_failed_not_successful() {
+    let agent = scripted_gryt("gryt-no-report").await;
+    for script in [
+        "# gryt stand-in\necho all good\nexit 0\n",
+        // Cut short: the report's first lines and no end.
+        "# gryt stand-in\nprintf '{\\n  \"status\": \"ok\",\\n'\nexit 0\n",
+    ] {
+        let result = agent.run(&job(script)).await;
+        assert_eq!(result.status, JobStatus::Failed, "{script}: {result:?}");
+        assert!(!result.success);
+        assert_eq!(result.exit_code, 1);
+        let error = result.error.unwrap_or_default();
+        assert!(error.contains("no report"), "{error}");
+    }
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn timeouts_above_the_maximum_are_refused_before_any_container() {
+    let agent = test_agent("huge-timeout", |s| s.job.max_timeout_seconds = 600).await;
+    let audit = support::ContainerAudit::start(&agent.agent_id).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.timeout_seconds = Some(u64::MAX);
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some(
+            "timeout_seconds = 18446744073709551615 is above this agent's limit job.max_timeout_seconds = 600"
+        )
+    );
+    spec.timeout_seconds = Some(601);
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let step = job(
+        "version: 1\nsteps:\n  - run: true\n  - run: true\n    timeout_seconds: 18446744073709551615\n",
+    );
+    let result = agent.run(&step).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.contains("steps[1].timeout_seconds")
+            && error.contains("job.max_timeout_seconds = 600"),
+        "{error}"
+    );
+    // At the limit is fine.
+    spec.timeout_seconds = Some(600);
+    assert_eq!(agent.run(&spec).await.status, JobStatus::Success);
+    assert_eq!(
+        audit.finish().await,
+        1,
+        "only the job within the limit had a container"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn memory_and_cpus_above_the_operators_maximum_are_refused() {
+    let agent = test_agent("max-limits", |s| {
+        s.docker.max_memory = Some("512m".into());
+        s.docker.max_cpus = Some("1".into());
+        s.docker.memory_limit = "256m".into();
+        s.docker.cpu_limit = "0.5".into();
+    })
+    .await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.memory_limit = Some("1t".into());
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some("memory_limit `1t` is above this agent's limit docker.max_memory = 512m")
+    );
+    spec.memory_limit = None;
+    spec.cpu_limit = Some("1.5".into());
+    let result = agent.run(&spec).await;
+    assert_eq!(
+        result.error.as_deref(),
+        Some("cpu_limit `1.5` is above this agent's limit docker.max_cpus = 1")
+    );
+    assert!(agent.containers().await.is_empty());
+    spec.memory_limit = Some("512m".into());
+    spec.cpu_limit = Some("1".into());
+    assert_eq!(agent.run(&spec).await.status, JobStatus::Success);
+    agent.assert_clean().await;
+
+    // By default the maximum is this machine's.
+    let agent = test_agent("max-limits-host", |_| {}).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.memory_limit = Some("1t".into());
+    let error = agent.run(&spec).await.error.unwrap_or_default();
+    assert!(
+        error.contains("docker.max_memory") && error.contains("this machine's memory"),
+        "{error}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn an_image_outside_allowed_images_is_refused_before_any_pull() {
+    let agent = test_agent("allowed-images", |s| {
+        s.docker.allowed_images = vec!["gryt-agent-test/*".into()];
+        s.docker.pull_policy = gryt_agent::config::PullPolicy::Always;
+    })
+    .await;
+    let rec = Recorder::default();
+    let mut spec = job("version: 1\nimage: evil.example/miner:1\nsteps:\n  - run: true\n");
+    let result = agent.executor.run(&spec, &rec, &JobControl::new()).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some(
+            "image `evil.example/miner:1` is not allowed on this agent (docker.allowed_images: gryt-agent-test/*)"
+        )
+    );
+    spec.docker_image = Some("alpine:3".into());
+    let result = agent.executor.run(&spec, &rec, &JobControl::new()).await;
+    assert!(
+        result
+            .error
+            .unwrap_or_default()
+            .contains("`alpine:3` is not allowed"),
+    );
+    assert!(
+        rec.events.lock().unwrap().is_empty(),
+        "nothing was pulled: {:?}",
+        rec.events.lock().unwrap()
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn step_env_values_with_secret_names_are_masked() {
+    let agent = test_agent("step-env-mask", |_| {}).await;
+    let rec = Recorder::default();
+    let pipeline = "version: 1\nsteps:\n  - run: echo \"$DEPLOY_TOKEN / $PLAIN\"\n    name: uses $DEPLOY_TOKEN\n    env:\n      DEPLOY_TOKEN: step-level-s3cret\n      PLAIN: shown\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &rec, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "[MASKED] / shown\n");
+    let streamed = String::from_utf8(rec.stream(OutputStream::Stdout)).unwrap();
+    assert_eq!(streamed, "[MASKED] / shown\n");
+    assert!(!format!("{result:?}").contains("step-level-s3cret"));
+    agent.assert_clean().await;
+}

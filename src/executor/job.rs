@@ -17,12 +17,12 @@ use super::container::{
 };
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
-use super::limits::{parse_cpus, parse_memory};
+use super::limits::{at_most, bounded_seconds, parse_cpus, parse_memory};
 use super::workspace::Workspace;
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until, validate_url};
 use crate::config::parse_user;
-use crate::pipeline::gryt_report;
+use crate::pipeline::gryt_report::{self, ErrorLineCapture, ReportCapture};
 use crate::pipeline::yaml::Step;
 use crate::pipeline::yaml::valid_env_name;
 use crate::pipeline::{Pipeline, YamlPipeline};
@@ -56,6 +56,9 @@ struct Run<'a> {
     stderr_mask: StreamMasker,
     stdout: TailBuffer,
     stderr: TailBuffer,
+    /// For a gryt pipeline: its report and load error, followed over the whole output (the
+    /// tails above may have dropped them).
+    gryt: Option<(ReportCapture, ErrorLineCapture)>,
     steps: Vec<StepResult>,
     oom_killed: bool,
 }
@@ -76,6 +79,12 @@ impl Run<'_> {
         match stream {
             OutputStream::Stdout => self.stdout.push(data),
             OutputStream::Stderr => self.stderr.push(data),
+        }
+        if let Some((report, errors)) = &mut self.gryt {
+            match stream {
+                OutputStream::Stdout => report.push(data),
+                OutputStream::Stderr => errors.push(data),
+            }
         }
         self.observer.output(stream, data);
     }
@@ -119,16 +128,17 @@ pub(super) async fn run(
         masker,
         stdout: TailBuffer::new(cap),
         stderr: TailBuffer::new(cap),
+        gryt: None,
         steps: Vec::new(),
         oom_killed: false,
     };
-    let timeout = Duration::from_secs(
-        job.timeout_seconds
-            .filter(|t| *t > 0)
-            .unwrap_or(executor.settings.job.timeout_seconds),
-    );
-    let deadline = clock + timeout;
-    let outcome = prepare_and_run(executor, job, &mut run, control, deadline, timeout).await;
+    let outcome = match job_timeout(&executor.settings, job) {
+        Ok(timeout) => {
+            let deadline = clock + timeout;
+            prepare_and_run(executor, job, &mut run, control, deadline, timeout).await
+        }
+        Err(message) => Outcome::Error(message),
+    };
     run.flush_masks();
 
     let (status, success, exit_code, error) = match outcome {
@@ -169,6 +179,19 @@ pub(super) async fn run(
     }
 }
 
+/// The job's time limit: its own `timeout_seconds` (0 or none: the agent's default), refused
+/// above `job.max_timeout_seconds` before it can feed a clock.
+fn job_timeout(settings: &super::ExecutorSettings, job: &JobSpec) -> Result<Duration, String> {
+    let max = settings.job.max_timeout_seconds;
+    match job.timeout_seconds.filter(|t| *t > 0) {
+        Some(t) => bounded_seconds("timeout_seconds", t, max, MAX_TIMEOUT_SETTING)
+            .map_err(|e| e.to_string()),
+        None => Ok(Duration::from_secs(settings.job.timeout_seconds)),
+    }
+}
+
+const MAX_TIMEOUT_SETTING: &str = "job.max_timeout_seconds";
+
 /// Everything about a job that can be checked without Docker.
 struct Plan {
     pipeline: Pipeline,
@@ -196,11 +219,45 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         .unwrap_or_else(|| settings.docker.memory_limit.clone());
     let memory_bytes =
         parse_memory(&memory_text).map_err(|e| format!("invalid memory_limit: {e}"))?;
+    let (max_memory, max_memory_text) = &settings.max_memory;
+    at_most(
+        "memory_limit",
+        &memory_text,
+        memory_bytes,
+        *max_memory,
+        "docker.max_memory",
+        max_memory_text,
+    )
+    .map_err(|e| e.to_string())?;
     let cpu_text = job
         .cpu_limit
         .clone()
         .unwrap_or_else(|| settings.docker.cpu_limit.clone());
     let nano_cpus = parse_cpus(&cpu_text).map_err(|e| format!("invalid cpu_limit: {e}"))?;
+    let (max_cpus, max_cpus_text) = &settings.max_nano_cpus;
+    at_most(
+        "cpu_limit",
+        &cpu_text,
+        nano_cpus,
+        *max_cpus,
+        "docker.max_cpus",
+        max_cpus_text,
+    )
+    .map_err(|e| e.to_string())?;
+    if let Pipeline::Yaml(p) = &pipeline {
+        for (i, step) in p.steps.iter().enumerate() {
+            if let Some(t) = step.timeout_seconds {
+                let field = format!("steps[{i}].timeout_seconds");
+                bounded_seconds(
+                    &field,
+                    t,
+                    settings.job.max_timeout_seconds,
+                    MAX_TIMEOUT_SETTING,
+                )
+                .map_err(|e| e.to_string())?;
+            }
+        }
+    }
     let user = parse_user(&settings.docker.user)
         .map_err(|e| format!("invalid docker.user setting: {e}"))?;
     let image = job
@@ -209,6 +266,12 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         .filter(|i| !i.trim().is_empty())
         .or_else(|| pipeline.image().map(str::to_owned))
         .unwrap_or_else(|| settings.docker.image.clone());
+    if !executor.allowed_images.is_match(&image) {
+        return Err(format!(
+            "image `{image}` is not allowed on this agent (docker.allowed_images: {})",
+            settings.docker.allowed_images.join(", ")
+        ));
+    }
 
     // Later layers win: agent defaults < the job's env_vars < the pipeline's env < agent facts.
     let mut env: BTreeMap<String, String> = BTreeMap::new();
@@ -232,8 +295,17 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     env.insert("GRYT_WORKSPACE".into(), WORKSPACE.into());
     env.insert("GRYT_JOB_ID".into(), job.job_id.to_string());
     let token = decrypt_token(executor, job)?;
+    // The pipeline's variables, its steps' included: a secret-named one is masked wherever
+    // it is set.
     let pipeline_env: Vec<(&str, &str)> = match &pipeline {
-        Pipeline::Yaml(p) => p.env_pairs().collect(),
+        Pipeline::Yaml(p) => p
+            .env_pairs()
+            .chain(
+                p.steps
+                    .iter()
+                    .flat_map(|s| s.env.iter().map(|(k, v)| (k.as_str(), v.0.as_str()))),
+            )
+            .collect(),
         Pipeline::Gryt { .. } => Vec::new(),
     };
     let names = &executor.secret_names;
@@ -328,6 +400,9 @@ async fn prepare_and_run(
         Err(message) => return Outcome::Error(message),
     };
     run.set_masker(plan.masker.clone());
+    if let Pipeline::Gryt { .. } = plan.pipeline {
+        run.gryt = Some(Default::default());
+    }
     let settings = &executor.settings;
     let docker = match executor.docker().await {
         Ok(docker) => docker,
@@ -690,7 +765,10 @@ async fn run_gryt(ctx: &Context<'_>, command: JobCommand, run: &mut Run<'_>) -> 
             run.flush_masks();
             let code = code.unwrap_or(-1);
             let oom = code == 137 && ctx.container.settle_oom().await;
-            let verdict = gryt_report::verdict(code, &run.stdout.to_text(), &run.stderr.to_text());
+            let verdict = match &run.gryt {
+                Some((report, errors)) => gryt_report::verdict(code, report, errors),
+                None => gryt_report::verdict_of_text(code, "", ""),
+            };
             // Masked again after parsing: a secret that JSON escaped in the report (a `"` or
             // `\` in it) passed the output masker and is whole again now.
             run.steps = verdict
