@@ -815,3 +815,114 @@ async fn step_env_values_with_secret_names_are_masked() {
     assert!(!format!("{result:?}").contains("step-level-s3cret"));
     agent.assert_clean().await;
 }
+
+/// A bare repository `repo.git` in a temporary directory, with nested files, as a `file://`
+/// URL (made with the `git` CLI).
+fn nested_repository() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("sub/dir")).unwrap();
+    std::fs::write(work.join("README.md"), "one\n").unwrap();
+    std::fs::write(work.join("sub/dir/file.txt"), "nested\n").unwrap();
+    std::fs::write(work.join("sub/gone.txt"), "delete me\n").unwrap();
+    std::fs::write(work.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(
+        work.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let git = |cwd: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+            .args([
+                "-c",
+                "init.defaultBranch=main",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(cwd)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .expect("the `git` CLI builds the fixture");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&work, &["init", "-q"]);
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-qm", "one"]);
+    git(dir.path(), &["clone", "-q", "--bare", "work", "repo.git"]);
+    let url = format!("file://{}", dir.path().join("repo.git").display());
+    (dir, url)
+}
+
+/// Passes whoever the agent runs as: root (the checkout is handed to the job's user) or not
+/// (the checkout is opened to it), as the packaged agent runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_creates_changes_and_deletes_files_anywhere_in_its_checkout() {
+    let (_repo, url) = nested_repository();
+    let agent = test_agent("checkout-writable", |s| s.checkout.allow_file_urls = true).await;
+    let script = "echo changed > README.md && echo more >> sub/dir/file.txt && echo new > sub/dir/new.txt && rm sub/gone.txt && mkdir sub/dir/made && mv run.sh sub/ && ./sub/run.sh && cat README.md sub/dir/file.txt && echo x > .git/job-note && rm -r .git/objects";
+    let mut spec = job(&format!("version: 1\nsteps:\n  - run: {script}\n"));
+    spec.git_url = Some(url);
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "ran\nchanged\nnested\nmore\n");
+    agent.assert_clean().await;
+}
+
+/// What the job made, closed to everyone but its user: only the job's user may delete it when
+/// the agent is not root.
+const CLOSED_TREE: &str =
+    "mkdir -p a/b/c && echo x > a/b/c/f && chmod 700 a/b/c a/b && chmod 500 a";
+
+#[tokio::test]
+async fn no_workspace_is_left_after_an_abort_a_cancel_or_a_fork_bomb() {
+    let agent = test_agent("endings", |s| {
+        s.docker.pids_limit = 40;
+        s.job.stop_grace_seconds = 1;
+    })
+    .await;
+    for (kind, after) in [("abort", 1), ("cancel", 1)] {
+        let control = JobControl::new();
+        let stopper = control.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(after)).await;
+            match kind {
+                "abort" => stopper.abort("lease lost"),
+                _ => stopper.cancel("the API asked"),
+            }
+        });
+        let spec = job(&format!(
+            "version: 1\nsteps:\n  - run: {CLOSED_TREE} && trap '' TERM && sleep 60\n"
+        ));
+        let result = agent.executor.run(&spec, &Discard, &control).await;
+        assert_eq!(result.status, JobStatus::Cancelled, "{kind}: {result:?}");
+        agent.assert_clean().await;
+    }
+    // A fork bomb at the pids limit: no exec can start in its container any more.
+    let mut bomb = job(&format!(
+        "version: 1\nsteps:\n  - run: {CLOSED_TREE} && f() {{ f | f & }}; f; sleep 60\n"
+    ));
+    bomb.timeout_seconds = Some(3);
+    let result = agent.run(&bomb).await;
+    assert_eq!(result.status, JobStatus::Timeout, "{result:?}");
+    agent.assert_clean().await;
+    // Two steps (an exec-shaped container), aborted while the second runs.
+    let control = JobControl::new();
+    let stopper = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stopper.abort("lease lost");
+    });
+    let spec = job(&format!(
+        "version: 1\nsteps:\n  - run: {CLOSED_TREE}\n  - run: sleep 60\n"
+    ));
+    let result = agent.executor.run(&spec, &Discard, &control).await;
+    assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
+    agent.assert_clean().await;
+}

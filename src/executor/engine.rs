@@ -38,6 +38,10 @@ pub struct ExecutorSettings {
     pub max_memory: (i64, String),
     /// The most CPUs a job may ask for, in NanoCPUs and as the operator wrote it.
     pub max_nano_cpus: (i64, String),
+    /// Where `exec` keeps its lock files (`<state_dir>/exec`, see `exec_owner`).
+    pub exec_lock_dir: PathBuf,
+    /// Labels put on every container beside the agent's own (`exec`'s ownership labels).
+    pub extra_labels: Vec<(String, String)>,
 }
 
 impl ExecutorSettings {
@@ -76,6 +80,8 @@ impl ExecutorSettings {
             agent_secrets,
             max_memory: settings.docker.max_memory_bytes()?,
             max_nano_cpus: settings.docker.max_nano_cpus()?,
+            exec_lock_dir: settings.state_dir.join("exec"),
+            extra_labels: Vec::new(),
         })
     }
 }

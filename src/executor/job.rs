@@ -18,7 +18,7 @@ use super::container::{
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
 use super::limits::{at_most, bounded_seconds, parse_cpus, parse_memory};
-use super::workspace::Workspace;
+use super::workspace::{JobUserCleaner, Workspace};
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until, validate_url};
 use crate::config::parse_user;
@@ -438,16 +438,31 @@ async fn prepare_and_run(
             request = control.stopped() => return cancelled(request, None),
         }
 
-    let workspace =
-        match Workspace::create(&settings.work_dir, job.job_id, plan.user.0, plan.user.1) {
-            Ok(w) => w,
-            Err(e) => {
-                return Outcome::Error(format!(
-                    "cannot create the job workspace under {}: {e}",
-                    settings.work_dir.display()
-                ));
-            }
-        };
+    let job_id = job.job_id.to_string();
+    let cleaner = JobUserCleaner {
+        docker: &docker,
+        image: &plan.image,
+        user: plan.user,
+        agent_id: &settings.agent_id,
+        job_id: &job_id,
+        extra_labels: &settings.extra_labels,
+    };
+    let created = Workspace::create(
+        &settings.work_dir,
+        &settings.agent_id,
+        job.job_id,
+        plan.user.0,
+        plan.user.1,
+    );
+    let workspace = match created.await {
+        Ok(w) => w,
+        Err(e) => {
+            return Outcome::Error(format!(
+                "cannot create the job workspace under {}: {e}",
+                settings.work_dir.display()
+            ));
+        }
+    };
     if let Some(url) = git_url(job) {
         let request = CheckoutRequest {
             url,
@@ -476,11 +491,11 @@ async fn prepare_and_run(
                     kind: StopKind::Immediate,
                     reason: "stopped".into(),
                 });
-                cleanup(None, workspace).await;
+                cleanup(None, workspace, &cleaner).await;
                 return cancelled(request, None);
             }
             Err(CheckoutError::Timeout { .. }) if job_deadline_passed => {
-                cleanup(None, workspace).await;
+                cleanup(None, workspace, &cleaner).await;
                 return Outcome::TimedOut {
                     exit_code: None,
                     error: format!(
@@ -494,17 +509,18 @@ async fn prepare_and_run(
                 commit: &done.commit,
             }),
             Err(e) => {
-                cleanup(None, workspace).await;
+                cleanup(None, workspace, &cleaner).await;
                 return Outcome::Error(e.to_string());
             }
         }
         if let Err(e) = workspace.hand_over(plan.user.0, plan.user.1).await {
-            cleanup(None, workspace).await;
+            cleanup(None, workspace, &cleaner).await;
             return Outcome::Error(format!("cannot give the checkout to the job's user: {e}"));
         }
     }
-    if let Err(e) = workspace.write_file(plan.pipeline.file_name(), plan.pipeline.text()) {
-        cleanup(None, workspace).await;
+    let written = workspace.write_file(plan.pipeline.file_name(), plan.pipeline.text());
+    if let Err(e) = written.await {
+        cleanup(None, workspace, &cleaner).await;
         return Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"));
     }
 
@@ -512,6 +528,7 @@ async fn prepare_and_run(
     labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
     labels.insert(LABEL_AGENT_ID.to_owned(), settings.agent_id.clone());
     labels.insert(LABEL_JOB_ID.to_owned(), job.job_id.to_string());
+    labels.extend(settings.extra_labels.iter().cloned());
     let spec = ContainerSpec {
         name: format!("gryt-{}", workspace.unique_name()),
         image: plan.image.clone(),
@@ -523,18 +540,12 @@ async fn prepare_and_run(
         pids_limit: settings.docker.pids_limit,
         memory_bytes: plan.memory_bytes,
         nano_cpus: plan.nano_cpus,
-        // A workspace the agent cannot empty itself needs the job's user to do it from a
-        // running container after the commands: only an exec-shaped container can.
-        main_command: if workspace.needs_job_user_cleanup() {
-            None
-        } else {
-            single_command(&plan.pipeline, &settings.job.gryt_command)
-        },
+        main_command: single_command(&plan.pipeline, &settings.job.gryt_command),
     };
     let container = match JobContainer::start(&docker, spec).await {
         Ok(c) => c,
         Err(e) => {
-            cleanup(None, workspace).await;
+            cleanup(None, workspace, &cleaner).await;
             return Outcome::Error(e.to_string());
         }
     };
@@ -554,32 +565,24 @@ async fn prepare_and_run(
             run_gryt(&ctx, gryt_command(&settings.job.gryt_command), run).await
         }
     };
-    cleanup(Some(container), workspace).await;
+    cleanup(Some(container), workspace, &cleaner).await;
     outcome
 }
 
-/// Removes the container and the workspace. When the agent cannot delete files the job's user
-/// wrote, the job's user empties the workspace first, from inside the container.
-async fn cleanup(container: Option<JobContainer>, workspace: Workspace) {
+/// Removes the container, then the workspace. The container goes first: removing it kills
+/// every job process at once (a fork bomb at its pids limit included), so nothing writes into
+/// the workspace any more. What the agent may not delete (agent not root) the job's user
+/// empties from a short-lived container of its own (see `workspace::empty_as_job_user`).
+async fn cleanup(
+    container: Option<JobContainer>,
+    workspace: Workspace,
+    cleaner: &JobUserCleaner<'_>,
+) {
     if let Some(mut container) = container {
-        if workspace.needs_job_user_cleanup() {
-            let script = "kill -KILL -1 2>/dev/null; chmod -R u+rwX /workspace 2>/dev/null; \
-                          rm -rf /workspace/..?* /workspace/.[!.]* /workspace/* ; exit 0";
-            if let Ok(mut cmd) = container
-                .run(
-                    vec!["/bin/sh".into(), "-c".into(), script.into()],
-                    Vec::new(),
-                )
-                .await
-            {
-                use futures_util::StreamExt;
-                while cmd.output.next().await.is_some() {}
-            }
-        }
         container.remove().await;
     }
     let path = workspace.path().to_owned();
-    if let Err(e) = workspace.remove().await {
+    if let Err(e) = workspace.remove(Some(cleaner)).await {
         tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");
     }
 }
