@@ -91,7 +91,7 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
     tokio::spawn(stop_on_signals(control.clone(), signalled.clone(), signals));
     let observer = Terminal { json: args.json };
     let result = executor.run(&job, &observer, &control).await;
-    lock.release();
+    lock.release().await;
 
     summarize(&result);
     if args.json {

@@ -286,6 +286,33 @@ mod tests {
         );
     }
 
+    /// An engine that accepts connections and never answers: each negotiation waits its whole
+    /// timeout. Callers must not queue behind each other's (4 in a row would take 4 × 10 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_do_not_queue_behind_a_hung_negotiation() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+        settings.docker.host = Some(format!("tcp://{address}"));
+        let executor =
+            Executor::new(ExecutorSettings::from_settings(&settings, "t".into()).unwrap()).unwrap();
+        let clock = std::time::Instant::now();
+        let pings = futures_util::future::join_all((0..4).map(|_| executor.ping())).await;
+        assert_eq!(pings, [false; 4]);
+        // One negotiation (10 s) and one ping (5 s) each, side by side; queued: 40 s and more.
+        assert!(
+            clock.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            clock.elapsed()
+        );
+    }
+
     #[test]
     fn a_blank_previous_key_alone_is_no_key_at_all() {
         let mut settings = Settings::load_from(None, &[], &[]).unwrap();

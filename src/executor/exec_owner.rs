@@ -58,9 +58,14 @@ impl ExecLock {
         ]
     }
 
-    /// Removes the lock file (the exec ended normally and its container is gone).
-    pub fn release(self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// Removes the lock file (the exec ended normally and its container is gone), then lets
+    /// the lock go.
+    pub async fn release(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&self.path);
+            drop(self);
+        })
+        .await;
     }
 }
 
