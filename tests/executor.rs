@@ -687,7 +687,11 @@ async fn a_gryt_run_without_a_readable_report_is_failed_not_successful() {
 
 #[tokio::test]
 async fn timeouts_above_the_maximum_are_refused_before_any_container() {
-    let agent = test_agent("huge-timeout", |s| s.job.max_timeout_seconds = 600).await;
+    let agent = test_agent("huge-timeout", |s| {
+        s.job.max_timeout_seconds = 600;
+        s.job.timeout_seconds = 300;
+    })
+    .await;
     let audit = support::ContainerAudit::start(&agent.agent_id).await;
     let mut spec = job("version: 1\nsteps:\n  - run: true\n");
     spec.timeout_seconds = Some(u64::MAX);

@@ -17,7 +17,7 @@ use super::container::{
 };
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
-use super::limits::{at_most, bounded_seconds, parse_cpus, parse_memory};
+use super::limits::{MAX_SECONDS_CEILING, at_most, bounded_seconds, parse_cpus, parse_memory};
 use super::workspace::{JobUserCleaner, Workspace};
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until, validate_url};
@@ -186,7 +186,14 @@ fn job_timeout(settings: &super::ExecutorSettings, job: &JobSpec) -> Result<Dura
     match job.timeout_seconds.filter(|t| *t > 0) {
         Some(t) => bounded_seconds("timeout_seconds", t, max, MAX_TIMEOUT_SETTING)
             .map_err(|e| e.to_string()),
-        None => Ok(Duration::from_secs(settings.job.timeout_seconds)),
+        // Validated at start; bounded again in case the settings were made otherwise.
+        None => bounded_seconds(
+            "job.timeout_seconds",
+            settings.job.timeout_seconds,
+            max,
+            MAX_TIMEOUT_SETTING,
+        )
+        .map_err(|e| e.to_string()),
     }
 }
 
@@ -213,51 +220,11 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     if let Some(url) = git_url(job) {
         validate_url(url, &settings.checkout).map_err(|e| e.to_string())?;
     }
-    let memory_text = job
-        .memory_limit
-        .clone()
-        .unwrap_or_else(|| settings.docker.memory_limit.clone());
-    let memory_bytes =
-        parse_memory(&memory_text).map_err(|e| format!("invalid memory_limit: {e}"))?;
-    let (max_memory, max_memory_text) = &settings.max_memory;
-    at_most(
-        "memory_limit",
-        &memory_text,
+    let Limits {
         memory_bytes,
-        *max_memory,
-        "docker.max_memory",
-        max_memory_text,
-    )
-    .map_err(|e| e.to_string())?;
-    let cpu_text = job
-        .cpu_limit
-        .clone()
-        .unwrap_or_else(|| settings.docker.cpu_limit.clone());
-    let nano_cpus = parse_cpus(&cpu_text).map_err(|e| format!("invalid cpu_limit: {e}"))?;
-    let (max_cpus, max_cpus_text) = &settings.max_nano_cpus;
-    at_most(
-        "cpu_limit",
-        &cpu_text,
+        memory_text,
         nano_cpus,
-        *max_cpus,
-        "docker.max_cpus",
-        max_cpus_text,
-    )
-    .map_err(|e| e.to_string())?;
-    if let Pipeline::Yaml(p) = &pipeline {
-        for (i, step) in p.steps.iter().enumerate() {
-            if let Some(t) = step.timeout_seconds {
-                let field = format!("steps[{i}].timeout_seconds");
-                bounded_seconds(
-                    &field,
-                    t,
-                    settings.job.max_timeout_seconds,
-                    MAX_TIMEOUT_SETTING,
-                )
-                .map_err(|e| e.to_string())?;
-            }
-        }
-    }
+    } = limits(settings, job, &pipeline)?;
     let user = parse_user(&settings.docker.user)
         .map_err(|e| format!("invalid docker.user setting: {e}"))?;
     let image = job
@@ -334,6 +301,71 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         user,
         token,
         masker,
+    })
+}
+
+/// The job's memory and CPU limits, and its steps' time limits: parsed, and refused above the
+/// operator's maximum (`docker.max_memory`, `docker.max_cpus`, `job.max_timeout_seconds`).
+struct Limits {
+    memory_bytes: i64,
+    memory_text: String,
+    nano_cpus: i64,
+}
+
+fn limits(
+    settings: &super::ExecutorSettings,
+    job: &JobSpec,
+    pipeline: &Pipeline,
+) -> Result<Limits, String> {
+    let memory_text = job
+        .memory_limit
+        .clone()
+        .unwrap_or_else(|| settings.docker.memory_limit.clone());
+    let memory_bytes =
+        parse_memory(&memory_text).map_err(|e| format!("invalid memory_limit: {e}"))?;
+    let (max_memory, max_memory_text) = &settings.max_memory;
+    at_most(
+        "memory_limit",
+        &memory_text,
+        memory_bytes,
+        *max_memory,
+        "docker.max_memory",
+        max_memory_text,
+    )
+    .map_err(|e| e.to_string())?;
+    let cpu_text = job
+        .cpu_limit
+        .clone()
+        .unwrap_or_else(|| settings.docker.cpu_limit.clone());
+    let nano_cpus = parse_cpus(&cpu_text).map_err(|e| format!("invalid cpu_limit: {e}"))?;
+    let (max_cpus, max_cpus_text) = &settings.max_nano_cpus;
+    at_most(
+        "cpu_limit",
+        &cpu_text,
+        nano_cpus,
+        *max_cpus,
+        "docker.max_cpus",
+        max_cpus_text,
+    )
+    .map_err(|e| e.to_string())?;
+    if let Pipeline::Yaml(p) = pipeline {
+        for (i, step) in p.steps.iter().enumerate() {
+            if let Some(t) = step.timeout_seconds {
+                let field = format!("steps[{i}].timeout_seconds");
+                bounded_seconds(
+                    &field,
+                    t,
+                    settings.job.max_timeout_seconds,
+                    MAX_TIMEOUT_SETTING,
+                )
+                .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(Limits {
+        memory_bytes,
+        memory_text,
+        nano_cpus,
     })
 }
 
@@ -550,7 +582,7 @@ async fn prepare_and_run(
         }
     };
 
-    let grace = Duration::from_secs(settings.job.stop_grace_seconds);
+    let grace = Duration::from_secs(settings.job.stop_grace_seconds.min(MAX_SECONDS_CEILING));
     let ctx = Context {
         container: &container,
         control,
