@@ -109,12 +109,10 @@ impl ReportCapture {
             } else {
                 piece
             };
-            for &b in body {
-                if self.line_len < self.head.len() {
-                    self.head[self.line_len] = b;
-                }
-                self.line_len += 1;
-            }
+            let start = self.line_len.min(self.head.len());
+            let take = (self.head.len() - start).min(body.len());
+            self.head[start..start + take].copy_from_slice(&body[..take]);
+            self.line_len += body.len();
             self.append(piece);
             if ends_line {
                 let line = &self.head[..self.line_len.min(3)];
