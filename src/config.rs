@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::executor::limits::{parse_cpus, parse_memory};
+use crate::executor::limits::{
+    MAX_SECONDS_CEILING, at_most, bounded_seconds, host_memory_bytes, host_nano_cpus, parse_cpus,
+    parse_memory,
+};
 
 /// Where the TOML file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gryt-agent/agent.toml";
@@ -72,6 +75,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "checkout.allow_private_hosts",
     ),
     ("GRYT_LOG_GIVE_UP", "log_give_up_seconds"),
+    ("GRYT_MAX_JOB_TIMEOUT", "job.max_timeout_seconds"),
+    ("GRYT_MAX_MEMORY", "docker.max_memory"),
+    ("GRYT_MAX_CPUS", "docker.max_cpus"),
+    ("GRYT_ALLOWED_IMAGES", "docker.allowed_images"),
 ];
 
 /// Keys whose environment value is a list.
@@ -80,6 +87,7 @@ const LIST_KEYS: &[&str] = &[
     "job.gryt_command",
     "push.callback_allow",
     "secret_env_patterns",
+    "docker.allowed_images",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +182,12 @@ pub struct DockerSettings {
     pub memory_limit: String,
     /// Default CPU limit when the job gives none (`1.5`).
     pub cpu_limit: String,
+    /// Most memory a job may ask for; this machine's memory when unset.
+    pub max_memory: Option<String>,
+    /// Most CPUs a job may ask for; this machine's CPUs when unset.
+    pub max_cpus: Option<String>,
+    /// Globs an image name must match to run (`ghcr.io/acme/*`); `*` allows any.
+    pub allowed_images: Vec<String>,
 }
 
 /// The `[checkout]` section: cloning a job's repository (see `crate::checkout`).
@@ -255,6 +269,8 @@ pub struct JobSettings {
     pub output_cap_bytes: usize,
     /// Command that runs a gryt pipeline, in `/workspace`.
     pub gryt_command: Vec<String>,
+    /// Longest time limit a job or step may ask for (`timeout_seconds`); longer is refused.
+    pub max_timeout_seconds: u64,
 }
 
 impl Default for Settings {
@@ -306,6 +322,9 @@ impl Default for DockerSettings {
             pids_limit: 1024,
             memory_limit: "2g".into(),
             cpu_limit: "2".into(),
+            max_memory: None,
+            max_cpus: None,
+            allowed_images: vec!["*".into()],
         }
     }
 }
@@ -317,6 +336,7 @@ impl Default for JobSettings {
             stop_grace_seconds: 10,
             output_cap_bytes: 1024 * 1024,
             gryt_command: vec!["gryt".into(), "run".into(), "pipeline.py".into()],
+            max_timeout_seconds: 24 * 3600,
         }
     }
 }
@@ -423,6 +443,8 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Invalid(with_origin(e.to_string(), env, overrides)))?;
+        let mut settings = settings;
+        settings.fit_defaults_to_host();
         settings.validate()?;
         Ok(settings)
     }
@@ -432,9 +454,40 @@ impl Settings {
         if d.image.trim().is_empty() {
             return Err(key_error("docker.image", "must not be empty"));
         }
-        parse_memory(&d.memory_limit)
+        let memory = parse_memory(&d.memory_limit)
             .map_err(|e| key_error("docker.memory_limit", e.to_string()))?;
-        parse_cpus(&d.cpu_limit).map_err(|e| key_error("docker.cpu_limit", e.to_string()))?;
+        let cpus =
+            parse_cpus(&d.cpu_limit).map_err(|e| key_error("docker.cpu_limit", e.to_string()))?;
+        let (max_memory, max_memory_text) = d.max_memory_bytes()?;
+        at_most(
+            "docker.memory_limit",
+            &d.memory_limit,
+            memory,
+            max_memory,
+            "docker.max_memory",
+            &max_memory_text,
+        )
+        .map_err(|e| key_error("docker.memory_limit", e.to_string()))?;
+        let (max_cpus, max_cpus_text) = d.max_nano_cpus()?;
+        at_most(
+            "docker.cpu_limit",
+            &d.cpu_limit,
+            cpus,
+            max_cpus,
+            "docker.max_cpus",
+            &max_cpus_text,
+        )
+        .map_err(|e| key_error("docker.cpu_limit", e.to_string()))?;
+        let allowed = image_globs(&d.allowed_images)?;
+        if !allowed.is_match(&d.image) {
+            return Err(key_error(
+                "docker.image",
+                format!(
+                    "`{}` is not in docker.allowed_images {:?}",
+                    d.image, d.allowed_images
+                ),
+            ));
+        }
         parse_user(&d.user).map_err(|e| key_error("docker.user", e))?;
         if d.pids_limit <= 0 {
             return Err(key_error("docker.pids_limit", "must be at least 1"));
@@ -446,8 +499,49 @@ impl Settings {
             ));
         }
         let j = &self.job;
+        if j.max_timeout_seconds == 0 {
+            return Err(key_error("job.max_timeout_seconds", "must be at least 1"));
+        }
         if j.timeout_seconds == 0 {
             return Err(key_error("job.timeout_seconds", "must be at least 1"));
+        }
+        // Every duration of the settings that feeds a clock, bounded in one place.
+        let ceiling = MAX_SECONDS_CEILING;
+        let durations = [
+            (
+                "job.max_timeout_seconds",
+                j.max_timeout_seconds,
+                ceiling,
+                "its ceiling",
+            ),
+            (
+                "job.timeout_seconds",
+                j.timeout_seconds,
+                j.max_timeout_seconds,
+                "job.max_timeout_seconds",
+            ),
+            (
+                "job.stop_grace_seconds",
+                j.stop_grace_seconds,
+                ceiling,
+                "its ceiling",
+            ),
+            (
+                "shutdown_timeout_seconds",
+                self.shutdown_timeout_seconds,
+                ceiling,
+                "its ceiling",
+            ),
+            (
+                "checkout.timeout_seconds",
+                self.checkout.timeout_seconds,
+                ceiling,
+                "its ceiling",
+            ),
+        ];
+        for (key, value, limit, limit_name) in durations {
+            bounded_seconds(key, value, limit, limit_name)
+                .map_err(|e| key_error(key, e.to_string()))?;
         }
         if j.output_cap_bytes < 1024 {
             return Err(key_error("job.output_cap_bytes", "must be at least 1024"));
@@ -533,6 +627,27 @@ impl Settings {
         Ok(())
     }
 
+    /// Lowers the built-in memory and CPU defaults to this machine's size when it is smaller
+    /// and no maximum is set, so a small host starts with the defaults instead of refusing them.
+    fn fit_defaults_to_host(&mut self) {
+        let builtin = DockerSettings::default();
+        let d = &mut self.docker;
+        if d.max_memory.is_none()
+            && d.memory_limit == builtin.memory_limit
+            && let (Some(host), Ok(default)) = (host_memory_bytes(), parse_memory(&d.memory_limit))
+            && host < default
+        {
+            d.memory_limit = host.to_string();
+        }
+        if d.max_cpus.is_none()
+            && d.cpu_limit == builtin.cpu_limit
+            && let Ok(default) = parse_cpus(&d.cpu_limit)
+            && host_nano_cpus() < default
+        {
+            d.cpu_limit = (host_nano_cpus() / 1_000_000_000).to_string();
+        }
+    }
+
     pub fn work_dir(&self) -> PathBuf {
         self.work_dir
             .clone()
@@ -605,6 +720,52 @@ fn set(
     } else {
         builder.set_override(key, value)
     }
+}
+
+impl DockerSettings {
+    /// The most memory a job may have, in bytes and as written: `max_memory`, else this
+    /// machine's memory.
+    pub fn max_memory_bytes(&self) -> Result<(i64, String), ConfigError> {
+        match &self.max_memory {
+            Some(text) => parse_memory(text)
+                .map(|b| (b, text.clone()))
+                .map_err(|e| key_error("docker.max_memory", e.to_string())),
+            None => host_memory_bytes()
+                .map(|b| (b, format!("{b} bytes (this machine's memory)")))
+                .ok_or_else(|| {
+                    key_error(
+                        "docker.max_memory",
+                        "this machine's memory is unknown (no /proc/meminfo): set it",
+                    )
+                }),
+        }
+    }
+
+    /// The most CPUs a job may have, in NanoCPUs and as written: `max_cpus`, else this
+    /// machine's CPUs.
+    pub fn max_nano_cpus(&self) -> Result<(i64, String), ConfigError> {
+        match &self.max_cpus {
+            Some(text) => parse_cpus(text)
+                .map(|n| (n, text.clone()))
+                .map_err(|e| key_error("docker.max_cpus", e.to_string())),
+            None => {
+                let n = host_nano_cpus();
+                Ok((n, format!("{} (this machine's CPUs)", n / 1_000_000_000)))
+            }
+        }
+    }
+}
+
+/// The `allowed_images` globs as one set; an invalid glob is an error naming it.
+pub fn image_globs(patterns: &[String]) -> Result<globset::GlobSet, ConfigError> {
+    let mut set = globset::GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = globset::Glob::new(pattern)
+            .map_err(|e| key_error("docker.allowed_images", format!("`{pattern}`: {e}")))?;
+        set.add(glob);
+    }
+    set.build()
+        .map_err(|e| key_error("docker.allowed_images", e.to_string()))
 }
 
 /// Agent ids go into container labels, file names and URLs: keep them plain.
@@ -737,6 +898,96 @@ mod tests {
         assert!(err.to_string().contains("GRYT_STATE_DIR"), "{err}");
         let err = Settings::load_from(None, &env(&[("GRYT_LOG_GIVE_UP", "0")]), &[]).unwrap_err();
         assert!(err.to_string().contains("log_give_up_seconds"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_limits_above_their_maximum_are_refused_naming_both() {
+        let err = Settings::load_from(None, &env(&[("GRYT_JOB_TIMEOUT", "86401")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("job.timeout_seconds") && err.contains("job.max_timeout_seconds = 86400"),
+            "{err}"
+        );
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_JOB_TIMEOUT", "86401"),
+                ("GRYT_MAX_JOB_TIMEOUT", "90000"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.job.max_timeout_seconds, 90000);
+        for (var, key) in [
+            ("GRYT_STOP_GRACE", "job.stop_grace_seconds"),
+            ("GRYT_SHUTDOWN_TIMEOUT", "shutdown_timeout_seconds"),
+            ("GRYT_CHECKOUT_TIMEOUT", "checkout.timeout_seconds"),
+            ("GRYT_MAX_JOB_TIMEOUT", "job.max_timeout_seconds"),
+        ] {
+            let err = Settings::load_from(None, &env(&[(var, "18446744073709551615")]), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}: {err}");
+        }
+        let err = Settings::load_from(
+            None,
+            &env(&[("GRYT_MEMORY_LIMIT", "4g"), ("GRYT_MAX_MEMORY", "1g")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("docker.memory_limit") && err.contains("docker.max_memory = 1g"),
+            "{err}"
+        );
+        let err = Settings::load_from(None, &env(&[("GRYT_CPU_LIMIT", "4096")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("docker.max_cpus"), "{err}");
+        let err = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_CPU_LIMIT", "1"),
+                ("GRYT_MAX_CPUS", "1.5"),
+                ("GRYT_MAX_MEMORY", "lots"),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("docker.max_memory"), "{err}");
+    }
+
+    #[test]
+    fn allowed_images_are_globs_and_the_default_image_must_match() {
+        let s = Settings::load_from(None, &[], &[]).unwrap();
+        assert_eq!(s.docker.allowed_images, ["*"]);
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_ALLOWED_IMAGES", "ghcr.io/acme/*, alpine:*"),
+                ("GRYT_DOCKER_IMAGE", "alpine:3"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.docker.allowed_images, ["ghcr.io/acme/*", "alpine:*"]);
+        let err = Settings::load_from(
+            None,
+            &env(&[("GRYT_ALLOWED_IMAGES", "ghcr.io/acme/*")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("docker.image") && err.contains("allowed_images"),
+            "{err}"
+        );
+        let err = Settings::load_from(None, &env(&[("GRYT_ALLOWED_IMAGES", "a[")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("docker.allowed_images"), "{err}");
     }
 
     #[test]

@@ -129,6 +129,63 @@ async fn oversized_nested_nul_and_huge_inputs_get_clear_errors() {
     .await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["field"], "timeout_seconds");
+    // Past the operator's maximum: once a panic ("task panicked"), now an error naming the
+    // field and the limit, for the job and for a step.
+    let (status, body) = post(
+        &agent,
+        json!({"job_id": 8, "pipeline_b64": hello, "timeout_seconds": u64::MAX}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("error")),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"],
+        "timeout_seconds = 18446744073709551615 is above this agent's limit job.max_timeout_seconds = 86400"
+    );
+    let step = support::b64(
+        "version: 1\nsteps:\n  - run: true\n    timeout_seconds: 18446744073709551615\n",
+    );
+    let (status, body) = post(
+        &agent,
+        json!({"job_id": 8, "pipeline_b64": step}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("error")),
+        "{body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("steps[0].timeout_seconds"),
+        "{body}"
+    );
+    // More memory or CPUs than the machine has: refused, not applied.
+    for (field, value, limit) in [
+        ("memory_limit", "1t", "docker.max_memory"),
+        ("cpu_limit", "4096", "docker.max_cpus"),
+    ] {
+        let (status, body) = post(
+            &agent,
+            json!({"job_id": 8, "pipeline_b64": hello, field: value}).to_string(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("error")),
+            "{body}"
+        );
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("{field} `{value}`")) && error.contains(limit),
+            "{body}"
+        );
+    }
 
     assert_alive(&agent).await;
     agent.assert_clean().await;

@@ -8,6 +8,7 @@ use support::test_image;
 
 struct Exec {
     work_dir: tempfile::TempDir,
+    state_dir: tempfile::TempDir,
     image: String,
     agent_id: String,
 }
@@ -16,6 +17,7 @@ impl Exec {
     async fn new(test: &str) -> Self {
         Exec {
             work_dir: tempfile::tempdir().unwrap(),
+            state_dir: tempfile::tempdir().unwrap(),
             image: test_image().await,
             agent_id: support::unique_agent_id(test),
         }
@@ -29,6 +31,7 @@ impl Exec {
             .env("GRYT_DOCKER_IMAGE", &self.image)
             .env("GRYT_PULL_POLICY", "never")
             .env("GRYT_WORK_DIR", self.work_dir.path())
+            .env("GRYT_STATE_DIR", self.state_dir.path())
             .env("GRYT_AGENT_ID", &self.agent_id)
             .stdin(Stdio::null());
         cmd
@@ -52,6 +55,11 @@ impl Exec {
         let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
             .unwrap();
+        self.assert_clean().await;
+        output
+    }
+
+    async fn assert_clean(&self) {
         assert!(
             support::containers_of(&self.agent_id).await.is_empty(),
             "container left behind"
@@ -61,8 +69,127 @@ impl Exec {
             0,
             "workspace left behind"
         );
-        output
     }
+
+    /// Starts `exec` on a job that runs until stopped; returns once its container exists
+    /// (so its signal handlers are in place), with the container's id.
+    async fn start_long_job(&self, known: &[String]) -> (std::process::Child, String) {
+        let file = self.pipeline(
+            "long.yml",
+            "version: 1\nsteps:\n  - run: echo started; sleep 300\n",
+        );
+        let mut child = self
+            .command(&["exec", &file])
+            .env("GRYT_STOP_GRACE", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        for _ in 0..600 {
+            let now = support::containers_of(&self.agent_id).await;
+            if let Some(new) = now.into_iter().find(|c| !known.contains(c)) {
+                return (child, new);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the exec's container never appeared");
+    }
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name}");
+}
+
+async fn wait(child: std::process::Child) -> Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn term_hup_and_int_stop_the_job_clean_up_and_exit_128_plus_the_signal() {
+    let exec = Exec::new("cli-signals").await;
+    for (name, code) in [("TERM", 143), ("HUP", 129), ("INT", 130)] {
+        let (child, _) = exec.start_long_job(&[]).await;
+        signal(&child, name);
+        let out = wait(child).await;
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{name}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("==> job cancelled"),
+            "{name}: {}",
+            text(&out.stderr)
+        );
+        exec.assert_clean().await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_execs_container_is_removed_by_the_next_exec_and_a_live_ones_is_not() {
+    let exec = Exec::new("cli-sigkill").await;
+    let (alive, alive_container) = exec.start_long_job(&[]).await;
+    let (mut killed, killed_container) = exec
+        .start_long_job(std::slice::from_ref(&alive_container))
+        .await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let mut left = support::containers_of(&exec.agent_id).await;
+    left.sort();
+    let mut both = vec![alive_container.clone(), killed_container.clone()];
+    both.sort();
+    assert_eq!(left, both, "a SIGKILLed exec cannot clean up");
+    assert_eq!(std::fs::read_dir(exec.work_dir.path()).unwrap().count(), 2);
+
+    let file = exec.pipeline("hello.yml", "version: 1\nsteps:\n  - run: echo Hello\n");
+    let out = exec.command(&["exec", &file]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("removed 1 container(s) left by killed execs"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        support::containers_of(&exec.agent_id).await,
+        vec![alive_container.clone()],
+        "only the killed exec's container goes"
+    );
+    assert_eq!(
+        std::fs::read_dir(exec.work_dir.path()).unwrap().count(),
+        1,
+        "the killed exec's workspace goes, the live one's stays"
+    );
+
+    signal(&alive, "TERM");
+    let out = wait(alive).await;
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+    exec.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_timeout_above_the_maximum_is_a_clear_error_not_a_panic() {
+    let exec = Exec::new("cli-huge-timeout").await;
+    let file = exec.pipeline("ok.yml", "version: 1\nsteps:\n  - run: true\n");
+    let out = exec
+        .run(&["exec", &file, "--timeout", "18446744073709551615"])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "timeout_seconds = 18446744073709551615 is above this agent's limit job.max_timeout_seconds = 86400"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 fn text(bytes: &[u8]) -> String {

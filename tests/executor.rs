@@ -615,3 +615,318 @@ async fn every_container_on_every_path_is_hardened() {
     );
     agent.assert_clean().await;
 }
+
+/// A gryt stand-in run as `sh pipeline.py`: the pipeline text is the shell script, so a test
+/// decides exactly what "gryt" prints.
+fn scripted_gryt(test: &str) -> impl std::future::Future<Output = support::TestAgent> + '_ {
+    test_agent(test, |s| {
+        s.job.gryt_command = vec!["sh".into(), "pipeline.py".into()];
+    })
+}
+
+/// A report whose first step printed `bytes` bytes (gryt puts every step's output in its
+/// report) and whose second step failed with 4.
+fn big_report_script(bytes: u64) -> String {
+    format!(
+        "# gryt stand-in\necho '[hook] start'\nprintf '{{\\n  \"status\": \"ok\",\\n  \"results\": {{\"runner_0\": {{\"big\": {{\"status\": \"success\", \"returncode\": 0, \"stdout\": \"'\nhead -c {bytes} /dev/zero | tr '\\0' x\nprintf '\", \"duration\": 1.0}},\\n    \"test\": {{\"status\": \"error\", \"returncode\": 4, \"error\": \"Process exited with code 4\"}}}}}}\\n}}\\n'\nexit 0\n"
+    )
+}
+
+#[tokio::test]
+async fn a_gryt_report_larger_than_the_output_tail_still_decides_the_verdict() {
+    let agent = scripted_gryt("gryt-big-report").await;
+    // 3 MiB of report: three times the 1 MiB tail kept for the result.
+    let result = agent.run(&job(&big_report_script(3 << 20))).await;
+    assert_eq!(result.status, JobStatus::Failed, "{:?}", result.error);
+    assert!(!result.success);
+    assert_eq!(result.exit_code, 4);
+    let steps: Vec<_> = result
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        steps,
+        [("big", StepStatus::Success), ("test", StepStatus::Failed)]
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_gryt_report_past_the_hard_cap_fails_the_job_and_says_so() {
+    let agent = scripted_gryt("gryt-huge-report").await;
+    let cap = gryt_agent::pipeline::gryt_report::MAX_REPORT_BYTES as u64;
+    let result = agent.run(&job(&big_report_script(cap + 1024))).await;
+    assert_eq!(result.status, JobStatus::Failed, "{:?}", result.error);
+    assert!(!result.success);
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("report is larger than {cap} bytes")),
+        "{error}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_gryt_run_without_a_readable_report_is_failed_not_successful() {
+    let agent = scripted_gryt("gryt-no-report").await;
+    for script in [
+        "# gryt stand-in\necho all good\nexit 0\n",
+        // Cut short: the report's first lines and no end.
+        "# gryt stand-in\nprintf '{\\n  \"status\": \"ok\",\\n'\nexit 0\n",
+    ] {
+        let result = agent.run(&job(script)).await;
+        assert_eq!(result.status, JobStatus::Failed, "{script}: {result:?}");
+        assert!(!result.success);
+        assert_eq!(result.exit_code, 1);
+        let error = result.error.unwrap_or_default();
+        assert!(error.contains("no report"), "{error}");
+    }
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn timeouts_above_the_maximum_are_refused_before_any_container() {
+    let agent = test_agent("huge-timeout", |s| {
+        s.job.max_timeout_seconds = 600;
+        s.job.timeout_seconds = 300;
+    })
+    .await;
+    let audit = support::ContainerAudit::start(&agent.agent_id).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.timeout_seconds = Some(u64::MAX);
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some(
+            "timeout_seconds = 18446744073709551615 is above this agent's limit job.max_timeout_seconds = 600"
+        )
+    );
+    spec.timeout_seconds = Some(601);
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let step = job(
+        "version: 1\nsteps:\n  - run: true\n  - run: true\n    timeout_seconds: 18446744073709551615\n",
+    );
+    let result = agent.run(&step).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.contains("steps[1].timeout_seconds")
+            && error.contains("job.max_timeout_seconds = 600"),
+        "{error}"
+    );
+    // At the limit is fine.
+    spec.timeout_seconds = Some(600);
+    assert_eq!(agent.run(&spec).await.status, JobStatus::Success);
+    assert_eq!(
+        audit.finish().await,
+        1,
+        "only the job within the limit had a container"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn memory_and_cpus_above_the_operators_maximum_are_refused() {
+    let agent = test_agent("max-limits", |s| {
+        s.docker.max_memory = Some("512m".into());
+        s.docker.max_cpus = Some("1".into());
+        s.docker.memory_limit = "256m".into();
+        s.docker.cpu_limit = "0.5".into();
+    })
+    .await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.memory_limit = Some("1t".into());
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some("memory_limit `1t` is above this agent's limit docker.max_memory = 512m")
+    );
+    spec.memory_limit = None;
+    spec.cpu_limit = Some("1.5".into());
+    let result = agent.run(&spec).await;
+    assert_eq!(
+        result.error.as_deref(),
+        Some("cpu_limit `1.5` is above this agent's limit docker.max_cpus = 1")
+    );
+    assert!(agent.containers().await.is_empty());
+    spec.memory_limit = Some("512m".into());
+    spec.cpu_limit = Some("1".into());
+    assert_eq!(agent.run(&spec).await.status, JobStatus::Success);
+    agent.assert_clean().await;
+
+    // By default the maximum is this machine's.
+    let agent = test_agent("max-limits-host", |_| {}).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.memory_limit = Some("1t".into());
+    let error = agent.run(&spec).await.error.unwrap_or_default();
+    assert!(
+        error.contains("docker.max_memory") && error.contains("this machine's memory"),
+        "{error}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn an_image_outside_allowed_images_is_refused_before_any_pull() {
+    let agent = test_agent("allowed-images", |s| {
+        s.docker.allowed_images = vec!["gryt-agent-test/*".into()];
+        s.docker.pull_policy = gryt_agent::config::PullPolicy::Always;
+    })
+    .await;
+    let rec = Recorder::default();
+    let mut spec = job("version: 1\nimage: evil.example/miner:1\nsteps:\n  - run: true\n");
+    let result = agent.executor.run(&spec, &rec, &JobControl::new()).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some(
+            "image `evil.example/miner:1` is not allowed on this agent (docker.allowed_images: gryt-agent-test/*)"
+        )
+    );
+    spec.docker_image = Some("alpine:3".into());
+    let result = agent.executor.run(&spec, &rec, &JobControl::new()).await;
+    assert!(
+        result
+            .error
+            .unwrap_or_default()
+            .contains("`alpine:3` is not allowed"),
+    );
+    assert!(
+        rec.events.lock().unwrap().is_empty(),
+        "nothing was pulled: {:?}",
+        rec.events.lock().unwrap()
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn step_env_values_with_secret_names_are_masked() {
+    let agent = test_agent("step-env-mask", |_| {}).await;
+    let rec = Recorder::default();
+    let pipeline = "version: 1\nsteps:\n  - run: echo \"$DEPLOY_TOKEN / $PLAIN\"\n    name: uses $DEPLOY_TOKEN\n    env:\n      DEPLOY_TOKEN: step-level-s3cret\n      PLAIN: shown\n";
+    let result = agent
+        .executor
+        .run(&job(pipeline), &rec, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "[MASKED] / shown\n");
+    let streamed = String::from_utf8(rec.stream(OutputStream::Stdout)).unwrap();
+    assert_eq!(streamed, "[MASKED] / shown\n");
+    assert!(!format!("{result:?}").contains("step-level-s3cret"));
+    agent.assert_clean().await;
+}
+
+/// A bare repository `repo.git` in a temporary directory, with nested files, as a `file://`
+/// URL (made with the `git` CLI).
+fn nested_repository() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("sub/dir")).unwrap();
+    std::fs::write(work.join("README.md"), "one\n").unwrap();
+    std::fs::write(work.join("sub/dir/file.txt"), "nested\n").unwrap();
+    std::fs::write(work.join("sub/gone.txt"), "delete me\n").unwrap();
+    std::fs::write(work.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(
+        work.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let git = |cwd: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+            .args([
+                "-c",
+                "init.defaultBranch=main",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(cwd)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .expect("the `git` CLI builds the fixture");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&work, &["init", "-q"]);
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-qm", "one"]);
+    git(dir.path(), &["clone", "-q", "--bare", "work", "repo.git"]);
+    let url = format!("file://{}", dir.path().join("repo.git").display());
+    (dir, url)
+}
+
+/// Passes whoever the agent runs as: root (the checkout is handed to the job's user) or not
+/// (the checkout is opened to it), as the packaged agent runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_creates_changes_and_deletes_files_anywhere_in_its_checkout() {
+    let (_repo, url) = nested_repository();
+    let agent = test_agent("checkout-writable", |s| s.checkout.allow_file_urls = true).await;
+    let script = "echo changed > README.md && echo more >> sub/dir/file.txt && echo new > sub/dir/new.txt && rm sub/gone.txt && mkdir sub/dir/made && mv run.sh sub/ && ./sub/run.sh && cat README.md sub/dir/file.txt && echo x > .git/job-note && rm -r .git/objects";
+    let mut spec = job(&format!("version: 1\nsteps:\n  - run: {script}\n"));
+    spec.git_url = Some(url);
+    let result = agent.run(&spec).await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "ran\nchanged\nnested\nmore\n");
+    agent.assert_clean().await;
+}
+
+/// What the job made, closed to everyone but its user: only the job's user may delete it when
+/// the agent is not root.
+const CLOSED_TREE: &str =
+    "mkdir -p a/b/c && echo x > a/b/c/f && chmod 700 a/b/c a/b && chmod 500 a";
+
+#[tokio::test]
+async fn no_workspace_is_left_after_an_abort_a_cancel_or_a_fork_bomb() {
+    let agent = test_agent("endings", |s| {
+        s.docker.pids_limit = 40;
+        s.job.stop_grace_seconds = 1;
+    })
+    .await;
+    for (kind, after) in [("abort", 1), ("cancel", 1)] {
+        let control = JobControl::new();
+        let stopper = control.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(after)).await;
+            match kind {
+                "abort" => stopper.abort("lease lost"),
+                _ => stopper.cancel("the API asked"),
+            }
+        });
+        let spec = job(&format!(
+            "version: 1\nsteps:\n  - run: {CLOSED_TREE} && trap '' TERM && sleep 60\n"
+        ));
+        let result = agent.executor.run(&spec, &Discard, &control).await;
+        assert_eq!(result.status, JobStatus::Cancelled, "{kind}: {result:?}");
+        agent.assert_clean().await;
+    }
+    // A fork bomb at the pids limit: no exec can start in its container any more.
+    let mut bomb = job(&format!(
+        "version: 1\nsteps:\n  - run: {CLOSED_TREE} && f() {{ f | f & }}; f; sleep 60\n"
+    ));
+    bomb.timeout_seconds = Some(3);
+    let result = agent.run(&bomb).await;
+    assert_eq!(result.status, JobStatus::Timeout, "{result:?}");
+    agent.assert_clean().await;
+    // Two steps (an exec-shaped container), aborted while the second runs.
+    let control = JobControl::new();
+    let stopper = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stopper.abort("lease lost");
+    });
+    let spec = job(&format!(
+        "version: 1\nsteps:\n  - run: {CLOSED_TREE}\n  - run: sleep 60\n"
+    ));
+    let result = agent.executor.run(&spec, &Discard, &control).await;
+    assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
+    agent.assert_clean().await;
+}

@@ -1,4 +1,5 @@
-//! The orphan sweep: removes this agent's containers and workspaces that no running job owns.
+//! The orphan sweep: removes this agent's containers and workspaces that no running job owns,
+//! and the containers of `gryt-agent exec`s on this host that were killed (`exec_owner`).
 //!
 //! Runs at start, before the agent takes a job (what a crashed or killed agent left behind), and
 //! then on a slow timer while jobs run. Only
@@ -14,6 +15,8 @@ use bollard::query_parameters::ListContainersOptionsBuilder;
 
 use super::AgentState;
 use crate::executor::container::{LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, try_remove};
+use crate::executor::exec_owner;
+use crate::executor::workspace::{self, JobUserCleaner};
 
 /// Time between sweeps after the first.
 pub const INTERVAL: Duration = Duration::from_secs(600);
@@ -66,7 +69,11 @@ pub async fn sweep(state: &AgentState) -> Swept {
         Some(docker) => list_containers(docker, &state.agent_id).await,
         None => Vec::new(),
     };
-    let workspaces = list_workspaces(&state.executor.settings().work_dir);
+    let work_dir = state.executor.settings().work_dir.clone();
+    let agent_id = state.agent_id.clone();
+    let workspaces = tokio::task::spawn_blocking(move || list_workspaces(&work_dir, &agent_id))
+        .await
+        .unwrap_or_default();
     // Read AFTER the listings. A job is registered before its workspace and container exist,
     // so whatever was listed for a job that is running now has its id in this set; a set read
     // before the listings would miss a job that started during them, and its fresh container
@@ -79,23 +86,43 @@ pub async fn sweep(state: &AgentState) -> Swept {
         .collect();
     let containers: Vec<_> = containers
         .into_iter()
-        .filter(|(_, job)| !running.contains(job))
+        .filter(|(_, job, _)| !running.contains(job))
+        .collect();
+    // A workspace the agent cannot delete is emptied by the job's user in a container of the
+    // job's image (its container's, when one was left), else of the default image.
+    let images: HashMap<String, String> = containers
+        .iter()
+        .map(|(_, job, image)| (job.clone(), image.clone()))
         .collect();
     let workspaces: Vec<_> = workspaces
         .into_iter()
         .filter(|(_, job)| !running.contains(job))
         .collect();
+    let settings = state.executor.settings();
     Swept {
         containers: match &docker {
-            Some(docker) => remove_containers(docker, containers).await,
+            Some(docker) => {
+                let user = crate::config::parse_user(&settings.docker.user).unwrap_or((1000, 1000));
+                // And what `gryt-agent exec`s killed on this host left (see `exec_owner`).
+                let dead_execs = exec_owner::sweep_dead_execs(
+                    docker,
+                    &settings.exec_lock_dir,
+                    &settings.work_dir,
+                    user,
+                );
+                remove_containers(docker, containers).await + dead_execs.await
+            }
             None => 0,
         },
-        workspaces: remove_workspaces(workspaces).await,
+        workspaces: remove_workspaces(state, docker.as_ref(), &images, workspaces).await,
     }
 }
 
-/// This agent's containers, as `(container id, job id)`.
-async fn list_containers(docker: &bollard::Docker, agent_id: &str) -> Vec<(String, String)> {
+/// This agent's containers, as `(container id, job id, image)`.
+async fn list_containers(
+    docker: &bollard::Docker,
+    agent_id: &str,
+) -> Vec<(String, String, String)> {
     let filters = HashMap::from([(
         "label",
         vec![
@@ -112,7 +139,7 @@ async fn list_containers(docker: &bollard::Docker, agent_id: &str) -> Vec<(Strin
             .into_iter()
             .filter_map(|c| {
                 let job = c.labels.as_ref().and_then(|l| l.get(LABEL_JOB_ID)).cloned();
-                Some((c.id?, job.unwrap_or_default()))
+                Some((c.id?, job.unwrap_or_default(), c.image.unwrap_or_default()))
             })
             .collect(),
         Err(e) => {
@@ -122,9 +149,12 @@ async fn list_containers(docker: &bollard::Docker, agent_id: &str) -> Vec<(Strin
     }
 }
 
-async fn remove_containers(docker: &bollard::Docker, stale: Vec<(String, String)>) -> usize {
+async fn remove_containers(
+    docker: &bollard::Docker,
+    stale: Vec<(String, String, String)>,
+) -> usize {
     let mut removed = 0;
-    for (id, job) in stale {
+    for (id, job, _) in stale {
         match try_remove(docker, &id).await {
             Ok(()) => {
                 tracing::info!(container = %id, job_id = %job, "orphan sweep removed a container");
@@ -138,42 +168,53 @@ async fn remove_containers(docker: &bollard::Docker, stale: Vec<(String, String)
     removed
 }
 
-/// The `job-<id>-*` directories in the work dir, as `(path, job id)`.
-fn list_workspaces(work_dir: &Path) -> Vec<(PathBuf, String)> {
+/// This agent's workspaces in the work dir, as `(path, job id)`: only names that carry this
+/// agent's id (another agent may share the work dir).
+fn list_workspaces(work_dir: &Path, agent_id: &str) -> Vec<(PathBuf, String)> {
     let Ok(entries) = std::fs::read_dir(work_dir) else {
         return Vec::new();
     };
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        // `job-<id>-<random>`; the random part has no `-`, the id may be negative.
-        let Some((job, _)) = name
-            .strip_prefix("job-")
-            .and_then(|rest| rest.rsplit_once('-'))
-        else {
+        let Some((owner, job)) = workspace::owner_of(&name) else {
             continue;
         };
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+        if owner == agent_id && entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             found.push((entry.path(), job.to_owned()));
         }
     }
     found
 }
 
-async fn remove_workspaces(stale: Vec<(PathBuf, String)>) -> usize {
-    tokio::task::spawn_blocking(move || {
-        let mut removed = 0;
-        for (path, _) in stale {
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => {
-                    tracing::info!(workspace = %path.display(), "orphan sweep removed a workspace");
-                    removed += 1;
-                }
-                Err(e) => tracing::warn!(workspace = %path.display(), error = %e, "orphan sweep cannot remove a workspace"),
+async fn remove_workspaces(
+    state: &AgentState,
+    docker: Option<&bollard::Docker>,
+    images: &HashMap<String, String>,
+    stale: Vec<(PathBuf, String)>,
+) -> usize {
+    let settings = state.executor.settings();
+    let user = crate::config::parse_user(&settings.docker.user).unwrap_or((1000, 1000));
+    let mut removed = 0;
+    for (path, job) in stale {
+        let image = images.get(&job).unwrap_or(&settings.docker.image);
+        let cleaner = docker.map(|docker| JobUserCleaner {
+            docker,
+            image,
+            user,
+            agent_id: &state.agent_id,
+            job_id: &job,
+            extra_labels: &[],
+        });
+        match workspace::remove_tree(&path, cleaner.as_ref()).await {
+            Ok(()) => {
+                tracing::info!(workspace = %path.display(), "orphan sweep removed a workspace");
+                removed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(workspace = %path.display(), error = %e, "orphan sweep cannot remove a workspace")
             }
         }
-        removed
-    })
-    .await
-    .unwrap_or(0)
+    }
+    removed
 }

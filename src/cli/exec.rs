@@ -9,10 +9,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use anyhow::{Context, bail};
 use base64::Engine;
 use clap::Args;
 use gryt_agent::config::Settings;
+use gryt_agent::executor::exec_owner::{self, ExecLock};
 use gryt_agent::executor::{
     Executor, ExecutorSettings, JobControl, JobEvent, JobObserver, OutputStream,
 };
@@ -59,19 +63,35 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
         .agent_id
         .clone()
         .unwrap_or_else(|| "local".to_owned());
-    let executor_settings = ExecutorSettings::from_settings(&settings, agent_id)?;
+    let mut executor_settings = ExecutorSettings::from_settings(&settings, agent_id)?;
     executor_settings.register_secrets_for_logs();
+    // Held until this process ends, however it ends: its container carries the lock's path,
+    // so a later exec or agent start can tell this exec's leftovers from a live exec's job.
+    let lock_dir = executor_settings.exec_lock_dir.clone();
+    let lock = tokio::task::spawn_blocking(move || ExecLock::acquire(&lock_dir))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot make exec's lock file in {}",
+                executor_settings.exec_lock_dir.display()
+            )
+        })?;
+    executor_settings.extra_labels = lock.labels();
     let executor = Executor::new(executor_settings)?;
     if !executor.reachable().await {
         bail!(
             "the Docker engine does not answer (is it running, and may this user use its socket?)"
         );
     }
+    sweep_dead_execs(&executor).await;
 
     let control = JobControl::new();
-    tokio::spawn(stop_on_ctrl_c(control.clone()));
+    let signalled = Arc::new(AtomicI32::new(0));
+    let signals = Signals::listen().context("cannot listen for signals")?;
+    tokio::spawn(stop_on_signals(control.clone(), signalled.clone(), signals));
     let observer = Terminal { json: args.json };
     let result = executor.run(&job, &observer, &control).await;
+    lock.release().await;
 
     summarize(&result);
     if args.json {
@@ -79,7 +99,26 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
         serde_json::to_writer_pretty(&mut out, &result)?;
         writeln!(out)?;
     }
-    Ok(exit_code(&result))
+    // Stopped by a signal: the shell's convention, 128 + its number, after the cleanup.
+    match signalled.load(Ordering::SeqCst) {
+        0 => Ok(exit_code(&result)),
+        signal => Ok(ExitCode::from(128 + signal as u8)),
+    }
+}
+
+/// Removes what execs killed on this host (SIGKILL: no cleanup ran) left behind.
+async fn sweep_dead_execs(executor: &Executor) {
+    let Ok(docker) = executor.docker().await else {
+        return;
+    };
+    let settings = executor.settings();
+    let user = gryt_agent::config::parse_user(&settings.docker.user).unwrap_or((1000, 1000));
+    let removed =
+        exec_owner::sweep_dead_execs(&docker, &settings.exec_lock_dir, &settings.work_dir, user)
+            .await;
+    if removed > 0 {
+        eprintln!("gryt-agent: removed {removed} container(s) left by killed execs");
+    }
 }
 
 fn read_pipeline(path: &Path) -> anyhow::Result<String> {
@@ -110,15 +149,46 @@ fn parse_env(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(env)
 }
 
-/// First Ctrl-C: stop gracefully; second: kill at once.
-async fn stop_on_ctrl_c(control: JobControl) {
-    if tokio::signal::ctrl_c().await.is_ok() {
-        eprintln!("gryt-agent: stopping the job (Ctrl-C again to kill it)");
-        control.cancel("interrupted");
-        if tokio::signal::ctrl_c().await.is_ok() {
-            control.abort("interrupted twice");
-        }
+/// The signals `exec` stops its job on, listened to from before the job starts.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
+}
+
+/// The first SIGINT (Ctrl-C), SIGTERM (a CI system's cancel, `timeout`) or SIGHUP (a closed
+/// terminal) stops the job gracefully and is remembered for the exit code; a second kills it
+/// at once. Either way the job's container and workspace are removed before `exec` exits.
+async fn stop_on_signals(control: JobControl, signalled: Arc<AtomicI32>, signals: Signals) {
+    let Signals {
+        mut int,
+        mut term,
+        mut hup,
+    } = signals;
+    let mut next = async || {
+        tokio::select! {
+            _ = int.recv() => (2, "interrupted"),
+            _ = term.recv() => (15, "terminated"),
+            _ = hup.recv() => (1, "hung up"),
+        }
+    };
+    let (number, word) = next().await;
+    signalled.store(number, Ordering::SeqCst);
+    eprintln!("gryt-agent: {word}: stopping the job (a second signal kills it)");
+    control.cancel(word);
+    let (_, word) = next().await;
+    control.abort(format!("{word} twice"));
 }
 
 /// Writes the job's output to the terminal as it arrives.

@@ -44,6 +44,9 @@ const KEEPALIVE: &str = "while :; do sleep 3600; done";
 /// (the kernel spares PID 1), exactly as with an exec, and the exit status is the command's.
 const MAIN_WRAPPER: &str = "\"$@\" & wait $!";
 
+/// How long sending a signal to the job's processes (an exec of `kill`) may take.
+pub const SIGNAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A command of the job: a YAML step or `gryt run`, as an exec or as the main process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobCommand {
@@ -145,25 +148,13 @@ impl JobContainer {
             env: Some(env),
             labels: Some(spec.labels.clone()),
             tty: Some(false),
-            host_config: Some(HostConfig {
-                binds: Some(vec![format!("{}:{WORKSPACE}", spec.workspace_host_path)]),
-                cap_drop: Some(vec!["ALL".into()]),
-                security_opt: Some(vec!["no-new-privileges".into()]),
-                privileged: Some(false),
-                pids_limit: Some(spec.pids_limit),
-                memory: Some(spec.memory_bytes),
-                // Equal to `memory`: no swap, so the limit is a real limit and OOM is visible.
-                memory_swap: Some(spec.memory_bytes),
-                nano_cpus: Some(spec.nano_cpus),
-                network_mode: Some(spec.network.clone()),
-                // The agent reads the output itself (attach or exec); Docker keeping a copy on
-                // disk would only cost disk and time.
-                log_config: Some(HostConfigLogConfig {
-                    typ: Some("none".into()),
-                    config: None,
-                }),
-                ..Default::default()
-            }),
+            host_config: Some(hardened_host_config(
+                &spec.workspace_host_path,
+                &spec.network,
+                spec.pids_limit,
+                spec.memory_bytes,
+                spec.nano_cpus,
+            )),
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::default()
@@ -322,17 +313,24 @@ impl JobContainer {
 
     /// Sends `signal` to every job process but the keepalive (PID 1), as the job's own user.
     /// Returns false when that could not be done (the container is gone or has no shell).
+    /// Bounded by [`SIGNAL_TIMEOUT`]: a container at its pids limit (a fork bomb) may never
+    /// run the exec, and the caller then kills the container instead.
     pub async fn signal_job_processes(&self, signal: &str) -> bool {
         let cmd = vec![
             "/bin/sh".into(),
             "-c".into(),
             format!("kill -{signal} -1 2>/dev/null; exit 0"),
         ];
-        let Ok(mut running) = self.run(cmd, Vec::new()).await else {
-            return false;
+        let signalled = async {
+            let Ok(mut running) = self.run(cmd, Vec::new()).await else {
+                return false;
+            };
+            while running.output.next().await.is_some() {}
+            matches!(self.exit_code(&mut running).await, Ok(Some(0)))
         };
-        while running.output.next().await.is_some() {}
-        matches!(self.exit_code(&mut running).await, Ok(Some(0)))
+        tokio::time::timeout(SIGNAL_TIMEOUT, signalled)
+            .await
+            .unwrap_or(false)
     }
 
     /// Kills everything in the container at once.
@@ -398,6 +396,103 @@ impl Drop for JobContainer {
             }
         }
     }
+}
+
+/// The host side of every container the agent makes: the workspace as the only mount, no
+/// capabilities, `no-new-privileges`, never privileged, limits on pids, memory (no swap) and
+/// CPUs, and no log copy kept by Docker.
+fn hardened_host_config(
+    workspace: &str,
+    network: &str,
+    pids_limit: i64,
+    memory_bytes: i64,
+    nano_cpus: i64,
+) -> HostConfig {
+    HostConfig {
+        binds: Some(vec![format!("{workspace}:{WORKSPACE}")]),
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        privileged: Some(false),
+        pids_limit: Some(pids_limit),
+        memory: Some(memory_bytes),
+        // Equal to `memory`: no swap, so the limit is a real limit and OOM is visible.
+        memory_swap: Some(memory_bytes),
+        nano_cpus: Some(nano_cpus),
+        network_mode: Some(network.to_owned()),
+        // The agent reads the output itself (attach or exec); Docker keeping a copy on
+        // disk would only cost disk and time.
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("none".into()),
+            config: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs `script` under `/bin/sh -c` in a short-lived hardened container of `image` as `user`,
+/// with `workspace` mounted, no network and small limits; waits for it at most `timeout` and
+/// removes it whatever happens. For the agent's own chores (emptying a workspace as the job's
+/// user), never for a job. Ok when the script exited 0.
+pub async fn run_to_end(
+    docker: &Docker,
+    image: &str,
+    workspace: &str,
+    user: (u32, u32),
+    labels: HashMap<String, String>,
+    script: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let body = ContainerCreateBody {
+        image: Some(image.to_owned()),
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+        cmd: Some(vec![script.to_owned()]),
+        user: Some(format!("{}:{}", user.0, user.1)),
+        working_dir: Some(WORKSPACE.into()),
+        labels: Some(labels),
+        tty: Some(false),
+        host_config: Some(hardened_host_config(
+            workspace,
+            "none",
+            64,
+            64 * 1024 * 1024,
+            500_000_000,
+        )),
+        ..Default::default()
+    };
+    let id = std::sync::Mutex::new(None::<String>);
+    let run = async {
+        let created = docker
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                body,
+            )
+            .await
+            .map_err(|e| format!("cannot create a container from image {image}: {e}"))?;
+        *id.lock().unwrap_or_else(|e| e.into_inner()) = Some(created.id.clone());
+        docker
+            .start_container(&created.id, None)
+            .await
+            .map_err(|e| format!("cannot start the container: {e}"))?;
+        let mut waiting = docker.wait_container(&created.id, None::<WaitContainerOptions>);
+        match waiting.next().await {
+            Some(Ok(answer)) if answer.status_code == 0 => Ok(()),
+            Some(Ok(answer)) => Err(format!("it exited with {}", answer.status_code)),
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                Err(format!("it exited with {code}"))
+            }
+            Some(Err(e)) => Err(format!("lost the container: {e}")),
+            None => Err("the engine ended the wait without an exit code".into()),
+        }
+    };
+    let result = match tokio::time::timeout(timeout, run).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("it did not finish within {}s", timeout.as_secs())),
+    };
+    let created = id.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(id) = created {
+        remove_container(docker, &id).await;
+    }
+    result
 }
 
 /// How long a container whose removal failed is retried in the background: long enough to

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bollard::Docker;
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 
 use secrecy::SecretString;
 
@@ -36,6 +36,14 @@ pub struct ExecutorSettings {
     pub encryption_key_previous: Option<SecretString>,
     /// The agent's own secrets (API keys, encryption keys): masked in every job's output too.
     pub agent_secrets: Vec<SecretString>,
+    /// The most memory a job may ask for, in bytes and as the operator wrote it.
+    pub max_memory: (i64, String),
+    /// The most CPUs a job may ask for, in NanoCPUs and as the operator wrote it.
+    pub max_nano_cpus: (i64, String),
+    /// Where `exec` keeps its lock files (`<state_dir>/exec`, see `exec_owner`).
+    pub exec_lock_dir: PathBuf,
+    /// Labels put on every container beside the agent's own (`exec`'s ownership labels).
+    pub extra_labels: Vec<(String, String)>,
 }
 
 impl ExecutorSettings {
@@ -73,6 +81,10 @@ impl ExecutorSettings {
             encryption_key,
             encryption_key_previous: settings.encryption_key_previous.clone(),
             agent_secrets,
+            max_memory: settings.docker.max_memory_bytes()?,
+            max_nano_cpus: settings.docker.max_nano_cpus()?,
+            exec_lock_dir: settings.state_dir.join("exec"),
+            extra_labels: Vec::new(),
         })
     }
 }
@@ -109,6 +121,8 @@ pub enum ExecutorError {
     EncryptionKey(#[from] KeyError),
     #[error("invalid secret_env_patterns: {0}")]
     SecretPatterns(String),
+    #[error("{0}")]
+    Settings(#[from] ConfigError),
     #[error("cannot connect to the Docker engine at {address}: {source}")]
     Connect {
         address: String,
@@ -124,8 +138,11 @@ pub struct Executor {
     pub(super) settings: ExecutorSettings,
     pub(super) token_keys: Option<TokenKeys>,
     pub(super) secret_names: SecretNames,
+    /// `docker.allowed_images`: an image that matches none is refused before any pull.
+    pub(super) allowed_images: globset::GlobSet,
     /// The client after API version negotiation. Made lazily, so the agent starts while the
     /// engine is down (or its socket does not exist yet) and picks it up when it comes back.
+    /// A plain mutex, held only to read or store: never across the negotiation's request.
     negotiated: Mutex<Option<Docker>>,
 }
 
@@ -143,10 +160,12 @@ impl Executor {
         )?;
         let secret_names = SecretNames::new(&settings.secret_env_patterns)
             .map_err(|e| ExecutorError::SecretPatterns(e.to_string()))?;
+        let allowed_images = crate::config::image_globs(&settings.docker.allowed_images)?;
         Ok(Executor {
             settings,
             token_keys,
             secret_names,
+            allowed_images,
             negotiated: Mutex::new(None),
         })
     }
@@ -159,25 +178,34 @@ impl Executor {
     /// API version; newer ones refuse very old ones). Until the engine answers, each call tries
     /// again and returns a client whose calls fail with the engine's error.
     pub async fn docker(&self) -> Result<Docker, ExecutorError> {
-        let mut negotiated = self.negotiated.lock().await;
-        if let Some(docker) = negotiated.as_ref() {
-            return Ok(docker.clone());
+        if let Some(docker) = self.negotiated_client() {
+            return Ok(docker);
         }
+        // Not under the lock: a slow or hung engine must not queue every other caller (a
+        // health check, the sweep, other jobs) behind this request. Two callers may negotiate
+        // at once; both get the same answer and the first stored wins.
         let docker = connect(self.settings.docker.host.as_deref())?;
         match tokio::time::timeout(NEGOTIATE_TIMEOUT, docker.clone().negotiate_version()).await {
             Ok(Ok(docker)) => {
-                *negotiated = Some(docker.clone());
-                Ok(docker)
+                let mut negotiated = self.negotiated.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(negotiated.get_or_insert(docker).clone())
             }
             _ => Ok(docker),
         }
+    }
+
+    fn negotiated_client(&self) -> Option<Docker> {
+        self.negotiated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// True when the Docker engine answers, at the least cost: a version negotiation that
     /// succeeded already proved it (one request fewer before a one-shot job), else a ping.
     pub async fn reachable(&self) -> bool {
         let _ = self.docker().await;
-        if self.negotiated.lock().await.is_some() {
+        if self.negotiated_client().is_some() {
             return true;
         }
         self.ping().await
@@ -258,6 +286,33 @@ mod tests {
                 .to_string()
                 .contains("/nonexistent/gryt-agent/encryption.key"),
             "{error}"
+        );
+    }
+
+    /// An engine that accepts connections and never answers: each negotiation waits its whole
+    /// timeout. Callers must not queue behind each other's (4 in a row would take 4 × 10 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_do_not_queue_behind_a_hung_negotiation() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let mut settings = Settings::load_from(None, &[], &[]).unwrap();
+        settings.docker.host = Some(format!("tcp://{address}"));
+        let executor =
+            Executor::new(ExecutorSettings::from_settings(&settings, "t".into()).unwrap()).unwrap();
+        let clock = std::time::Instant::now();
+        let pings = futures_util::future::join_all((0..4).map(|_| executor.ping())).await;
+        assert_eq!(pings, [false; 4]);
+        // One negotiation (10 s) and one ping (5 s) each, side by side; queued: 40 s and more.
+        assert!(
+            clock.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            clock.elapsed()
         );
     }
 

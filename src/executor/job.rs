@@ -17,12 +17,12 @@ use super::container::{
 };
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
-use super::limits::{parse_cpus, parse_memory};
-use super::workspace::Workspace;
+use super::limits::{MAX_SECONDS_CEILING, at_most, bounded_seconds, parse_cpus, parse_memory};
+use super::workspace::{JobUserCleaner, Workspace};
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until, validate_url};
 use crate::config::parse_user;
-use crate::pipeline::gryt_report;
+use crate::pipeline::gryt_report::{self, ErrorLineCapture, ReportCapture};
 use crate::pipeline::yaml::Step;
 use crate::pipeline::yaml::valid_env_name;
 use crate::pipeline::{Pipeline, YamlPipeline};
@@ -56,6 +56,9 @@ struct Run<'a> {
     stderr_mask: StreamMasker,
     stdout: TailBuffer,
     stderr: TailBuffer,
+    /// For a gryt pipeline: its report and load error, followed over the whole output (the
+    /// tails above may have dropped them).
+    gryt: Option<(ReportCapture, ErrorLineCapture)>,
     steps: Vec<StepResult>,
     oom_killed: bool,
 }
@@ -76,6 +79,12 @@ impl Run<'_> {
         match stream {
             OutputStream::Stdout => self.stdout.push(data),
             OutputStream::Stderr => self.stderr.push(data),
+        }
+        if let Some((report, errors)) = &mut self.gryt {
+            match stream {
+                OutputStream::Stdout => report.push(data),
+                OutputStream::Stderr => errors.push(data),
+            }
         }
         self.observer.output(stream, data);
     }
@@ -119,16 +128,17 @@ pub(super) async fn run(
         masker,
         stdout: TailBuffer::new(cap),
         stderr: TailBuffer::new(cap),
+        gryt: None,
         steps: Vec::new(),
         oom_killed: false,
     };
-    let timeout = Duration::from_secs(
-        job.timeout_seconds
-            .filter(|t| *t > 0)
-            .unwrap_or(executor.settings.job.timeout_seconds),
-    );
-    let deadline = clock + timeout;
-    let outcome = prepare_and_run(executor, job, &mut run, control, deadline, timeout).await;
+    let outcome = match job_timeout(&executor.settings, job) {
+        Ok(timeout) => {
+            let deadline = clock + timeout;
+            prepare_and_run(executor, job, &mut run, control, deadline, timeout).await
+        }
+        Err(message) => Outcome::Error(message),
+    };
     run.flush_masks();
 
     let (status, success, exit_code, error) = match outcome {
@@ -169,6 +179,26 @@ pub(super) async fn run(
     }
 }
 
+/// The job's time limit: its own `timeout_seconds` (0 or none: the agent's default), refused
+/// above `job.max_timeout_seconds` before it can feed a clock.
+fn job_timeout(settings: &super::ExecutorSettings, job: &JobSpec) -> Result<Duration, String> {
+    let max = settings.job.max_timeout_seconds;
+    match job.timeout_seconds.filter(|t| *t > 0) {
+        Some(t) => bounded_seconds("timeout_seconds", t, max, MAX_TIMEOUT_SETTING)
+            .map_err(|e| e.to_string()),
+        // Validated at start; bounded again in case the settings were made otherwise.
+        None => bounded_seconds(
+            "job.timeout_seconds",
+            settings.job.timeout_seconds,
+            max,
+            MAX_TIMEOUT_SETTING,
+        )
+        .map_err(|e| e.to_string()),
+    }
+}
+
+const MAX_TIMEOUT_SETTING: &str = "job.max_timeout_seconds";
+
 /// Everything about a job that can be checked without Docker.
 struct Plan {
     pipeline: Pipeline,
@@ -190,17 +220,11 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     if let Some(url) = git_url(job) {
         validate_url(url, &settings.checkout).map_err(|e| e.to_string())?;
     }
-    let memory_text = job
-        .memory_limit
-        .clone()
-        .unwrap_or_else(|| settings.docker.memory_limit.clone());
-    let memory_bytes =
-        parse_memory(&memory_text).map_err(|e| format!("invalid memory_limit: {e}"))?;
-    let cpu_text = job
-        .cpu_limit
-        .clone()
-        .unwrap_or_else(|| settings.docker.cpu_limit.clone());
-    let nano_cpus = parse_cpus(&cpu_text).map_err(|e| format!("invalid cpu_limit: {e}"))?;
+    let Limits {
+        memory_bytes,
+        memory_text,
+        nano_cpus,
+    } = limits(settings, job, &pipeline)?;
     let user = parse_user(&settings.docker.user)
         .map_err(|e| format!("invalid docker.user setting: {e}"))?;
     let image = job
@@ -209,6 +233,12 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         .filter(|i| !i.trim().is_empty())
         .or_else(|| pipeline.image().map(str::to_owned))
         .unwrap_or_else(|| settings.docker.image.clone());
+    if !executor.allowed_images.is_match(&image) {
+        return Err(format!(
+            "image `{image}` is not allowed on this agent (docker.allowed_images: {})",
+            settings.docker.allowed_images.join(", ")
+        ));
+    }
 
     // Later layers win: agent defaults < the job's env_vars < the pipeline's env < agent facts.
     let mut env: BTreeMap<String, String> = BTreeMap::new();
@@ -232,8 +262,17 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     env.insert("GRYT_WORKSPACE".into(), WORKSPACE.into());
     env.insert("GRYT_JOB_ID".into(), job.job_id.to_string());
     let token = decrypt_token(executor, job)?;
+    // The pipeline's variables, its steps' included: a secret-named one is masked wherever
+    // it is set.
     let pipeline_env: Vec<(&str, &str)> = match &pipeline {
-        Pipeline::Yaml(p) => p.env_pairs().collect(),
+        Pipeline::Yaml(p) => p
+            .env_pairs()
+            .chain(
+                p.steps
+                    .iter()
+                    .flat_map(|s| s.env.iter().map(|(k, v)| (k.as_str(), v.0.as_str()))),
+            )
+            .collect(),
         Pipeline::Gryt { .. } => Vec::new(),
     };
     let names = &executor.secret_names;
@@ -262,6 +301,71 @@ fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         user,
         token,
         masker,
+    })
+}
+
+/// The job's memory and CPU limits, and its steps' time limits: parsed, and refused above the
+/// operator's maximum (`docker.max_memory`, `docker.max_cpus`, `job.max_timeout_seconds`).
+struct Limits {
+    memory_bytes: i64,
+    memory_text: String,
+    nano_cpus: i64,
+}
+
+fn limits(
+    settings: &super::ExecutorSettings,
+    job: &JobSpec,
+    pipeline: &Pipeline,
+) -> Result<Limits, String> {
+    let memory_text = job
+        .memory_limit
+        .clone()
+        .unwrap_or_else(|| settings.docker.memory_limit.clone());
+    let memory_bytes =
+        parse_memory(&memory_text).map_err(|e| format!("invalid memory_limit: {e}"))?;
+    let (max_memory, max_memory_text) = &settings.max_memory;
+    at_most(
+        "memory_limit",
+        &memory_text,
+        memory_bytes,
+        *max_memory,
+        "docker.max_memory",
+        max_memory_text,
+    )
+    .map_err(|e| e.to_string())?;
+    let cpu_text = job
+        .cpu_limit
+        .clone()
+        .unwrap_or_else(|| settings.docker.cpu_limit.clone());
+    let nano_cpus = parse_cpus(&cpu_text).map_err(|e| format!("invalid cpu_limit: {e}"))?;
+    let (max_cpus, max_cpus_text) = &settings.max_nano_cpus;
+    at_most(
+        "cpu_limit",
+        &cpu_text,
+        nano_cpus,
+        *max_cpus,
+        "docker.max_cpus",
+        max_cpus_text,
+    )
+    .map_err(|e| e.to_string())?;
+    if let Pipeline::Yaml(p) = pipeline {
+        for (i, step) in p.steps.iter().enumerate() {
+            if let Some(t) = step.timeout_seconds {
+                let field = format!("steps[{i}].timeout_seconds");
+                bounded_seconds(
+                    &field,
+                    t,
+                    settings.job.max_timeout_seconds,
+                    MAX_TIMEOUT_SETTING,
+                )
+                .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(Limits {
+        memory_bytes,
+        memory_text,
+        nano_cpus,
     })
 }
 
@@ -328,6 +432,9 @@ async fn prepare_and_run(
         Err(message) => return Outcome::Error(message),
     };
     run.set_masker(plan.masker.clone());
+    if let Pipeline::Gryt { .. } = plan.pipeline {
+        run.gryt = Some(Default::default());
+    }
     let settings = &executor.settings;
     let docker = match executor.docker().await {
         Ok(docker) => docker,
@@ -365,16 +472,31 @@ async fn prepare_and_run(
             request = control.stopped() => return cancelled(request, None),
         }
 
-    let workspace =
-        match Workspace::create(&settings.work_dir, job.job_id, plan.user.0, plan.user.1) {
-            Ok(w) => w,
-            Err(e) => {
-                return Outcome::Error(format!(
-                    "cannot create the job workspace under {}: {e}",
-                    settings.work_dir.display()
-                ));
-            }
-        };
+    let job_id = job.job_id.to_string();
+    let cleaner = JobUserCleaner {
+        docker: &docker,
+        image: &plan.image,
+        user: plan.user,
+        agent_id: &settings.agent_id,
+        job_id: &job_id,
+        extra_labels: &settings.extra_labels,
+    };
+    let created = Workspace::create(
+        &settings.work_dir,
+        &settings.agent_id,
+        job.job_id,
+        plan.user.0,
+        plan.user.1,
+    );
+    let workspace = match created.await {
+        Ok(w) => w,
+        Err(e) => {
+            return Outcome::Error(format!(
+                "cannot create the job workspace under {}: {e}",
+                settings.work_dir.display()
+            ));
+        }
+    };
     if let Some(url) = git_url(job) {
         let request = CheckoutRequest {
             url,
@@ -403,11 +525,11 @@ async fn prepare_and_run(
                     kind: StopKind::Immediate,
                     reason: "stopped".into(),
                 });
-                cleanup(None, workspace).await;
+                cleanup(None, workspace, &cleaner).await;
                 return cancelled(request, None);
             }
             Err(CheckoutError::Timeout { .. }) if job_deadline_passed => {
-                cleanup(None, workspace).await;
+                cleanup(None, workspace, &cleaner).await;
                 return Outcome::TimedOut {
                     exit_code: None,
                     error: format!(
@@ -421,17 +543,18 @@ async fn prepare_and_run(
                 commit: &done.commit,
             }),
             Err(e) => {
-                cleanup(None, workspace).await;
+                cleanup(None, workspace, &cleaner).await;
                 return Outcome::Error(e.to_string());
             }
         }
         if let Err(e) = workspace.hand_over(plan.user.0, plan.user.1).await {
-            cleanup(None, workspace).await;
+            cleanup(None, workspace, &cleaner).await;
             return Outcome::Error(format!("cannot give the checkout to the job's user: {e}"));
         }
     }
-    if let Err(e) = workspace.write_file(plan.pipeline.file_name(), plan.pipeline.text()) {
-        cleanup(None, workspace).await;
+    let written = workspace.write_file(plan.pipeline.file_name(), plan.pipeline.text());
+    if let Err(e) = written.await {
+        cleanup(None, workspace, &cleaner).await;
         return Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"));
     }
 
@@ -439,6 +562,7 @@ async fn prepare_and_run(
     labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
     labels.insert(LABEL_AGENT_ID.to_owned(), settings.agent_id.clone());
     labels.insert(LABEL_JOB_ID.to_owned(), job.job_id.to_string());
+    labels.extend(settings.extra_labels.iter().cloned());
     let spec = ContainerSpec {
         name: format!("gryt-{}", workspace.unique_name()),
         image: plan.image.clone(),
@@ -450,23 +574,17 @@ async fn prepare_and_run(
         pids_limit: settings.docker.pids_limit,
         memory_bytes: plan.memory_bytes,
         nano_cpus: plan.nano_cpus,
-        // A workspace the agent cannot empty itself needs the job's user to do it from a
-        // running container after the commands: only an exec-shaped container can.
-        main_command: if workspace.needs_job_user_cleanup() {
-            None
-        } else {
-            single_command(&plan.pipeline, &settings.job.gryt_command)
-        },
+        main_command: single_command(&plan.pipeline, &settings.job.gryt_command),
     };
     let container = match JobContainer::start(&docker, spec).await {
         Ok(c) => c,
         Err(e) => {
-            cleanup(None, workspace).await;
+            cleanup(None, workspace, &cleaner).await;
             return Outcome::Error(e.to_string());
         }
     };
 
-    let grace = Duration::from_secs(settings.job.stop_grace_seconds);
+    let grace = Duration::from_secs(settings.job.stop_grace_seconds.min(MAX_SECONDS_CEILING));
     let ctx = Context {
         container: &container,
         control,
@@ -481,32 +599,24 @@ async fn prepare_and_run(
             run_gryt(&ctx, gryt_command(&settings.job.gryt_command), run).await
         }
     };
-    cleanup(Some(container), workspace).await;
+    cleanup(Some(container), workspace, &cleaner).await;
     outcome
 }
 
-/// Removes the container and the workspace. When the agent cannot delete files the job's user
-/// wrote, the job's user empties the workspace first, from inside the container.
-async fn cleanup(container: Option<JobContainer>, workspace: Workspace) {
+/// Removes the container, then the workspace. The container goes first: removing it kills
+/// every job process at once (a fork bomb at its pids limit included), so nothing writes into
+/// the workspace any more. What the agent may not delete (agent not root) the job's user
+/// empties from a short-lived container of its own (see `workspace::empty_as_job_user`).
+async fn cleanup(
+    container: Option<JobContainer>,
+    workspace: Workspace,
+    cleaner: &JobUserCleaner<'_>,
+) {
     if let Some(mut container) = container {
-        if workspace.needs_job_user_cleanup() {
-            let script = "kill -KILL -1 2>/dev/null; chmod -R u+rwX /workspace 2>/dev/null; \
-                          rm -rf /workspace/..?* /workspace/.[!.]* /workspace/* ; exit 0";
-            if let Ok(mut cmd) = container
-                .run(
-                    vec!["/bin/sh".into(), "-c".into(), script.into()],
-                    Vec::new(),
-                )
-                .await
-            {
-                use futures_util::StreamExt;
-                while cmd.output.next().await.is_some() {}
-            }
-        }
         container.remove().await;
     }
     let path = workspace.path().to_owned();
-    if let Err(e) = workspace.remove().await {
+    if let Err(e) = workspace.remove(Some(cleaner)).await {
         tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");
     }
 }
@@ -692,7 +802,10 @@ async fn run_gryt(ctx: &Context<'_>, command: JobCommand, run: &mut Run<'_>) -> 
             run.flush_masks();
             let code = code.unwrap_or(-1);
             let oom = code == 137 && ctx.container.settle_oom().await;
-            let verdict = gryt_report::verdict(code, &run.stdout.to_text(), &run.stderr.to_text());
+            let verdict = match &run.gryt {
+                Some((report, errors)) => gryt_report::verdict(code, report, errors),
+                None => gryt_report::verdict_of_text(code, "", ""),
+            };
             // Masked again after parsing: a secret that JSON escaped in the report (a `"` or
             // `\` in it) passed the output masker and is whole again now.
             run.steps = verdict

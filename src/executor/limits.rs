@@ -1,4 +1,8 @@
-//! Parsing resource limits as Docker users write them (`512m`, `2g`, `1.5` CPUs).
+//! Parsing resource limits as Docker users write them (`512m`, `2g`, `1.5` CPUs), and bounding
+//! every number from outside (job, API, settings) that becomes a duration fed to a clock: adding
+//! an unbounded one to an `Instant` panics, so [`bounded_seconds`] is the one door they pass.
+
+use std::time::Duration;
 
 /// Smallest memory limit Docker accepts.
 pub const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
@@ -11,6 +15,72 @@ pub enum LimitError {
     MemoryTooSmall(String),
     #[error("`{0}` is not a CPU count (examples: 0.5, 1, 2.0)")]
     Cpus(String),
+    /// A value over an operator's limit: names the field, the value, the limit and its setting.
+    #[error("{field} {value} is above this agent's limit {limit_name} = {limit}")]
+    AboveLimit {
+        field: String,
+        value: String,
+        limit_name: String,
+        limit: String,
+    },
+}
+
+/// The longest duration any setting may give (a year and a day): far beyond any job, far below
+/// what would overflow an `Instant`.
+pub const MAX_SECONDS_CEILING: u64 = 366 * 24 * 3600;
+
+/// `value` seconds as a `Duration` when it is at most `limit` (and the ceiling), else an error
+/// naming `field`, the value and the limit (`limit_name` is the setting that sets it).
+pub fn bounded_seconds(
+    field: &str,
+    value: u64,
+    limit: u64,
+    limit_name: &str,
+) -> Result<Duration, LimitError> {
+    let limit = limit.min(MAX_SECONDS_CEILING);
+    if value > limit {
+        return Err(LimitError::AboveLimit {
+            field: field.to_owned(),
+            value: format!("= {value}"),
+            limit_name: limit_name.to_owned(),
+            limit: limit.to_string(),
+        });
+    }
+    Ok(Duration::from_secs(value))
+}
+
+/// Checks a parsed limit (`bytes` or NanoCPUs) against the operator's maximum.
+pub fn at_most(
+    field: &str,
+    text: &str,
+    value: i64,
+    max: i64,
+    limit_name: &str,
+    max_text: &str,
+) -> Result<(), LimitError> {
+    if value > max {
+        return Err(LimitError::AboveLimit {
+            field: field.to_owned(),
+            value: format!("`{text}`"),
+            limit_name: limit_name.to_owned(),
+            limit: max_text.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// This machine's memory in bytes (`MemTotal` of `/proc/meminfo`); `None` when unreadable.
+pub fn host_memory_bytes() -> Option<i64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The CPUs this process may use, in NanoCPUs.
+pub fn host_nano_cpus() -> i64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus as i64).saturating_mul(1_000_000_000)
 }
 
 /// Parses a memory size with Docker's binary units: `b`, `k`, `m`, `g`, `t`, optionally followed
@@ -79,6 +149,34 @@ mod tests {
         for bad in ["", "m", "lots", "-5m", "5x", "1e400"] {
             assert!(parse_memory(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn durations_past_their_limit_are_errors_naming_field_and_limit() {
+        assert_eq!(
+            bounded_seconds("timeout_seconds", 60, 86400, "job.max_timeout_seconds"),
+            Ok(Duration::from_secs(60))
+        );
+        let err = bounded_seconds(
+            "timeout_seconds",
+            u64::MAX,
+            86400,
+            "job.max_timeout_seconds",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "timeout_seconds = 18446744073709551615 is above this agent's limit job.max_timeout_seconds = 86400"
+        );
+        // The ceiling holds even when the limit itself is absurd.
+        assert!(bounded_seconds("x", MAX_SECONDS_CEILING + 1, u64::MAX, "y").is_err());
+    }
+
+    #[test]
+    fn the_host_has_memory_and_cpus() {
+        assert!(host_memory_bytes().unwrap() > MIN_MEMORY_BYTES);
+        assert!(host_nano_cpus() >= 1_000_000_000);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub mod control;
 #[cfg(feature = "runtime")]
 mod engine;
 #[cfg(feature = "runtime")]
+pub mod exec_owner;
+#[cfg(feature = "runtime")]
 pub mod image;
 #[cfg(feature = "runtime")]
 mod job;
