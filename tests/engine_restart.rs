@@ -1,5 +1,5 @@
-//! The Docker engine restarting under a running job: the job fails with status `error` and a
-//! clear message, `/health` turns `degraded`, push requests get 503 meanwhile, and once the engine is back the agent takes jobs
+//! The Docker engine restarting under a running job: the job is given back (503 with a clear
+//! message, the agent's failure, not the job's), `/health` turns `degraded`, push requests get 503 meanwhile, and once the engine is back the agent takes jobs
 //! again and the stranded container is removed, with no restart of the agent.
 //!
 //! The test runs its OWN `dockerd` (Debian's docker.io) on a private socket and data root, in a
@@ -7,6 +7,8 @@
 //! never touches the machine's engine: a `dockerd` without a bridge deletes `docker0` in its
 //! network namespace, and here that namespace is its own. Needs root.
 
+#[path = "support/fake_api.rs"]
+mod fake_api;
 mod support;
 
 use std::path::PathBuf;
@@ -175,9 +177,6 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
                 .send()
                 .await
                 .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
         })
     };
     // Wait until the job's container runs in the private engine, then restart the engine.
@@ -189,14 +188,18 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     engine.stop();
 
-    let result = tokio::time::timeout(Duration::from_secs(60), running)
+    let response = tokio::time::timeout(Duration::from_secs(60), running)
         .await
         .expect("the job never ended")
         .unwrap();
-    assert_eq!(result["status"], "error", "{result}");
-    let error = result["error"].as_str().unwrap_or_default().to_owned();
+    // The job failed because of the agent, not of the job: it is given back (503 with
+    // Retry-After, as for an agent that cannot run jobs), so the API runs it elsewhere.
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some());
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].as_str().unwrap_or_default().to_owned();
     assert!(
-        error.contains("Docker engine") || error.contains("Docker"),
+        error.contains("the agent could not run this job") && error.contains("Docker"),
         "unclear error: {error}"
     );
     let down = wait_health(&agent, "degraded", Duration::from_secs(15)).await;
@@ -260,4 +263,52 @@ async fn containers(docker: &Docker, agent_id: &str) -> Vec<String> {
     support::containers_in(docker, agent_id)
         .await
         .unwrap_or_default()
+}
+
+/// Pull mode: a job that fails because the engine went away is given back (its completion says
+/// the agent could not run it, so the API runs it again), nothing is leased while the engine is
+/// down, and the next job runs once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_job_the_engine_failed_is_given_back_and_leasing_waits_for_it() {
+    let mut engine = PrivateEngine::new();
+    let docker = engine.start().await;
+    support::import_test_image(&docker).await;
+    let api = fake_api::FakeApi::start(support::process::pull::KEY, 30).await;
+    api.push_job(support::shell_job(80, "echo started; sleep 60"));
+    let agent = Agent::pull(
+        "engine-restart-pull",
+        &api.url,
+        &[],
+        &[("DOCKER_HOST", &engine.address()), ("GRYT_NETWORK", "none")],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containers(&docker, &agent.agent_id).await.is_empty() {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    engine.stop();
+    api.wait_for("the completion", Duration::from_secs(60), |a| {
+        a.job(80).completion.is_some()
+    })
+    .await;
+    let done = api.job(80).completion.unwrap();
+    assert_eq!(done["status"], "error", "{done}");
+    let error = done["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the agent could not run this job") && error.contains("Docker"),
+        "{error}"
+    );
+    // Nothing is leased while the engine is down (the job stays queued at the API).
+    api.push_job(support::shell_job(81, "echo back"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(api.job(81).leases, 0, "leased while the engine was down");
+    engine.start().await;
+    api.wait_for("job 81", Duration::from_secs(60), |a| {
+        a.job(81).completion.is_some()
+    })
+    .await;
+    assert_eq!(api.job(81).completion.unwrap()["status"], "success");
+    assert_eq!(api.job(81).log, "back\n");
 }

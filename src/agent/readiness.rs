@@ -155,7 +155,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Words a job's `error` result as given back: the agent, not the job, could not run it.
+pub fn give_back(result: &mut crate::wire::JobResult, reasons: &str) {
+    let cause = result.error.take().unwrap_or_default();
+    result.error = Some(format!(
+        "the agent could not run this job ({reasons}); run it again: {cause}"
+    ));
+}
+
 impl AgentState {
+    /// After a job ended in `error`, pull or push: checks the agent at once (not at the
+    /// monitor's next tick). When the agent itself cannot run jobs now (Docker gone, a directory
+    /// removed, descriptors out), the error was most likely its own: it is reported as such (no
+    /// job is taken until the agent is healthy again for [`INFRA_HOLD`]) and the reasons are
+    /// returned, so the mode can give the job back instead of blaming it.
+    pub async fn check_after_error(&self, job_id: i64, error: &str) -> Option<String> {
+        let probe = self.probe().await;
+        let reasons = (!probe.problems.is_empty()).then(|| {
+            let reasons: Vec<&str> = probe.problems.iter().map(|(_, r)| r.as_str()).collect();
+            reasons.join("; ")
+        });
+        if let Some(reasons) = &reasons {
+            self.report_infra_failure(format!("job {job_id}: {error}"));
+            tracing::warn!(job_id, %reasons, "a job failed while the agent could not run jobs: given back");
+        }
+        self.readiness.record(probe);
+        reasons
+    }
+
     /// Runs every check once (a Docker ping, directories, descriptors, disk).
     pub async fn probe(&self) -> Probe {
         let started = Instant::now();

@@ -199,6 +199,15 @@ async fn run_and_report(
                 (JobResult::agent_error(job_id, message), None, None)
             }
         };
+    let mut result = result;
+    if result.status == JobStatus::Error {
+        // Not the job's fault when the agent itself cannot run jobs now: say so, so the API
+        // runs it again, and lease nothing until the agent is healthy.
+        let error = result.error.clone().unwrap_or_default();
+        if let Some(reasons) = ctx.state.check_after_error(job_id, &error).await {
+            crate::agent::readiness::give_back(&mut result, &reasons);
+        }
+    }
     ctx.state
         .metrics
         .job_finished(Mode::Pull, result.status, result.duration_seconds);

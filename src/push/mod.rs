@@ -18,6 +18,14 @@ use crate::metrics::{CountingObserver, Mode};
 use crate::slots::Slot;
 use crate::wire::{JobResult, JobSpec};
 
+/// What became of a pushed job.
+pub struct Ran {
+    pub result: JobResult,
+    /// The job failed because the agent could not run jobs (the reasons): it is given back, so
+    /// the API runs it elsewhere (503), and no callback is sent.
+    pub given_back: Option<String>,
+}
+
 /// Runs `job` in `slot` and returns its result. `presented_key` is the caller's `X-API-Key`,
 /// reused for the callback.
 pub async fn run_job(
@@ -25,18 +33,21 @@ pub async fn run_job(
     job: JobSpec,
     slot: Slot,
     presented_key: SecretString,
-) -> JobResult {
+) -> Ran {
     let job_id = job.job_id;
     let control = JobControl::new();
     let mut cancel_on_drop = CancelOnDrop(Some(control.clone()));
     let task = tokio::spawn(run_in_slot(state, job, slot, control, presented_key));
-    let result = match task.await {
-        Ok(result) => result,
+    let ran = match task.await {
+        Ok(ran) => ran,
         // The job task panicked: its container and workspace guards cleaned up on unwind.
-        Err(e) => panic_result(job_id, e),
+        Err(e) => Ran {
+            result: panic_result(job_id, e),
+            given_back: None,
+        },
     };
     cancel_on_drop.0 = None;
-    result
+    ran
 }
 
 async fn run_in_slot(
@@ -45,7 +56,7 @@ async fn run_in_slot(
     slot: Slot,
     control: JobControl,
     presented_key: SecretString,
-) -> JobResult {
+) -> Ran {
     let _slot = slot;
     let _registered = state.jobs.register(job.job_id, control.clone());
     tracing::info!(job_id = job.job_id, "push job started");
@@ -54,7 +65,7 @@ async fn run_in_slot(
         inner: &Discard,
         metrics: &state.metrics,
     };
-    let result = state.executor.run(&job, &observer, &control).await;
+    let mut result = state.executor.run(&job, &observer, &control).await;
     state
         .metrics
         .job_finished(Mode::Push, result.status, result.duration_seconds);
@@ -64,12 +75,14 @@ async fn run_in_slot(
         exit_code = result.exit_code,
         "push job finished"
     );
+    let mut given_back = None;
     if result.status == crate::wire::JobStatus::Error {
-        tokio::spawn(check_after_error(
-            state.clone(),
-            job.job_id,
-            result.error.clone().unwrap_or_default(),
-        ));
+        let error = result.error.clone().unwrap_or_default();
+        given_back = state.check_after_error(job.job_id, &error).await;
+        if let Some(reasons) = &given_back {
+            crate::agent::readiness::give_back(&mut result, reasons);
+            return Ran { result, given_back };
+        }
     }
 
     if let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) {
@@ -86,19 +99,7 @@ async fn run_in_slot(
             Err(e) => tracing::warn!(job_id = job.job_id, error = %e, "callback ignored"),
         }
     }
-    result
-}
-
-/// After a job ended in `error`: checks the agent at once (not at the monitor's next tick). If
-/// the agent itself is now unable to run jobs (Docker gone, a directory removed), the error was
-/// most likely its fault: it is reported as such, so no job is taken until the agent is healthy
-/// again for a while (`readiness::INFRA_HOLD`), and the next request already gets 503.
-async fn check_after_error(state: Arc<AgentState>, job_id: i64, error: String) {
-    let probe = state.probe().await;
-    if !probe.problems.is_empty() {
-        state.report_infra_failure(format!("job {job_id}: {error}"));
-    }
-    state.readiness.record(probe);
+    Ran { result, given_back }
 }
 
 /// Cancels the job when the request handling it is dropped before the job ended.

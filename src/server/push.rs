@@ -111,8 +111,18 @@ async fn execute(
         .and_then(|v| v.to_str().ok())
         .map(|v| SecretString::from(v.to_owned()))
         .unwrap_or_else(|| SecretString::from(String::new()));
-    let result = crate::push::run_job(state, job, slot, presented).await;
-    axum::Json(result).into_response()
+    let ran = crate::push::run_job(state, job, slot, presented).await;
+    if ran.given_back.is_some() {
+        // Not the job's failure: 503, so the API falls back as it does for an unable agent.
+        return busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ran.result
+                .error
+                .as_deref()
+                .unwrap_or("the agent could not run this job"),
+        );
+    }
+    axum::Json(ran.result).into_response()
 }
 
 /// 503 while the agent drains or cannot run jobs now.
