@@ -930,3 +930,57 @@ async fn no_workspace_is_left_after_an_abort_a_cancel_or_a_fork_bomb() {
     assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
     agent.assert_clean().await;
 }
+
+/// Counts the job's output: a stop can then land in the middle of a flood of it.
+#[derive(Default)]
+struct Flow(std::sync::atomic::AtomicU64);
+
+impl gryt_agent::executor::JobObserver for Flow {
+    fn output(&self, _: OutputStream, data: &[u8]) {
+        self.0
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs a job that prints without end, calls `stop` once 4 MiB came out, and returns its
+/// result. Docker ends a container only once its attached output has been read: a stop that
+/// waited for its `docker exec` or kill without reading the output waited forever (with a
+/// kill, always; with SIGTERM, when the signalling exec died with the container).
+async fn stop_a_flood(test: &str, stop: fn(&JobControl)) -> gryt_agent::wire::JobResult {
+    let agent = test_agent(test, |s| s.job.stop_grace_seconds = 2).await;
+    let flow = std::sync::Arc::new(Flow::default());
+    let control = JobControl::new();
+    let (seen, stopper) = (flow.clone(), control.clone());
+    tokio::spawn(async move {
+        while seen.0.load(std::sync::atomic::Ordering::Relaxed) < 4 * 1024 * 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop(&stopper);
+    });
+    let flood = job("version: 1\nsteps:\n  - run: yes 0123456789\n");
+    // Generous: the job ends in seconds; the bug made it wait for ever.
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        agent.executor.run(&flood, &*flow, &control),
+    )
+    .await
+    .expect("the stopped job never ended");
+    agent.assert_clean().await;
+    result
+}
+
+#[tokio::test]
+async fn an_abort_while_the_job_floods_its_output_ends_it() {
+    let result = stop_a_flood("flood-abort", |c| c.abort("lease lost")).await;
+    assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
+    assert_eq!(result.error.as_deref(), Some("job aborted: lease lost"));
+}
+
+#[tokio::test]
+async fn a_cancel_while_the_job_floods_its_output_ends_it() {
+    for _ in 0..5 {
+        let result = stop_a_flood("flood-cancel", |c| c.cancel("disk full")).await;
+        assert_eq!(result.status, JobStatus::Cancelled, "{result:?}");
+        assert_eq!(result.error.as_deref(), Some("job cancelled: disk full"));
+    }
+}

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use bollard::container::LogOutput;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use tokio::time::{Instant, sleep_until};
 
 use super::container::{JobCommand, JobContainer, OutputStream};
@@ -30,6 +32,12 @@ enum Ending {
 /// Runs `command` until it ends, feeding its output to `on_output`. A timeout or graceful stop sends
 /// SIGTERM to the job's processes, then SIGKILL after `grace`; an immediate stop kills the
 /// container at once.
+///
+/// The Docker calls that stop the job run beside the reading of its output, never instead of
+/// it: Docker finishes a container's exit (and so a kill, and a `docker exec` that died with
+/// the container) only once the attached output has been read to its end. A loop that waited
+/// for them without reading deadlocked with the engine whenever the job had more output
+/// queued than the pipes hold (a job printing fast when it was stopped).
 pub async fn run_command(
     container: &JobContainer,
     command: JobCommand,
@@ -40,6 +48,9 @@ pub async fn run_command(
 ) -> CommandEnd {
     let mut stop_rx = control.subscribe();
     if let Some(request) = stop_rx.borrow_and_update().clone() {
+        // A main process that already runs is not read: its output is let go of, so that Docker
+        // can end the container (see above).
+        drop(container.take_main(&command));
         return CommandEnd::Stopped(request, None);
     }
     // A single-command container's command is its main process, already started with it.
@@ -55,6 +66,10 @@ pub async fn run_command(
     let mut kill_at: Option<Instant> = None;
     let mut stop_rx_open = true;
     let mut stream_error = None;
+    // Signals and kills under way, each saying when to force the kill (`None`: nothing more to
+    // do). Whatever is still under way when the output ends is dropped: the command is over.
+    let mut stopping: FuturesUnordered<BoxFuture<'_, Option<Instant>>> = FuturesUnordered::new();
+    let mut killed = false;
     loop {
         tokio::select! {
             item = running.output.next() => match item {
@@ -67,9 +82,15 @@ pub async fn run_command(
                 }
                 None => break,
             },
+            Some(at) = stopping.next(), if !stopping.is_empty() => {
+                // The grace runs from the SIGTERM; nothing is left to wait for after a kill.
+                if !killed {
+                    kill_at = at.or(kill_at);
+                }
+            }
             _ = sleep_until(deadline), if ending.is_none() => {
                 ending = Some(Ending::Timeout);
-                kill_at = Some(begin_graceful_stop(container, grace).await);
+                stopping.push(Box::pin(terminate(container, grace)));
             }
             changed = stop_rx.changed(), if stop_rx_open => {
                 if changed.is_err() {
@@ -79,11 +100,12 @@ pub async fn run_command(
                 let Some(request) = stop_rx.borrow_and_update().clone() else { continue };
                 match request.kind {
                     StopKind::Immediate => {
-                        container.kill().await;
+                        killed = true;
                         kill_at = None;
+                        stopping.push(Box::pin(kill(container)));
                     }
                     StopKind::Graceful if ending.is_none() => {
-                        kill_at = Some(begin_graceful_stop(container, grace).await);
+                        stopping.push(Box::pin(terminate(container, grace)));
                     }
                     StopKind::Graceful => {}
                 }
@@ -93,13 +115,13 @@ pub async fn run_command(
                 }
             }
             _ = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
+                killed = true;
                 kill_at = None;
-                if !container.signal_job_processes("KILL").await {
-                    container.kill().await;
-                }
+                stopping.push(Box::pin(force_kill(container)));
             }
         }
     }
+    drop(stopping);
     let exit_code = match container.exit_code(&mut running).await {
         Ok(code) => code,
         // The output ended on its own but Docker cannot say how the command ended: the engine
@@ -119,10 +141,26 @@ pub async fn run_command(
     }
 }
 
-async fn begin_graceful_stop(container: &JobContainer, grace: Duration) -> Instant {
-    if !container.signal_job_processes("TERM").await {
-        // No shell to signal with, or the container is gone: there is nothing gentle left to do.
+/// SIGTERM to the job's processes; says when to force the kill (after `grace`). The container
+/// is killed at once when the signal cannot be sent.
+async fn terminate(container: &JobContainer, grace: Duration) -> Option<Instant> {
+    if container.signal_job_processes("TERM").await {
+        return Some(Instant::now() + grace);
+    }
+    // No shell to signal with, or the container is gone: there is nothing gentle left to do.
+    container.kill().await;
+    None
+}
+
+/// SIGKILL to the job's processes once the grace is over, else the container's kill.
+async fn force_kill(container: &JobContainer) -> Option<Instant> {
+    if !container.signal_job_processes("KILL").await {
         container.kill().await;
     }
-    Instant::now() + grace
+    None
+}
+
+async fn kill(container: &JobContainer) -> Option<Instant> {
+    container.kill().await;
+    None
 }

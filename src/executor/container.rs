@@ -373,6 +373,13 @@ impl JobContainer {
         if let Some(watch) = &self.oom_watch {
             watch.abort();
         }
+        // An unread main process's output would keep Docker from ending the container.
+        drop(
+            self.main
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         remove_container(&self.docker, &self.id).await;
     }
 }
