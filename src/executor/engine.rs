@@ -34,6 +34,8 @@ pub struct ExecutorSettings {
     pub encryption_key_previous: Option<SecretString>,
     /// The agent's own secrets (API keys, encryption keys): masked in every job's output too.
     pub agent_secrets: Vec<SecretString>,
+    /// Object storage for artifacts and caches (`store.url`); `None` when not configured.
+    pub store: Option<crate::store::Store>,
 }
 
 impl ExecutorSettings {
@@ -59,7 +61,10 @@ impl ExecutorSettings {
         ]
         .into_iter()
         .flatten()
+        .chain(crate::store::secrets(&settings.store))
         .collect();
+        let store = crate::store::Store::from_config(&settings.store, settings.ca_file.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(ExecutorSettings {
             agent_id,
             work_dir: settings.work_dir(),
@@ -70,6 +75,7 @@ impl ExecutorSettings {
             encryption_key,
             encryption_key_previous: settings.encryption_key_previous.clone(),
             agent_secrets,
+            store,
         })
     }
 }
