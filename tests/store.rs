@@ -329,16 +329,16 @@ async fn an_upload_that_keeps_failing_fails_the_job_naming_the_file() {
     agent.assert_clean().await;
 }
 
-fn cache_pipeline(check: &str, comment: &str) -> String {
+/// A pipeline with one cache keyed on `pipeline.yml` itself (the only file a job without a
+/// repository has): `comment` changes the key. The step checks what it finds: a restored file
+/// must be there whole and writable by the job's user.
+fn cache_pipeline(comment: &str) -> String {
     format!(
-        "version: 1\n# {comment}\nsteps:\n  - run: {check}\ncache:\n  - key: deps\n    files: [pipeline.yml]\n    paths: [cachedir]\n"
+        "version: 1\n# {comment}\nsteps:\n  - run: {CACHE_STEP}\ncache:\n  - key: deps\n    files: [pipeline.yml]\n    paths: [cachedir]\n"
     )
 }
 
-/// Passes only on a miss: the cache directory must not be there yet.
-const ON_MISS: &str = "test ! -e cachedir && mkdir cachedir && echo one > cachedir/x";
-/// Passes only on a hit, and changes the restored file (it belongs to the job's user).
-const ON_HIT: &str = "grep one cachedir/x && echo more >> cachedir/x";
+const CACHE_STEP: &str = "if [ -e cachedir ]; then grep -q one cachedir/x && echo more >> cachedir/x && echo FOUND; else mkdir cachedir && echo one > cachedir/x && echo EMPTY; fi";
 
 fn trusted(pipeline: &str, branch: Option<&str>) -> JobSpec {
     JobSpec {
@@ -348,23 +348,29 @@ fn trusted(pipeline: &str, branch: Option<&str>) -> JobSpec {
     }
 }
 
+/// Runs a cache job that must succeed; returns whether it found the cache, and its log.
+async fn cache_run(agent: &TestAgent, job: &JobSpec) -> (bool, String) {
+    let (result, log) = run(agent, job).await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    let found = result.stdout.contains("FOUND");
+    assert_eq!(found, log.contains("cache `deps`: restored"), "{log}");
+    assert_eq!(!found, log.contains("cache `deps`: miss"), "{log}");
+    (found, log)
+}
+
 #[tokio::test]
 async fn a_cache_misses_then_hits_and_a_key_file_edit_changes_the_key() {
     let g = garage();
     let prefix = Garage::prefix("cache");
     let agent = g.agent("store-cache", &prefix, |_| {}).await;
-    let (first, log) = run(&agent, &trusted(&cache_pipeline(ON_MISS, "v1"), None)).await;
-    assert_eq!(first.status, JobStatus::Success, "{first:?}");
-    assert!(log.contains("cache `deps`: miss"), "{log}");
-    assert!(log.contains("cache `deps`: saved"), "{log}");
-    let (second, log) = run(&agent, &trusted(&cache_pipeline(ON_HIT, "v1"), None)).await;
-    assert_eq!(second.status, JobStatus::Success, "{second:?}\n{log}");
-    assert!(log.contains("cache `deps`: restored"), "{log}");
+    let (found, log) = cache_run(&agent, &trusted(&cache_pipeline("v1"), None)).await;
+    assert!(!found && log.contains("cache `deps`: saved"), "{log}");
+    let (found, log) = cache_run(&agent, &trusted(&cache_pipeline("v1"), None)).await;
+    assert!(found, "{log}");
     assert!(!log.contains("saved"), "a hit is not saved again: {log}");
     // The key file changed: a new key, so a miss.
-    let (third, log) = run(&agent, &trusted(&cache_pipeline(ON_MISS, "v2"), None)).await;
-    assert_eq!(third.status, JobStatus::Success, "{third:?}\n{log}");
-    assert!(log.contains("cache `deps`: miss"), "{log}");
+    let (found, log) = cache_run(&agent, &trusted(&cache_pipeline("v2"), None)).await;
+    assert!(!found && log.contains("saved"), "{log}");
     let stored = g.list(&format!("{prefix}/cache")).await;
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert!(
@@ -380,31 +386,29 @@ async fn cache_scopes_keep_branches_and_untrusted_jobs_apart() {
     let g = garage();
     let prefix = Garage::prefix("scope");
     let agent = g.agent("store-scope", &prefix, |_| {}).await;
-    let miss = cache_pipeline(ON_MISS, "scope");
-    let hit = cache_pipeline(ON_HIT, "scope");
+    let pipeline = cache_pipeline("scope");
     // An untrusted job writes nothing.
-    let (r, log) = run(&agent, &spec(&miss)).await;
-    assert_eq!(r.status, JobStatus::Success, "{log}");
-    assert!(log.contains("only trusted jobs write caches"), "{log}");
+    let (found, log) = cache_run(&agent, &spec(&pipeline)).await;
+    assert!(
+        !found && log.contains("only trusted jobs write caches"),
+        "{log}"
+    );
     assert!(g.list(&format!("{prefix}/cache")).await.is_empty());
     // A trusted feature branch writes its own scope; main does not see it.
-    let (r, _) = run(&agent, &trusted(&miss, Some("feature"))).await;
-    assert_eq!(r.status, JobStatus::Success);
-    let (r, log) = run(&agent, &trusted(&miss, Some("main"))).await;
-    assert_eq!(r.status, JobStatus::Success, "main must miss: {log}");
+    let (found, _) = cache_run(&agent, &trusted(&pipeline, Some("feature"))).await;
+    assert!(!found);
+    let (found, _) = cache_run(&agent, &trusted(&pipeline, Some("feature"))).await;
+    assert!(found, "the feature branch reads its own scope");
+    let (found, log) = cache_run(&agent, &trusted(&pipeline, Some("main"))).await;
+    assert!(
+        !found,
+        "main must not see the feature branch's cache: {log}"
+    );
     // Now main has it: untrusted jobs and other branches read main's.
-    let (r, log) = run(&agent, &spec(&hit)).await;
-    assert_eq!(
-        r.status,
-        JobStatus::Success,
-        "untrusted reads main's cache: {log}"
-    );
-    let (r, log) = run(&agent, &trusted(&hit, Some("other"))).await;
-    assert_eq!(
-        r.status,
-        JobStatus::Success,
-        "other branches fall back to main: {log}"
-    );
+    let (found, log) = cache_run(&agent, &spec(&pipeline)).await;
+    assert!(found, "untrusted jobs read main's cache: {log}");
+    let (found, log) = cache_run(&agent, &trusted(&pipeline, Some("other"))).await;
+    assert!(found, "other branches fall back to main: {log}");
     assert!(log.contains("saved"), "and write their own scope: {log}");
     assert_eq!(g.list(&format!("{prefix}/cache")).await.len(), 3);
     agent.assert_clean().await;
