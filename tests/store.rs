@@ -514,3 +514,54 @@ async fn store_credentials_never_reach_the_result_or_the_output() {
     assert!(output.contains("key=[MASKED]"), "{output}");
     agent.assert_clean().await;
 }
+
+/// `gryt-agent check` proves the store works (a write, read and delete) and fails on bad
+/// credentials, without ever printing the secret key.
+#[tokio::test]
+async fn check_verifies_store_access() {
+    let g = garage();
+    let image = support::test_image().await;
+    let state = tempfile::tempdir().unwrap();
+    let prefix = Garage::prefix("check");
+    let run = |secret: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+        cmd.arg("check")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GRYT_PUSH", "true")
+            .env("AGENT_API_KEY", "0123456789abcdef0123456789abcdef")
+            .env("GRYT_DOCKER_IMAGE", &image)
+            .env("GRYT_PULL_POLICY", "never")
+            .env("GRYT_STATE_DIR", state.path())
+            .env("GRYT_STORE_URL", format!("s3://{}/{prefix}", g.bucket))
+            .env("GRYT_STORE_ENDPOINT", &g.endpoint)
+            .env("GRYT_STORE_REGION", &g.region)
+            .env("GRYT_STORE_ALLOW_HTTP", "true")
+            .env("GRYT_STORE_RETRIES", "0")
+            .env("AWS_ACCESS_KEY_ID", &g.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret);
+        cmd
+    };
+    let mut good = run(&g.secret);
+    let out = tokio::task::spawn_blocking(move || good.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("[ok]   object store s3://"), "{text}");
+    assert!(
+        g.list(&prefix).await.is_empty(),
+        "the probe object is deleted"
+    );
+
+    let wrong = "wrong-secret-key-0123456789abcdefXYZ";
+    let mut bad = run(wrong);
+    let out = tokio::task::spawn_blocking(move || bad.output().unwrap())
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("[FAIL] object store"), "{text}");
+    assert!(!text.contains(wrong), "the secret key was printed: {text}");
+}
