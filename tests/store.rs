@@ -565,3 +565,48 @@ async fn check_verifies_store_access() {
     assert!(text.contains("[FAIL] object store"), "{text}");
     assert!(!text.contains(wrong), "the secret key was printed: {text}");
 }
+
+/// `gryt-agent exec --json` uploads artifacts (listed in its result) and, as a local run,
+/// writes caches.
+#[tokio::test]
+async fn exec_uploads_artifacts_and_saves_caches() {
+    let g = garage();
+    let image = support::test_image().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = Garage::prefix("exec");
+    let pipeline = dir.path().join("pipeline.yml");
+    std::fs::write(
+        &pipeline,
+        "version: 1\nsteps:\n  - run: mkdir -p out cachedir && echo built > out/app && echo c > cachedir/c\nartifacts:\n  paths: [out/]\ncache:\n  - key: exec\n    paths: [cachedir]\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+    cmd.arg("exec")
+        .arg("--json")
+        .arg(&pipeline)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GRYT_DOCKER_IMAGE", &image)
+        .env("GRYT_PULL_POLICY", "never")
+        .env("GRYT_STATE_DIR", dir.path().join("state"))
+        .env("GRYT_STORE_URL", format!("s3://{}/{prefix}", g.bucket))
+        .env("GRYT_STORE_ENDPOINT", &g.endpoint)
+        .env("GRYT_STORE_REGION", &g.region)
+        .env("GRYT_STORE_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", &g.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &g.secret);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let result: JobResult = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result.artifacts.len(), 1, "{result:?}");
+    assert_eq!(result.artifacts[0].path, "out/app");
+    assert_eq!(&g.get(&result.artifacts[0].url).await[..], b"built\n");
+    assert!(stderr.contains("cache `exec`: saved"), "{stderr}");
+    assert_eq!(g.list(&format!("{prefix}/cache")).await.len(), 1);
+    assert!(
+        !stderr.contains(&g.secret) && !String::from_utf8_lossy(&out.stdout).contains(&g.secret)
+    );
+}
