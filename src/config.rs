@@ -699,6 +699,48 @@ mod tests {
     }
 
     #[test]
+    fn store_settings_are_bounded_and_name_the_key() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_STORE_URL", "s3://bucket/prefix"),
+                ("GRYT_STORE_ENDPOINT", "http://127.0.0.1:3900"),
+                ("GRYT_STORE_ALLOW_HTTP", "true"),
+                ("AWS_ACCESS_KEY_ID", "GKid"),
+                ("AWS_SECRET_ACCESS_KEY", "visible-store-secret"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.store.url.as_deref(), Some("s3://bucket/prefix"));
+        assert!(!format!("{s:?}").contains("visible-store-secret"));
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("GRYT_STORE_URL", "https://bucket")], "store.url"),
+            (&[("GRYT_STORE_URL", "s3://")], "store.url"),
+            (
+                &[("GRYT_STORE_ENDPOINT", "http://minio:9000")],
+                "store.endpoint",
+            ),
+            (&[("GRYT_STORE_ENDPOINT", "minio:9000")], "store.endpoint"),
+            (&[("GRYT_STORE_PART_SIZE", "1024")], "store.part_size_bytes"),
+            (
+                &[("GRYT_STORE_PART_SIZE", "99999999999")],
+                "store.part_size_bytes",
+            ),
+            (&[("GRYT_STORE_RETRIES", "1000")], "store.retries"),
+            (
+                &[("GRYT_STORE_MAX_CACHE_BYTES", "0")],
+                "store.max_cache_bytes",
+            ),
+            (&[("AWS_ACCESS_KEY_ID", "GKid")], "store.access_key_id"),
+        ];
+        for (vars, key) in cases {
+            let err = Settings::load_from(None, &env(vars), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.toml");

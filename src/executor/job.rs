@@ -443,6 +443,7 @@ async fn prepare_and_run(
         &plan.pipeline,
         workspace.path(),
         plan.user,
+        control,
         &mut |line| run.output(OutputStream::Stderr, line.as_bytes()),
     )
     .await;

@@ -59,6 +59,7 @@ impl JobStorage {
         pipeline: &Pipeline,
         workspace: &Path,
         user: (u32, u32),
+        control: &JobControl,
         log: Log<'_>,
     ) -> Result<Self, String> {
         let yaml = match pipeline {
@@ -98,43 +99,15 @@ impl JobStorage {
             }
             return Ok(storage);
         };
-        for cache in caches {
-            let name = key_name(workspace, &cache).await?;
-            let mut in_own_scope = false;
-            let mut restored = false;
-            for scope in &scopes.read {
-                let location = store.location(&format!("cache/{scope}/{name}"));
-                match restore(store, &location, workspace, owner).await {
-                    Ok(None) => continue,
-                    Ok(Some(bytes)) => {
-                        log(&format!(
-                            "gryt-agent: cache `{}`: restored {name} ({bytes} bytes)\n",
-                            cache.key
-                        ));
-                        in_own_scope = Some(scope) == scopes.write.as_ref();
-                        restored = true;
-                        break;
-                    }
-                    Err(e) => {
-                        log(&format!(
-                            "gryt-agent: cache `{}`: cannot restore {name}: {e}\n",
-                            cache.key
-                        ));
-                        break;
-                    }
-                }
-            }
-            if !restored {
-                log(&format!(
-                    "gryt-agent: cache `{}`: miss ({name})\n",
-                    cache.key
-                ));
-            }
-            storage.caches.push(PlannedCache {
-                spec: cache,
-                name,
-                in_own_scope,
-            });
+        let restoring = restore_all(store, caches, &scopes, workspace, owner, &mut *log);
+        let restored = tokio::select! {
+            restored = restoring => Some(restored?),
+            _ = control.stopped() => None,
+        };
+        match restored {
+            Some(planned) => storage.caches = planned,
+            // The steps see the stop too and end the job as cancelled; nothing is saved.
+            None => log("gryt-agent: caches: restore stopped\n"),
         }
         Ok(storage)
     }
@@ -200,6 +173,57 @@ impl JobStorage {
             }
         }
     }
+}
+
+/// Restores each cache from the first scope that holds it; a failure is a miss, in the log.
+async fn restore_all(
+    store: &Store,
+    caches: Vec<CacheSpec>,
+    scopes: &spec::CacheScopes,
+    workspace: &Path,
+    owner: Owner,
+    log: Log<'_>,
+) -> Result<Vec<PlannedCache>, String> {
+    let mut planned = Vec::new();
+    for cache in caches {
+        let name = key_name(workspace, &cache).await?;
+        let mut in_own_scope = false;
+        let mut restored = false;
+        for scope in &scopes.read {
+            let location = store.location(&format!("cache/{scope}/{name}"));
+            match restore(store, &location, workspace, owner).await {
+                Ok(None) => continue,
+                Ok(Some(bytes)) => {
+                    log(&format!(
+                        "gryt-agent: cache `{}`: restored {name} ({bytes} bytes)\n",
+                        cache.key
+                    ));
+                    in_own_scope = Some(scope) == scopes.write.as_ref();
+                    restored = true;
+                    break;
+                }
+                Err(e) => {
+                    log(&format!(
+                        "gryt-agent: cache `{}`: cannot restore {name}: {e}\n",
+                        cache.key
+                    ));
+                    break;
+                }
+            }
+        }
+        if !restored {
+            log(&format!(
+                "gryt-agent: cache `{}`: miss ({name})\n",
+                cache.key
+            ));
+        }
+        planned.push(PlannedCache {
+            spec: cache,
+            name,
+            in_own_scope,
+        });
+    }
+    Ok(planned)
 }
 
 /// The cache's object name, hashing its key files as they are before the steps.
