@@ -2,6 +2,8 @@
 //! loopback (`bash tests/store/garage.sh start`, which `.ci/run` does). Without it these tests
 //! fail, saying how to start it. Jobs run on the real Docker engine.
 
+#[path = "support/fake_api.rs"]
+mod fake_api;
 mod support;
 
 use std::net::SocketAddr;
@@ -609,4 +611,71 @@ async fn exec_uploads_artifacts_and_saves_caches() {
     assert!(
         !stderr.contains(&g.secret) && !String::from_utf8_lossy(&out.stdout).contains(&g.secret)
     );
+}
+
+impl Garage {
+    /// The agent's environment for this store under `prefix`.
+    fn env(&self, prefix: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("GRYT_STORE_URL", format!("s3://{}/{prefix}", self.bucket)),
+            ("GRYT_STORE_ENDPOINT", self.endpoint.clone()),
+            ("GRYT_STORE_REGION", self.region.clone()),
+            ("GRYT_STORE_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+        ]
+    }
+}
+
+fn artifact_job(id: i64) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": id,
+        "pipeline_b64": b64("version: 1\nsteps:\n  - run: mkdir out && echo pushed > out/app\n"),
+        "artifacts": {"paths": ["out/"], "when": "always"},
+    })
+}
+
+/// Push responses and pull completions carry the same `artifacts` as `exec`; the agent's log
+/// and the streamed job log never show the secret key.
+#[tokio::test]
+async fn push_and_pull_results_carry_artifacts() {
+    use support::process::Agent;
+    let g = garage();
+    let prefix = Garage::prefix("modes");
+    let env = g.env(&prefix);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let agent = Agent::push("store-push", &env).await;
+    let response = agent
+        .execute(
+            Some(support::process::push::KEY),
+            artifact_job(11).to_string(),
+        )
+        .await;
+    let result: JobResult = response.json().await.unwrap();
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.artifacts.len(), 1, "{result:?}");
+    assert_eq!(&g.get(&result.artifacts[0].url).await[..], b"pushed\n");
+    assert!(!agent.log_text().contains(&g.secret));
+    drop(agent);
+
+    let api = fake_api::FakeApi::start(support::process::pull::KEY, 30).await;
+    api.push_job(artifact_job(12));
+    let mut agent = Agent::pull("store-pull", &api.url, &["--once"], &env).await;
+    assert_eq!(
+        agent.wait_exit(std::time::Duration::from_secs(120)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    let record = api.job(12);
+    let done = record.completion.clone().expect("no completion");
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(done["artifacts"][0]["path"], "out/app", "{done}");
+    assert_eq!(
+        done["artifacts"][0]["url"],
+        format!("s3://{}/{prefix}/artifacts/12/out/app", g.bucket)
+    );
+    assert!(record.log.contains("artifact out/app"), "{}", record.log);
+    assert!(!record.log.contains(&g.secret) && !agent.log_text().contains(&g.secret));
 }
