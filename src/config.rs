@@ -79,6 +79,18 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_MAX_MEMORY", "docker.max_memory"),
     ("GRYT_MAX_CPUS", "docker.max_cpus"),
     ("GRYT_ALLOWED_IMAGES", "docker.allowed_images"),
+    ("GRYT_STORE_URL", "store.url"),
+    ("GRYT_STORE_ENDPOINT", "store.endpoint"),
+    ("AWS_REGION", "store.region"),
+    ("GRYT_STORE_REGION", "store.region"),
+    ("GRYT_STORE_ALLOW_HTTP", "store.allow_http"),
+    ("AWS_ACCESS_KEY_ID", "store.access_key_id"),
+    ("AWS_SECRET_ACCESS_KEY", "store.secret_access_key"),
+    ("AWS_SESSION_TOKEN", "store.session_token"),
+    ("GRYT_STORE_MAX_ARTIFACT_BYTES", "store.max_artifact_bytes"),
+    ("GRYT_STORE_MAX_CACHE_BYTES", "store.max_cache_bytes"),
+    ("GRYT_STORE_PART_SIZE", "store.part_size_bytes"),
+    ("GRYT_STORE_RETRIES", "store.retries"),
 ];
 
 /// Keys whose environment value is a list.
@@ -136,6 +148,7 @@ pub struct Settings {
     pub log_give_up_seconds: u64,
     /// Disk hygiene: when the agent collects images and leftovers (see `crate::gc`).
     pub disk: DiskSettings,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +223,102 @@ impl Default for CheckoutConfig {
             allow_file_urls: false,
             allow_private_hosts: false,
         }
+    }
+}
+
+/// The `[store]` section: S3-compatible object storage for artifacts and caches (see
+/// `crate::store`). Off while `url` is unset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `s3://bucket/prefix`: where artifacts and caches go.
+    pub url: Option<String>,
+    /// Endpoint of an S3-compatible server (MinIO, Garage, Ceph, R2); AWS when unset.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Allow a plain `http://` endpoint (a loopback test server).
+    pub allow_http: bool,
+    /// Static credentials; without them the instance's role (metadata service) is used.
+    pub access_key_id: Option<SecretString>,
+    pub secret_access_key: Option<SecretString>,
+    pub session_token: Option<SecretString>,
+    /// Most bytes one job's artifacts may hold together.
+    pub max_artifact_bytes: u64,
+    /// Most bytes one cache may hold (files before compression, and the archive).
+    pub max_cache_bytes: u64,
+    /// Size of each part of a multipart upload (S3: 5 MiB at least).
+    pub part_size_bytes: u64,
+    /// Retries of each request (each part of an upload on its own).
+    pub retries: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            max_artifact_bytes: 1024 * 1024 * 1024,
+            max_cache_bytes: 2 * 1024 * 1024 * 1024,
+            part_size_bytes: 8 * 1024 * 1024,
+            retries: 5,
+        }
+    }
+}
+
+/// S3's smallest part (except the last) and the largest the agent holds in memory.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+pub const MAX_PART_SIZE: u64 = 256 * 1024 * 1024;
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.url {
+            let bucket = url
+                .strip_prefix("s3://")
+                .map(|rest| rest.split('/').next().unwrap_or(""))
+                .unwrap_or("");
+            if bucket.is_empty() {
+                return Err(key_error("store.url", "must be `s3://bucket[/prefix]`"));
+            }
+        }
+        if let Some(endpoint) = &self.endpoint {
+            if endpoint.starts_with("http://") {
+                if !self.allow_http {
+                    return Err(key_error(
+                        "store.endpoint",
+                        "is plain http://: set store.allow_http (for a loopback test server only)",
+                    ));
+                }
+            } else if !endpoint.starts_with("https://") {
+                return Err(key_error("store.endpoint", "must be an https:// URL"));
+            }
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size_bytes) {
+            return Err(key_error(
+                "store.part_size_bytes",
+                format!("must be between {MIN_PART_SIZE} and {MAX_PART_SIZE}"),
+            ));
+        }
+        if self.max_artifact_bytes == 0 || self.max_cache_bytes == 0 {
+            return Err(key_error(
+                "store.max_artifact_bytes",
+                "store.max_artifact_bytes and store.max_cache_bytes must be at least 1",
+            ));
+        }
+        if self.retries > 20 {
+            return Err(key_error("store.retries", "must be at most 20"));
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(key_error(
+                "store.access_key_id",
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -306,6 +415,7 @@ impl Default for Settings {
             checkout: CheckoutConfig::default(),
             log_give_up_seconds: 60,
             disk: DiskSettings::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -585,6 +695,7 @@ impl Settings {
             return Err(key_error("checkout.timeout_seconds", "must be at least 1"));
         }
         self.validate_disk()?;
+        self.store.validate()?;
         if let Some(id) = &self.agent_id
             && !valid_agent_id(id)
         {
@@ -957,6 +1068,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("docker.max_memory"), "{err}");
+    }
+
+    #[test]
+    fn store_settings_are_bounded_and_name_the_key() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GRYT_STORE_URL", "s3://bucket/prefix"),
+                ("GRYT_STORE_ENDPOINT", "http://127.0.0.1:3900"),
+                ("GRYT_STORE_ALLOW_HTTP", "true"),
+                ("AWS_ACCESS_KEY_ID", "GKid"),
+                ("AWS_SECRET_ACCESS_KEY", "visible-store-secret"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.store.url.as_deref(), Some("s3://bucket/prefix"));
+        assert!(!format!("{s:?}").contains("visible-store-secret"));
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("GRYT_STORE_URL", "https://bucket")], "store.url"),
+            (&[("GRYT_STORE_URL", "s3://")], "store.url"),
+            (
+                &[("GRYT_STORE_ENDPOINT", "http://minio:9000")],
+                "store.endpoint",
+            ),
+            (&[("GRYT_STORE_ENDPOINT", "minio:9000")], "store.endpoint"),
+            (&[("GRYT_STORE_PART_SIZE", "1024")], "store.part_size_bytes"),
+            (
+                &[("GRYT_STORE_PART_SIZE", "99999999999")],
+                "store.part_size_bytes",
+            ),
+            (&[("GRYT_STORE_RETRIES", "1000")], "store.retries"),
+            (
+                &[("GRYT_STORE_MAX_CACHE_BYTES", "0")],
+                "store.max_cache_bytes",
+            ),
+            (&[("AWS_ACCESS_KEY_ID", "GKid")], "store.access_key_id"),
+        ];
+        for (vars, key) in cases {
+            let err = Settings::load_from(None, &env(vars), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{vars:?}: {err}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod secrets;
 pub mod server;
 #[cfg(feature = "runtime")]
 pub mod slots;
+pub mod store;
 pub mod wire;
 
 /// The agent's version, as reported on `/`, `/health` and in `User-Agent`.

@@ -10,6 +10,7 @@ use gryt_agent::api::{ApiClient, ApiError, Call, CallHooks, HeartbeatOutcome};
 use gryt_agent::config::{PullPolicy, Settings};
 use gryt_agent::executor::{Executor, ExecutorSettings};
 use gryt_agent::gc::Collector;
+use gryt_agent::store::Store;
 use gryt_agent::wire::pull::HeartbeatRequest;
 use secrecy::ExposeSecret;
 
@@ -51,6 +52,7 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     check_descriptors(&mut list);
     check_docker(&settings, &mut list).await;
     check_api(&settings, &mut list).await;
+    check_store(&settings, &mut list).await;
     if list.failures == 0 {
         println!("\nall checks passed");
         Ok(ExitCode::SUCCESS)
@@ -222,6 +224,32 @@ async fn check_disk(settings: &Settings, executor: Executor, list: &mut Checklis
             "the agent will remove unused images; free space by hand if it stays low",
         ),
         _ => list.ok(what),
+    }
+}
+
+/// Object storage: writes, reads back and deletes a small object under the prefix.
+async fn check_store(settings: &Settings, list: &mut Checklist) {
+    let store = match Store::from_config(&settings.store, settings.ca_file.as_deref()) {
+        Ok(Some(store)) => store,
+        Ok(None) => return,
+        Err(e) => return list.fail(format!("{e}"), "fix GRYT_STORE_URL / GRYT_STORE_ENDPOINT"),
+    };
+    let url = settings.store.url.as_deref().unwrap_or_default();
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        store.probe(&format!("{}-{}", std::process::id(), gryt_agent::VERSION)),
+    )
+    .await;
+    match probe {
+        Ok(Ok(())) => list.ok(format!("object store {url} can be written, read and cleaned")),
+        Ok(Err(e)) => list.fail(
+            format!("{e}"),
+            "check the bucket, GRYT_STORE_ENDPOINT, the region and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)",
+        ),
+        Err(_) => list.fail(
+            format!("the object store {url} did not answer within 60 s"),
+            "check GRYT_STORE_ENDPOINT and the network route to it",
+        ),
     }
 }
 

@@ -57,6 +57,8 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
         timeout_seconds: args.timeout,
         memory_limit: args.memory.clone(),
         cpu_limit: args.cpus.clone(),
+        // A local run is its operator's own: it may write caches (see docs/protocol.md).
+        trusted: true,
         ..JobSpec::default()
     };
     let agent_id = settings

@@ -239,6 +239,7 @@ pub fn completion(job_id: i64, error: Option<&str>, log_bytes: u64) -> Value {
             error: None,
             steps: Vec::new(),
             oom_killed: false,
+            artifacts: Vec::new(),
         },
     };
     let request = CompleteRequest {

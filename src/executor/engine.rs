@@ -44,6 +44,8 @@ pub struct ExecutorSettings {
     pub exec_lock_dir: PathBuf,
     /// Labels put on every container beside the agent's own (`exec`'s ownership labels).
     pub extra_labels: Vec<(String, String)>,
+    /// Object storage for artifacts and caches (`store.url`); `None` when not configured.
+    pub store: Option<crate::store::Store>,
 }
 
 impl ExecutorSettings {
@@ -69,7 +71,10 @@ impl ExecutorSettings {
         ]
         .into_iter()
         .flatten()
+        .chain(crate::store::secrets(&settings.store))
         .collect();
+        let store = crate::store::Store::from_config(&settings.store, settings.ca_file.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(ExecutorSettings {
             agent_id,
             image_use: crate::gc::ImageUse::in_state_dir(&settings.state_dir),
@@ -85,6 +90,7 @@ impl ExecutorSettings {
             max_nano_cpus: settings.docker.max_nano_cpus()?,
             exec_lock_dir: settings.state_dir.join("exec"),
             extra_labels: Vec::new(),
+            store,
         })
     }
 }

@@ -61,6 +61,7 @@ struct Run<'a> {
     gryt: Option<(ReportCapture, ErrorLineCapture)>,
     steps: Vec<StepResult>,
     oom_killed: bool,
+    artifacts: Vec<crate::wire::ArtifactResult>,
 }
 
 impl Run<'_> {
@@ -131,6 +132,7 @@ pub(super) async fn run(
         gryt: None,
         steps: Vec::new(),
         oom_killed: false,
+        artifacts: Vec::new(),
     };
     let outcome = match job_timeout(&executor.settings, job) {
         Ok(timeout) => {
@@ -176,6 +178,7 @@ pub(super) async fn run(
         // Masked as they were made, in `run_steps` and `run_gryt`.
         steps: run.steps,
         oom_killed: run.oom_killed,
+        artifacts: run.artifacts,
     }
 }
 
@@ -558,6 +561,25 @@ async fn prepare_and_run(
         return Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"));
     }
 
+    // Artifacts and caches (`crate::store`): checked and restored before any container.
+    let storage = crate::store::JobStorage::before_steps(
+        settings.store.as_ref(),
+        job,
+        &plan.pipeline,
+        workspace.path(),
+        plan.user,
+        control,
+        &mut |line| run.output(OutputStream::Stderr, line.as_bytes()),
+    )
+    .await;
+    let storage = match storage {
+        Ok(storage) => storage,
+        Err(message) => {
+            cleanup(None, workspace, &cleaner).await;
+            return Outcome::Error(message);
+        }
+    };
+
     let mut labels = std::collections::HashMap::new();
     labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
     labels.insert(LABEL_AGENT_ID.to_owned(), settings.agent_id.clone());
@@ -598,6 +620,23 @@ async fn prepare_and_run(
         Pipeline::Gryt { .. } => {
             run_gryt(&ctx, gryt_command(&settings.job.gryt_command), run).await
         }
+    };
+    let end = match &outcome {
+        Outcome::Finished { success: true, .. } => crate::store::JobEnd::Success,
+        Outcome::Finished { .. } | Outcome::TimedOut { .. } => crate::store::JobEnd::Failure,
+        Outcome::Cancelled { .. } | Outcome::Error(_) => crate::store::JobEnd::Stopped,
+    };
+    let stored = storage
+        .after_steps(end, workspace.path(), control, &mut |line| {
+            run.output(OutputStream::Stderr, line.as_bytes())
+        })
+        .await;
+    let outcome = match stored {
+        Ok(artifacts) => {
+            run.artifacts = artifacts;
+            outcome
+        }
+        Err(message) => Outcome::Error(message),
     };
     cleanup(Some(container), workspace, &cleaner).await;
     outcome

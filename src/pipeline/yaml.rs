@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::PipelineError;
+use crate::wire::{ArtifactWhen, ArtifactsSpec, CacheSpec};
 
 /// Most steps one pipeline may have; far above any real pipeline, low enough to bound the result.
 pub const MAX_STEPS: usize = 1000;
@@ -23,6 +24,12 @@ pub struct YamlPipeline {
     #[serde(default)]
     pub env: BTreeMap<String, EnvValue>,
     pub steps: Vec<Step>,
+    /// Files uploaded to the object store after the steps (the job spec's `artifacts` wins).
+    #[serde(default)]
+    pub artifacts: Option<YamlArtifacts>,
+    /// Caches restored before the first step and saved after (the job spec's `cache` wins).
+    #[serde(default)]
+    pub cache: Vec<YamlCache>,
     /// The document as written, kept to write it into the workspace.
     #[serde(skip)]
     pub source: String,
@@ -63,6 +70,47 @@ impl Step {
             shown.push('…');
         }
         shown
+    }
+}
+
+/// `artifacts:` as written in a pipeline (the job spec's JSON has the same fields).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlArtifacts {
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub when: ArtifactWhen,
+}
+
+/// One `cache:` entry as written in a pipeline.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlCache {
+    pub key: String,
+    #[serde(default)]
+    pub files: Vec<String>,
+    pub paths: Vec<String>,
+}
+
+impl YamlPipeline {
+    /// The pipeline's `artifacts` in the job spec's terms.
+    pub fn artifacts_spec(&self) -> Option<ArtifactsSpec> {
+        self.artifacts.as_ref().map(|a| ArtifactsSpec {
+            paths: a.paths.clone(),
+            when: a.when,
+        })
+    }
+
+    /// The pipeline's `cache` in the job spec's terms.
+    pub fn cache_specs(&self) -> Vec<CacheSpec> {
+        self.cache
+            .iter()
+            .map(|c| CacheSpec {
+                key: c.key.clone(),
+                files: c.files.clone(),
+                paths: c.paths.clone(),
+            })
+            .collect()
     }
 }
 
@@ -168,6 +216,10 @@ impl YamlPipeline {
                 ));
             }
         }
+        if let Some(artifacts) = self.artifacts_spec() {
+            crate::store::spec::check_artifacts(&artifacts).map_err(|(f, m)| field(&f, &m))?;
+        }
+        crate::store::spec::check_caches(&self.cache_specs()).map_err(|(f, m)| field(&f, &m))?;
         let all_env = self.env.keys().map(|k| ("env", k)).chain(
             self.steps
                 .iter()
@@ -235,6 +287,38 @@ mod tests {
         for (text, field) in cases {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn artifacts_and_cache() {
+        let p = parse(
+            "version: 1\nsteps:\n  - run: make\nartifacts:\n  paths: [dist/, \"reports/*.xml\"]\n  when: on_failure\ncache:\n  - key: deps\n    files: [Cargo.lock]\n    paths: [.cargo-home, target]\n",
+        )
+        .unwrap();
+        let a = p.artifacts_spec().unwrap();
+        assert_eq!(a.paths, ["dist/", "reports/*.xml"]);
+        assert_eq!(a.when, ArtifactWhen::OnFailure);
+        assert_eq!(p.cache_specs()[0].paths, [".cargo-home", "target"]);
+        let cases = [
+            ("artifacts:\n  paths: [../etc]\n", "artifacts.paths[0]"),
+            ("artifacts:\n  paths: [/etc/passwd]\n", "artifacts.paths[0]"),
+            (
+                "artifacts:\n  paths: [a]\n  when: sometimes\n",
+                "artifacts.when",
+            ),
+            ("artifacts:\n  pahts: [a]\n", "pahts"),
+            ("cache:\n  - key: a/b\n    paths: [x]\n", "cache[0].key"),
+            ("cache:\n  - key: k\n    paths: []\n", "cache[0].paths"),
+            (
+                "cache:\n  - key: k\n    paths: [x/../../y]\n",
+                "cache[0].paths[0]",
+            ),
+        ];
+        for (tail, field) in cases {
+            let text = format!("version: 1\nsteps:\n  - run: x\n{tail}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "{tail:?}: {err}");
         }
     }
 

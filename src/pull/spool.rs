@@ -331,6 +331,7 @@ mod tests {
                     error: None,
                     steps: Vec::new(),
                     oom_killed: false,
+                    artifacts: Vec::new(),
                 },
                 log_bytes: 0,
             },

@@ -48,6 +48,58 @@ pub struct JobSpec {
     /// Push mode only: where to POST the result as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Files to upload to the object store after the steps; replaces the pipeline's `artifacts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactsSpec>,
+    /// Caches to restore before the first step and save after; replaces the pipeline's `cache`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Vec<CacheSpec>>,
+    /// The API vouches for this job (a push to a protected branch): only such a job writes
+    /// caches. Absent means `false`: the job reads the default branch's caches, writes none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted: bool,
+}
+
+/// `artifacts`: workspace paths (globs allowed) uploaded after the steps, and when.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ArtifactsSpec {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub when: ArtifactWhen,
+}
+
+/// Which job endings upload artifacts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactWhen {
+    #[default]
+    OnSuccess,
+    OnFailure,
+    Always,
+}
+
+/// One `cache` entry: a literal key, files whose contents the key also hashes, and the
+/// workspace paths the cache holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CacheSpec {
+    pub key: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub files: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub paths: Vec<String>,
+}
+
+/// One uploaded artifact in a result.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ArtifactResult {
+    /// Relative to the workspace.
+    pub path: String,
+    /// `s3://bucket/prefix/artifacts/<job_id>/<path>`.
+    pub url: String,
+    pub size: u64,
+    /// Hex SHA-256 of the bytes uploaded.
+    pub sha256: String,
 }
 
 impl JobSpec {
@@ -88,6 +140,9 @@ impl fmt::Debug for JobSpec {
             .field("cpu_limit", &self.cpu_limit)
             .field("memory_limit", &self.memory_limit)
             .field("timeout_seconds", &self.timeout_seconds)
+            .field("artifacts", &self.artifacts)
+            .field("cache", &self.cache)
+            .field("trusted", &self.trusted)
             .finish()
     }
 }
@@ -171,6 +226,9 @@ pub struct JobResult {
     /// The kernel killed a job process because the container ran out of memory.
     #[serde(default)]
     pub oom_killed: bool,
+    /// Artifacts uploaded to the object store (empty when none were asked for or uploaded).
+    #[serde(default)]
+    pub artifacts: Vec<ArtifactResult>,
 }
 
 impl JobResult {
@@ -190,6 +248,7 @@ impl JobResult {
             error: Some(message),
             steps: Vec::new(),
             oom_killed: false,
+            artifacts: Vec::new(),
         }
     }
 }
@@ -257,6 +316,28 @@ mod tests {
         assert_eq!(err.field, "env_vars.A");
         let err = JobSpec::from_json(br#"{"job_id": 1}"#).unwrap_err();
         assert!(err.message.contains("pipeline_b64"), "{err}");
+    }
+
+    #[test]
+    fn artifacts_cache_and_trusted_decode_and_old_specs_still_do() {
+        let spec = JobSpec::from_json(
+            br#"{"job_id": 1, "pipeline_b64": "eA==", "trusted": true,
+                 "artifacts": {"paths": ["dist/", "reports/*.xml"], "when": "always"},
+                 "cache": [{"key": "deps", "files": ["Cargo.lock"], "paths": ["target"]}]}"#,
+        )
+        .unwrap();
+        let artifacts = spec.artifacts.unwrap();
+        assert_eq!(artifacts.paths, ["dist/", "reports/*.xml"]);
+        assert_eq!(artifacts.when, ArtifactWhen::Always);
+        assert_eq!(spec.cache.unwrap()[0].files, ["Cargo.lock"]);
+        assert!(spec.trusted);
+        let old = JobSpec::from_json(br#"{"job_id": 1, "pipeline_b64": "eA=="}"#).unwrap();
+        assert!(old.artifacts.is_none() && old.cache.is_none() && !old.trusted);
+        let err = JobSpec::from_json(
+            br#"{"job_id": 1, "pipeline_b64": "eA==", "artifacts": {"paths": [], "when": "never"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "artifacts.when");
     }
 
     #[test]

@@ -7,4 +7,7 @@
 pub mod job;
 pub mod pull;
 
-pub use job::{JobResult, JobSpec, JobStatus, SpecError, StepResult, StepStatus, rfc3339};
+pub use job::{
+    ArtifactResult, ArtifactWhen, ArtifactsSpec, CacheSpec, JobResult, JobSpec, JobStatus,
+    SpecError, StepResult, StepStatus, rfc3339,
+};

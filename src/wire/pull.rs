@@ -107,6 +107,7 @@ mod tests {
                 error: None,
                 steps: Vec::new(),
                 oom_killed: false,
+                artifacts: Vec::new(),
             },
             log_bytes: 3,
         };
