@@ -13,7 +13,7 @@
 //! Needs a Docker engine, `/bin/busybox` (Debian's busybox-static: the job image is built from
 //! it, like the tests do, since no registry may be reachable) and the `docker` CLI for the
 //! `docker run --rm` baseline. The fake API here is a small one of its own, not the conformance
-//! fake of `tests/support/fake_api.rs`: that one polls its queue every 50 ms (which would be
+//! fake of `tests/it/fake_api.rs`: that one polls its queue every 50 ms (which would be
 //! measured as pickup latency) and keeps every request body (gigabytes for the log figure).
 
 use std::collections::{HashMap, VecDeque};

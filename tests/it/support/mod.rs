@@ -1,7 +1,7 @@
 //! Shared test support: the local test image, executors wired to it, and leftover checks.
 //!
 //! No registry is reachable here, so the image the tests run in is built locally: Debian's
-//! `busybox-static` binary with its applets, plus `tests/support/gryt-standin.sh` installed as
+//! `busybox-static` binary with its applets, plus `tests/it/support/gryt-standin.sh` installed as
 //! `/usr/local/bin/gryt` (a TEST STAND-IN for the gryt CLI, see that file), imported through
 //! bollard as `gryt-agent-test/busybox:<content hash>`. Tests that need Docker fail when there
 //! is none: they never skip.
@@ -272,7 +272,7 @@ pub fn shell_job(id: i64, script: &str) -> serde_json::Value {
 /// (encryption key, encrypted token, plaintext token).
 pub fn token_vector(index: usize) -> (String, String, String) {
     let vectors: serde_json::Value =
-        serde_json::from_str(include_str!("../data/token-crypto.json")).unwrap();
+        serde_json::from_str(include_str!("../../data/token-crypto.json")).unwrap();
     let v = &vectors["valid"][index];
     let s = |k: &str| v[k].as_str().unwrap().to_owned();
     (s("key"), s("token"), s("plaintext"))

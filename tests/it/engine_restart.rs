@@ -7,7 +7,7 @@
 //! never touches the machine's engine: a `dockerd` without a bridge deletes `docker0` in its
 //! network namespace, and here that namespace is its own. Needs root.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

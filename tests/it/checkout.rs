@@ -997,7 +997,7 @@ async fn the_servers_reply_text_is_not_copied_into_errors() {
 // ---------------------------------------------------------------------------------------------
 // Through the executor: a job with `git_url` and an encrypted token, in a real container.
 
-mod support;
+use crate::support;
 
 use gryt_agent::wire::{JobSpec, JobStatus};
 
