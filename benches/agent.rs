@@ -32,18 +32,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use gryt_agent::config::{PullPolicy, Settings};
+use gryt_agent::executor::container::job_host_config;
 use gryt_agent::executor::{Discard, Executor, ExecutorSettings, JobControl};
 use serde_json::{Value, json};
 
+/// The job image, built as the tests build theirs (the same file).
+#[path = "../tests/it/support/image.rs"]
+mod image;
+
 const KEY: &str = "bench-agent-key-0123456789abcdef0123";
-const BUSYBOX: &str = "/bin/busybox";
 /// Label on every container the bench itself creates (the agents label theirs by agent id).
 const BENCH_LABEL: &str = "io.gryt.bench";
 const MIB: u64 = 1024 * 1024;
@@ -274,87 +278,6 @@ async fn machine_info(docker: &Docker, agent: &AgentBinary, opts: &Opts) -> Vec<
 }
 
 // ---------------------------------------------------------------------------------------------
-// The job image: busybox-static and its applets, imported through the Docker API (as the tests
-// do), so no registry is needed.
-
-async fn bench_image(docker: &Docker) -> anyhow::Result<String> {
-    let busybox = std::fs::read(BUSYBOX)
-        .with_context(|| format!("{BUSYBOX} missing: install Debian's busybox-static"))?;
-    let tag = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        busybox.hash(&mut h);
-        format!("{:x}", h.finish())
-    };
-    let name = format!("gryt-agent-bench/busybox:{tag}");
-    if docker.inspect_image(&name).await.is_ok() {
-        return Ok(name);
-    }
-    let rootfs = rootfs_tar(&busybox)?;
-    let options = CreateImageOptionsBuilder::default()
-        .from_src("-")
-        .repo("gryt-agent-bench/busybox")
-        .tag(&tag)
-        .build();
-    let mut import =
-        docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
-    while let Some(item) = import.next().await {
-        let info = item.context("image import failed")?;
-        if let Some(e) = info.error_detail {
-            bail!("image import failed: {e:?}");
-        }
-    }
-    docker
-        .inspect_image(&name)
-        .await
-        .context("imported image not found")?;
-    Ok(name)
-}
-
-fn rootfs_tar(busybox: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut tar = tar::Builder::new(Vec::new());
-    for (d, mode) in [
-        ("bin", 0o755),
-        ("etc", 0o755),
-        ("tmp", 0o1777),
-        ("workspace", 0o755),
-        ("proc", 0o755),
-        ("sys", 0o755),
-        ("dev", 0o755),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_size(0);
-        tar.append_data(&mut h, d, std::io::empty())?;
-    }
-    let mut file = |path: &str, data: &[u8]| -> std::io::Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o755);
-        h.set_size(data.len() as u64);
-        tar.append_data(&mut h, path, data)
-    };
-    file("bin/busybox", busybox)?;
-    file(
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\njob:x:1000:1000:job:/tmp:/bin/sh\n",
-    )?;
-    file("etc/group", b"root:x:0:\njob:x:1000:\n")?;
-    let list = Command::new(BUSYBOX).arg("--list").output()?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
-    }
-    Ok(tar.into_inner()?)
-}
-
-// ---------------------------------------------------------------------------------------------
 // The baselines: the same hardened container, run directly
 
 /// What every job container gets, whoever starts it: the agent's defaults.
@@ -389,18 +312,13 @@ impl Hardening {
             working_dir: Some("/workspace".into()),
             labels: Some(HashMap::from([(BENCH_LABEL.into(), "true".into())])),
             tty: Some(false),
-            host_config: Some(HostConfig {
-                binds: Some(vec![format!("{}:/workspace", workspace.display())]),
-                cap_drop: Some(vec!["ALL".into()]),
-                security_opt: Some(vec!["no-new-privileges".into()]),
-                privileged: Some(false),
-                pids_limit: Some(self.pids_limit),
-                memory: Some(self.memory_bytes),
-                memory_swap: Some(self.memory_bytes),
-                nano_cpus: Some(self.nano_cpus),
-                network_mode: Some(self.network.clone()),
-                ..Default::default()
-            }),
+            host_config: Some(job_host_config(
+                &workspace.display().to_string(),
+                &self.network,
+                self.pids_limit,
+                self.memory_bytes,
+                self.nano_cpus,
+            )),
             ..Default::default()
         }
     }
@@ -438,14 +356,11 @@ async fn direct_run(
         .name(&container_name())
         .build();
     let mut body = hard.body(script, ws.path());
-    if attach {
-        // The output is read through the attach only, as the agent's job containers do (their
-        // log driver is `none`): Docker's log driver would also write it to disk.
+    if !attach {
+        // With the attach, the output is read through it only, as the agent's job containers do
+        // (their log driver is `none`); without it, Docker's default log driver, as `docker run`.
         if let Some(h) = body.host_config.as_mut() {
-            h.log_config = Some(HostConfigLogConfig {
-                typ: Some("none".into()),
-                config: None,
-            });
+            h.log_config = None;
         }
     }
     let id = docker.create_container(Some(options), body).await?.id;
@@ -1421,7 +1336,7 @@ async fn run() -> anyhow::Result<()> {
         .negotiate_version()
         .await
         .context("the Docker engine does not answer")?;
-    let image = bench_image(&docker).await?;
+    let image = image::import(&docker).await.map_err(anyhow::Error::msg)?;
     let agent = AgentBinary::find(opts.agent.clone())?;
     let hard = Hardening::new(&image, &opts.network)?;
     let header = machine_info(&docker, &agent, &opts).await;
