@@ -2,8 +2,6 @@
 
 use super::*;
 
-// The agent binary, run as `exec` and as `run` (pull mode)
-
 pub(crate) struct AgentBinary {
     pub(crate) path: PathBuf,
     pub(crate) why: &'static str,

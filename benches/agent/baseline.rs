@@ -2,8 +2,6 @@
 
 use super::*;
 
-// The baselines: the same hardened container, run directly
-
 /// What every job container gets, whoever starts it: the agent's defaults.
 #[derive(Clone)]
 pub(crate) struct Hardening {

@@ -2,8 +2,6 @@
 
 use super::*;
 
-// The figures
-
 pub(crate) const TRUE_JOB: &str = "version: 1\nsteps:\n  - run: \"true\"\n";
 pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 

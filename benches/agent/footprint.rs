@@ -2,8 +2,6 @@
 
 use super::*;
 
-// Process footprint from /proc
-
 pub(crate) struct ProcStat {
     pub(crate) rss_kib: u64,
     pub(crate) hwm_kib: u64,

@@ -2,8 +2,6 @@
 
 use super::*;
 
-// Options
-
 #[derive(Debug, Clone)]
 pub(crate) struct Sizes {
     /// Jobs per variant for the per-job overhead.
