@@ -720,8 +720,11 @@ async fn ssl_cert_file_is_honoured() {
     let tls = tls();
     let base = start(Serve::new(&fx.root), Some(tls.acceptor.clone())).await;
     let exe = std::env::current_exe().unwrap();
+    // This test's name in the test binary: its module path without the crate's name.
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let name = format!("{module}::ssl_cert_file_is_honoured");
     let out = tokio::process::Command::new(exe)
-        .args(["--exact", "ssl_cert_file_is_honoured", "--nocapture"])
+        .args(["--exact", &name, "--nocapture"])
         .env("SSL_CERT_FILE", &tls.ca_file)
         .env("GRYT_TEST_CHILD_URL", format!("{base}/repo.git"))
         .env("GRYT_TEST_CHILD_EXPECT", &fx.main[2])
