@@ -615,6 +615,18 @@ async fn watch_oom(docker: Docker, id: String, flag: Arc<AtomicBool>) {
     }
 }
 
+/// The host side the agent gives every job container ([`hardened_host_config`]), for a program
+/// that must start the very same container itself (the benchmark's baselines).
+pub fn job_host_config(
+    workspace: &str,
+    network: &str,
+    pids_limit: i64,
+    memory_bytes: i64,
+    nano_cpus: i64,
+) -> HostConfig {
+    hardened_host_config(workspace, network, pids_limit, memory_bytes, nano_cpus)
+}
+
 #[cfg(test)]
 mod tests {
     use super::merge_env;

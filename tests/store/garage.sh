@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A single-node Garage (S3-compatible object store) on loopback for tests/store.rs. Garage is
+# A single-node Garage (S3-compatible object store) on loopback for tests/it/store.rs. Garage is
 # AGPL and only ever runs here as a separate test server; nothing links it.
 #
 #   bash tests/store/garage.sh start   starts it (if not already up), makes the bucket and a key,

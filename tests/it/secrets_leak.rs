@@ -3,9 +3,8 @@
 //! every byte the agent wrote — its log, its state dir (spool, log buffers), every body it sent
 //! to the API (streamed logs, completions) and the work dir — is searched for them.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,12 +1,12 @@
 //! Shared test support: the local test image, executors wired to it, and leftover checks.
 //!
-//! No registry is reachable here, so the image the tests run in is built locally: Debian's
-//! `busybox-static` binary with its applets, plus `tests/support/gryt-standin.sh` installed as
-//! `/usr/local/bin/gryt` (a TEST STAND-IN for the gryt CLI, see that file), imported through
-//! bollard as `gryt-agent-test/busybox:<content hash>`. Tests that need Docker fail when there
-//! is none: they never skip.
+//! No registry is reachable here, so the image the tests run in is built locally by `image.rs`
+//! (shared with the benchmark): Debian's `busybox-static` binary with its applets, plus
+//! `gryt-standin.sh` installed as `/usr/local/bin/gryt` (a TEST STAND-IN for the gryt CLI, see
+//! that file). Tests that need Docker fail when there is none: they never skip.
 #![allow(dead_code)]
 
+pub mod image;
 pub mod process;
 
 use std::collections::HashMap;
@@ -14,15 +14,12 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use bollard::Docker;
-use bollard::query_parameters::{CreateImageOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::query_parameters::ListContainersOptionsBuilder;
 use futures_util::StreamExt;
 use gryt_agent::config::Settings;
 use gryt_agent::executor::container::LABEL_AGENT_ID;
 use gryt_agent::executor::{Executor, ExecutorSettings, JobObserver, OutputStream};
 use tokio::sync::OnceCell;
-
-const BUSYBOX: &str = "/bin/busybox";
-const STANDIN: &str = include_str!("gryt-standin.sh");
 
 static IMAGE: OnceCell<String> = OnceCell::const_new();
 
@@ -47,93 +44,9 @@ async fn build_test_image() -> String {
 
 /// Imports the test image into `docker` (when it is not there yet) and returns its name.
 pub async fn import_test_image(docker: &Docker) -> String {
-    let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
-        panic!("{BUSYBOX} missing ({e}): install Debian's busybox-static (.ci/run does)")
-    });
-    let tag = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        busybox.len().hash(&mut h);
-        STANDIN.hash(&mut h);
-        format!("{:x}", h.finish())
-    };
-    let name = format!("gryt-agent-test/busybox:{tag}");
-    if docker.inspect_image(&name).await.is_ok() {
-        return name;
-    }
-    let rootfs = rootfs_tar(&busybox);
-    let options = CreateImageOptionsBuilder::default()
-        .from_src("-")
-        .repo("gryt-agent-test/busybox")
-        .tag(&tag)
-        .build();
-    let mut import =
-        docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
-    while let Some(item) = import.next().await {
-        let info = item.expect("image import failed");
-        assert!(info.error_detail.is_none(), "image import failed: {info:?}");
-    }
-    docker
-        .inspect_image(&name)
+    image::import(docker)
         .await
-        .expect("imported test image not found");
-    name
-}
-
-/// A root filesystem: busybox and a link per applet in /bin, the gryt stand-in, /tmp, /workspace.
-fn rootfs_tar(busybox: &[u8]) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_size(0);
-        tar.append_data(&mut h, path, std::io::empty()).unwrap();
-    };
-    let file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o755);
-        h.set_size(data.len() as u64);
-        tar.append_data(&mut h, path, data).unwrap();
-    };
-    for (d, mode) in [
-        ("bin", 0o755),
-        ("etc", 0o755),
-        ("tmp", 0o1777),
-        ("workspace", 0o755),
-        ("usr", 0o755),
-        ("usr/local", 0o755),
-        ("usr/local/bin", 0o755),
-        ("proc", 0o755),
-        ("sys", 0o755),
-        ("dev", 0o755),
-    ] {
-        dir(&mut tar, d, mode);
-    }
-    file(&mut tar, "bin/busybox", busybox);
-    file(&mut tar, "usr/local/bin/gryt", STANDIN.as_bytes());
-    file(
-        &mut tar,
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\njob:x:1000:1000:job:/tmp:/bin/sh\n",
-    );
-    file(&mut tar, "etc/group", b"root:x:0:\njob:x:1000:\n");
-    let output = std::process::Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&output.stdout).lines() {
-        if applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .unwrap();
-    }
-    tar.into_inner().unwrap()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A unique agent id per test, so leftover checks only see that test's containers.
@@ -272,7 +185,7 @@ pub fn shell_job(id: i64, script: &str) -> serde_json::Value {
 /// (encryption key, encrypted token, plaintext token).
 pub fn token_vector(index: usize) -> (String, String, String) {
     let vectors: serde_json::Value =
-        serde_json::from_str(include_str!("../data/token-crypto.json")).unwrap();
+        serde_json::from_str(include_str!("../../data/token-crypto.json")).unwrap();
     let v = &vectors["valid"][index];
     let s = |k: &str| v[k].as_str().unwrap().to_owned();
     (s("key"), s("token"), s("plaintext"))

@@ -720,8 +720,11 @@ async fn ssl_cert_file_is_honoured() {
     let tls = tls();
     let base = start(Serve::new(&fx.root), Some(tls.acceptor.clone())).await;
     let exe = std::env::current_exe().unwrap();
+    // This test's name in the test binary: its module path without the crate's name.
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let name = format!("{module}::ssl_cert_file_is_honoured");
     let out = tokio::process::Command::new(exe)
-        .args(["--exact", "ssl_cert_file_is_honoured", "--nocapture"])
+        .args(["--exact", &name, "--nocapture"])
         .env("SSL_CERT_FILE", &tls.ca_file)
         .env("GRYT_TEST_CHILD_URL", format!("{base}/repo.git"))
         .env("GRYT_TEST_CHILD_EXPECT", &fx.main[2])
@@ -997,7 +1000,7 @@ async fn the_servers_reply_text_is_not_copied_into_errors() {
 // ---------------------------------------------------------------------------------------------
 // Through the executor: a job with `git_url` and an encrypted token, in a real container.
 
-mod support;
+use crate::support;
 
 use gryt_agent::wire::{JobSpec, JobStatus};
 

@@ -3,9 +3,8 @@
 //! with `Retry-After` (push), and says why on `/health` and in the metrics. The real agent
 //! binary, the conformance fake of the API and the real Docker engine.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

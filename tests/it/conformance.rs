@@ -3,8 +3,7 @@
 //! breaks one rule, which the checker must name. A normal job queued beside the conformance jobs
 //! must never be leased by the checker.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
+use crate::fake_api;
 
 use std::process::Stdio;
 use std::time::Duration;

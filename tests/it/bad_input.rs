@@ -1,7 +1,7 @@
 //! Bad input end to end, through the push endpoint of a real agent: each gets a clear error,
 //! nothing crashes, nothing is left behind, nothing is written outside the work dir.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `gryt-agent exec` as a user runs it: the real binary, the real Docker engine.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output, Stdio};
 

@@ -1,7 +1,7 @@
 //! Push mode against a real running agent on loopback with real Docker: the existing API's
 //! contract (paths, fields, status codes), its documented manual test, and its failure answers.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -14,9 +14,8 @@
 //! The agent runs with 5 slots: 4 for the long jobs and the one the spooled job holds while its
 //! delivery is refused. The figures are printed and repeated in the assertion messages.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

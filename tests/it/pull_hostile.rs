@@ -2,9 +2,8 @@
 //! fake with its fault switches, one answer the protocol does not allow (or allows but should
 //! not pace the agent) per test. `docs/reliability.md` lists what each does and the figures.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

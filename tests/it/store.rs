@@ -2,9 +2,8 @@
 //! loopback (`bash tests/store/garage.sh start`, which `.ci/run` does). Without it these tests
 //! fail, saying how to start it. Jobs run on the real Docker engine.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The executor against a real Docker engine: every job path, and what each leaves behind.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -498,7 +498,7 @@ async fn files_the_job_wrote_are_removed_with_the_workspace() {
 #[tokio::test]
 async fn secrets_are_masked_in_streamed_output_and_results_even_split_across_chunks() {
     let vectors: serde_json::Value =
-        serde_json::from_str(include_str!("data/token-crypto.json")).unwrap();
+        serde_json::from_str(include_str!("../data/token-crypto.json")).unwrap();
     let vector = &vectors["valid"][0];
     let key = vector["key"].as_str().unwrap().to_owned();
     let agent = test_agent("masking", |s| s.encryption_key = Some(key.into())).await;
@@ -535,7 +535,7 @@ async fn secrets_are_masked_in_streamed_output_and_results_even_split_across_chu
 #[tokio::test]
 async fn a_token_that_does_not_decrypt_fails_the_job_before_any_container() {
     let vectors: serde_json::Value =
-        serde_json::from_str(include_str!("data/token-crypto.json")).unwrap();
+        serde_json::from_str(include_str!("../data/token-crypto.json")).unwrap();
     let other_key = vectors["valid"][2]["key"].as_str().unwrap().to_owned();
     let agent = test_agent("bad-token", |s| s.encryption_key = Some(other_key.into())).await;
     let mut spec = job("version: 1\nsteps:\n  - run: true\n");

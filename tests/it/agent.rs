@@ -2,7 +2,7 @@
 //! engine: the orphan sweep, one agent per state dir, signals, the endpoint's connection limits,
 //! and the ephemeral flags' bounds.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};

@@ -7,7 +7,7 @@
 //! is given by a fake probe (no disk is filled), except in the end-to-end test, whose marks
 //! are computed from the real free space.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -7,9 +7,8 @@
 //! never touches the machine's engine: a `dockerd` without a bridge deletes `docker0` in its
 //! network namespace, and here that namespace is its own. Needs root.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

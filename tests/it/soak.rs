@@ -13,9 +13,8 @@
 //! (any number). The figures are printed and repeated in the assertion messages; the measured
 //! ones are in `docs/reliability.md`.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

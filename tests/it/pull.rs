@@ -1,9 +1,8 @@
 //! Pull mode end to end: the real agent binary against the conformance fake of the API, with the
 //! real Docker engine. Every test checks that no container and no workspace is left.
 
-#[path = "support/fake_api.rs"]
-mod fake_api;
-mod support;
+use crate::fake_api;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,0 +1,105 @@
+//! Command-line options of the benchmark: which figures, at which sizes, against which agent.
+
+use super::*;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Sizes {
+    /// Jobs per variant for the per-job overhead.
+    pub(crate) m: usize,
+    /// Jobs for the throughput figure.
+    pub(crate) k: usize,
+    /// Jobs for the pickup latency.
+    pub(crate) j: usize,
+    /// Seconds of idle footprint.
+    pub(crate) s: u64,
+    /// Bytes printed by the log job.
+    pub(crate) g: u64,
+}
+
+pub(crate) struct Opts {
+    pub(crate) quick: bool,
+    pub(crate) sizes: Sizes,
+    pub(crate) only: Option<String>,
+    pub(crate) agent: Option<PathBuf>,
+    pub(crate) network: String,
+}
+
+pub(crate) const FIGURES: [&str; 4] = ["overhead", "throughput", "pickup", "footprint"];
+
+pub(crate) fn parse_args() -> anyhow::Result<Opts> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` appends `--bench` to a harness-less bench's arguments.
+    args.retain(|a| a != "--bench");
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut sizes = if quick {
+        Sizes {
+            m: 5,
+            k: 12,
+            j: 10,
+            s: 3,
+            g: 32 * MIB,
+        }
+    } else {
+        Sizes {
+            m: 50,
+            k: 200,
+            j: 100,
+            s: 60,
+            g: 1024 * MIB,
+        }
+    };
+    let mut opts = Opts {
+        quick,
+        sizes: sizes.clone(),
+        only: None,
+        agent: None,
+        network: std::env::var("GRYT_NETWORK").unwrap_or_else(|_| "bridge".into()),
+    };
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        let number = |v: String| -> anyhow::Result<u64> {
+            v.parse().with_context(|| format!("not a number: {v}"))
+        };
+        match arg.as_str() {
+            "--quick" => {}
+            "--only" => {
+                let v = value("--only")?;
+                if !FIGURES.contains(&v.as_str()) {
+                    bail!("--only takes one of {FIGURES:?}");
+                }
+                opts.only = Some(v);
+            }
+            "--agent" => opts.agent = Some(value("--agent")?.into()),
+            "--network" => opts.network = value("--network")?,
+            "--m" => sizes.m = number(value("--m")?)? as usize,
+            "--k" => sizes.k = number(value("--k")?)? as usize,
+            "--j" => sizes.j = number(value("--j")?)? as usize,
+            "--s" => sizes.s = number(value("--s")?)?,
+            "--g-mib" => sizes.g = number(value("--g-mib")?)? * MIB,
+            "-h" | "--help" => {
+                println!(
+                    "usage: cargo bench --bench agent -- [--quick] [--only {}] [--agent PATH] \
+                     [--network bridge|none] [--m N] [--k N] [--j N] [--s SECS] [--g-mib MIB]",
+                    FIGURES.join("|")
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument `{other}` (try --help)"),
+        }
+    }
+    sizes.m = sizes.m.max(1);
+    sizes.k = sizes.k.max(4);
+    sizes.j = sizes.j.max(1);
+    sizes.g = (sizes.g / MIB).max(1) * MIB;
+    opts.sizes = sizes;
+    Ok(opts)
+}
+
+impl Opts {
+    pub(crate) fn wants(&self, figure: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == figure)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
