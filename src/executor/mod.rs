@@ -30,6 +30,12 @@ mod job;
 #[cfg(feature = "runtime")]
 mod observer;
 #[cfg(feature = "runtime")]
+mod output;
+#[cfg(feature = "runtime")]
+mod plan;
+#[cfg(feature = "runtime")]
+mod steps;
+#[cfg(feature = "runtime")]
 pub mod workspace;
 
 #[cfg(feature = "runtime")]
