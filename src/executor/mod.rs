@@ -17,10 +17,10 @@ pub mod container;
 pub mod control;
 #[cfg(feature = "runtime")]
 mod docker;
-// Named for the type it holds, the executor's face; its module doc says what it must not do.
 #[cfg(feature = "runtime")]
 pub mod exec_owner;
 #[cfg(feature = "runtime")]
+// Named for the type it holds, the executor's face; its module doc says what it must not do.
 #[allow(clippy::module_inception)]
 mod executor;
 #[cfg(feature = "runtime")]

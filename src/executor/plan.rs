@@ -65,6 +65,27 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     } = limits(settings, job, &pipeline)?;
     let user = parse_user(&settings.docker.user)
         .map_err(|e| format!("invalid docker.user setting: {e}"))?;
+    let image = image(executor, job, &pipeline)?;
+    let env = environment(job, &pipeline)?;
+    let token = decrypt_token(executor, job)?;
+    let masker = secret_set(executor, job, &pipeline, token.as_ref());
+    Ok(Plan {
+        pipeline,
+        image,
+        env,
+        memory_bytes,
+        memory_text,
+        nano_cpus,
+        user,
+        token,
+        masker,
+    })
+}
+
+/// The job's image (the job's, else the pipeline's, else the agent's default), refused unless
+/// `docker.allowed_images` allows it.
+fn image(executor: &Executor, job: &JobSpec, pipeline: &Pipeline) -> Result<String, String> {
+    let settings = &executor.settings;
     let image = job
         .docker_image
         .clone()
@@ -77,8 +98,12 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
             settings.docker.allowed_images.join(", ")
         ));
     }
+    Ok(image)
+}
 
-    // Later layers win: agent defaults < the job's env_vars < the pipeline's env < agent facts.
+/// The job's environment as `NAME=value`. Later layers win: agent defaults < the job's
+/// `env_vars` < the pipeline's env < agent facts.
+fn environment(job: &JobSpec, pipeline: &Pipeline) -> Result<Vec<String>, String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("HOME".into(), "/tmp".into());
     env.insert("CI".into(), "true".into());
@@ -92,17 +117,25 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         }
         env.insert(name.clone(), value.clone());
     }
-    if let Pipeline::Yaml(p) = &pipeline {
+    if let Pipeline::Yaml(p) = pipeline {
         for (name, value) in p.env_pairs() {
             env.insert(name.to_owned(), value.to_owned());
         }
     }
     env.insert("GRYT_WORKSPACE".into(), WORKSPACE.into());
     env.insert("GRYT_JOB_ID".into(), job.job_id.to_string());
-    let token = decrypt_token(executor, job)?;
-    // The pipeline's variables, its steps' included: a secret-named one is masked wherever
-    // it is set.
-    let pipeline_env: Vec<(&str, &str)> = match &pipeline {
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// Every secret of this job, to mask: the agent's own, the token, and secret-named variables
+/// of the job and of the pipeline, its steps' included (masked wherever they are set).
+fn secret_set(
+    executor: &Executor,
+    job: &JobSpec,
+    pipeline: &Pipeline,
+    token: Option<&SecretString>,
+) -> Masker {
+    let pipeline_env: Vec<(&str, &str)> = match pipeline {
         Pipeline::Yaml(p) => p
             .env_pairs()
             .chain(
@@ -119,7 +152,7 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         .agent_secrets
         .iter()
         .map(|s| s.expose_secret())
-        .chain(token.as_ref().map(|t| t.expose_secret()))
+        .chain(token.map(|t| t.expose_secret()))
         .chain(names.secret_values(&job.env_vars))
         .chain(
             pipeline_env
@@ -127,19 +160,7 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
                 .filter(|(k, _)| names.matches(k))
                 .map(|(_, v)| *v),
         );
-    let masker = Masker::new(secrets);
-    let env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
-    Ok(Plan {
-        pipeline,
-        image,
-        env,
-        memory_bytes,
-        memory_text,
-        nano_cpus,
-        user,
-        token,
-        masker,
-    })
+    Masker::new(secrets)
 }
 
 /// The job's memory and CPU limits, and its steps' time limits: parsed, and refused above the
