@@ -159,9 +159,10 @@ async fn prepare_and_run(
 
 impl Job<'_> {
     /// The job's path inside its workspace, in order: check out the repository, write the
-    /// pipeline, start the container (kept in `container` for the cleanup), run the commands.
-    /// Anything the job needs before its first command goes before `run_commands`; anything
-    /// taken from its workspace after its last one goes after it: the cleanup comes later.
+    /// pipeline, restore its caches, start the container (kept in `container` for the cleanup),
+    /// run the commands, upload its artifacts and caches. Anything the job needs before its
+    /// first command goes before `run_commands`; anything taken from its workspace after its
+    /// last one goes after it: the cleanup comes later.
     async fn in_workspace(
         &self,
         workspace: &Workspace,
