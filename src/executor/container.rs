@@ -235,7 +235,7 @@ impl JobContainer {
     /// running when such a container has started. `None` for an exec-shaped container.
     pub fn take_main(&self, command: &JobCommand) -> Option<RunningCommand> {
         let (started, main) = self.main.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        // The planner and the runner must agree on the one command (see `job.rs`).
+        // The planner and the runner must agree on the one command (see `steps::single_command`).
         debug_assert_eq!(&started, command, "the main process runs another command");
         Some(main)
     }

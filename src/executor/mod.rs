@@ -16,13 +16,25 @@ pub mod container;
 #[cfg(feature = "runtime")]
 pub mod control;
 #[cfg(feature = "runtime")]
-mod engine;
+mod docker;
 #[cfg(feature = "runtime")]
 pub mod exec_owner;
+#[cfg(feature = "runtime")]
+// Named for the type it holds, the executor's face; its module doc says what it must not do.
+#[allow(clippy::module_inception)]
+mod executor;
 #[cfg(feature = "runtime")]
 pub mod image;
 #[cfg(feature = "runtime")]
 mod job;
+#[cfg(feature = "runtime")]
+mod observer;
+#[cfg(feature = "runtime")]
+mod output;
+#[cfg(feature = "runtime")]
+mod plan;
+#[cfg(feature = "runtime")]
+mod steps;
 #[cfg(feature = "runtime")]
 pub mod workspace;
 
@@ -31,4 +43,8 @@ pub use container::OutputStream;
 #[cfg(feature = "runtime")]
 pub use control::{JobControl, StopKind, StopRequest};
 #[cfg(feature = "runtime")]
-pub use engine::*;
+pub use docker::connect;
+#[cfg(feature = "runtime")]
+pub use executor::{Executor, ExecutorError, ExecutorSettings};
+#[cfg(feature = "runtime")]
+pub use observer::{Discard, JobEvent, JobObserver};

@@ -1,21 +1,21 @@
-//! The `Executor` itself: settings, Docker connection (lazily negotiated), the observer
-//! interface, and the entry point that hands one job to `job.rs`.
+//! The executor's public type: [`Executor`] and its settings. It turns a job spec into a result
+//! in a hardened, ephemeral container (see `job.rs`); it knows nothing of HTTP or the API, and
+//! it never fails as a function: every failure comes back as a result with a status.
 
 use std::path::PathBuf;
-use std::time::Duration;
-
-use bollard::Docker;
 use std::sync::Mutex;
 
+use bollard::Docker;
 use secrecy::SecretString;
 
 use crate::checkout::CheckoutSettings;
 use crate::config::{ConfigError, DockerSettings, JobSettings, Settings};
 use crate::secrets::mask::SecretNames;
 use crate::secrets::token::{KeyError, TokenKeys};
-use crate::wire::{JobResult, JobSpec, StepResult};
+use crate::wire::{JobResult, JobSpec};
 
-use super::{JobControl, OutputStream, job};
+use super::docker::check_address;
+use super::{JobControl, JobObserver, job};
 
 /// What the executor needs from the settings.
 #[derive(Debug, Clone)]
@@ -95,32 +95,6 @@ impl ExecutorSettings {
     }
 }
 
-/// Progress of a job, for people (the CLI's header lines) and metrics.
-#[derive(Debug, Clone, Copy)]
-pub enum JobEvent<'a> {
-    PullStarted { image: &'a str },
-    PullStatus { image: &'a str, status: &'a str },
-    PullFinished { image: &'a str },
-    PullFailed { image: &'a str },
-    CheckedOut { url: &'a str, commit: &'a str },
-    StepStarted { index: usize, name: &'a str },
-    StepFinished { index: usize, step: &'a StepResult },
-}
-
-/// Receives a job's output as it arrives and its progress. Called from the job's task: keep it
-/// quick and never block on the network.
-pub trait JobObserver: Send + Sync {
-    fn output(&self, stream: OutputStream, data: &[u8]);
-    fn event(&self, _event: JobEvent<'_>) {}
-}
-
-/// An observer that ignores everything.
-pub struct Discard;
-
-impl JobObserver for Discard {
-    fn output(&self, _: OutputStream, _: &[u8]) {}
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
     #[error("{0}")]
@@ -149,11 +123,8 @@ pub struct Executor {
     /// The client after API version negotiation. Made lazily, so the agent starts while the
     /// engine is down (or its socket does not exist yet) and picks it up when it comes back.
     /// A plain mutex, held only to read or store: never across the negotiation's request.
-    negotiated: Mutex<Option<Docker>>,
+    pub(super) negotiated: Mutex<Option<Docker>>,
 }
-
-/// How long to wait for the engine when negotiating the API version.
-const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Executor {
     /// Makes an executor; no I/O happens until the first job or ping. Fails only on a Docker
@@ -180,54 +151,6 @@ impl Executor {
         &self.settings
     }
 
-    /// The Docker client, negotiated with the engine when it answers (older engines need an older
-    /// API version; newer ones refuse very old ones). Until the engine answers, each call tries
-    /// again and returns a client whose calls fail with the engine's error.
-    pub async fn docker(&self) -> Result<Docker, ExecutorError> {
-        if let Some(docker) = self.negotiated_client() {
-            return Ok(docker);
-        }
-        // Not under the lock: a slow or hung engine must not queue every other caller (a
-        // health check, the sweep, other jobs) behind this request. Two callers may negotiate
-        // at once; both get the same answer and the first stored wins.
-        let docker = connect(self.settings.docker.host.as_deref())?;
-        match tokio::time::timeout(NEGOTIATE_TIMEOUT, docker.clone().negotiate_version()).await {
-            Ok(Ok(docker)) => {
-                let mut negotiated = self.negotiated.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(negotiated.get_or_insert(docker).clone())
-            }
-            _ => Ok(docker),
-        }
-    }
-
-    fn negotiated_client(&self) -> Option<Docker> {
-        self.negotiated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// True when the Docker engine answers, at the least cost: a version negotiation that
-    /// succeeded already proved it (one request fewer before a one-shot job), else a ping.
-    pub async fn reachable(&self) -> bool {
-        let _ = self.docker().await;
-        if self.negotiated_client().is_some() {
-            return true;
-        }
-        self.ping().await
-    }
-
-    /// True when the Docker engine answers a ping.
-    pub async fn ping(&self) -> bool {
-        let Ok(docker) = self.docker().await else {
-            return false;
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
-            Ok(Ok(_))
-        )
-    }
-
     /// Runs one job to its end and returns its result. Never panics on job input, never leaves
     /// a container or workspace behind.
     pub async fn run(
@@ -238,43 +161,6 @@ impl Executor {
     ) -> JobResult {
         job::run(self, job, observer, control).await
     }
-}
-
-fn check_address(address: Option<&str>) -> Result<(), ExecutorError> {
-    match address {
-        None => Ok(()),
-        Some(a)
-            if ["unix://", "tcp://", "http://", "/"]
-                .iter()
-                .any(|p| a.starts_with(p)) =>
-        {
-            Ok(())
-        }
-        Some(other) => Err(ExecutorError::Address(other.to_owned())),
-    }
-}
-
-/// Connects to `address` (`unix://`, `tcp://`, `http://`), else to the platform default
-/// (`DOCKER_HOST`, then the local socket).
-pub fn connect(address: Option<&str>) -> Result<Docker, ExecutorError> {
-    let timeout = 600; // seconds per request: long enough for a pull's slow layers.
-    check_address(address)?;
-    let result = match address {
-        Some(a) if a.starts_with("unix://") => {
-            Docker::connect_with_unix(a, timeout, bollard::API_DEFAULT_VERSION)
-        }
-        Some(a) if a.starts_with("tcp://") || a.starts_with("http://") => {
-            Docker::connect_with_http(a, timeout, bollard::API_DEFAULT_VERSION)
-        }
-        Some(a) if a.starts_with('/') => {
-            Docker::connect_with_unix(a, timeout, bollard::API_DEFAULT_VERSION)
-        }
-        Some(_) | None => Docker::connect_with_local_defaults(),
-    };
-    result.map_err(|source| ExecutorError::Connect {
-        address: address.unwrap_or("the default socket").to_owned(),
-        source,
-    })
 }
 
 #[cfg(test)]
@@ -292,33 +178,6 @@ mod tests {
                 .to_string()
                 .contains("/nonexistent/gryt-agent/encryption.key"),
             "{error}"
-        );
-    }
-
-    /// An engine that accepts connections and never answers: each negotiation waits its whole
-    /// timeout. Callers must not queue behind each other's (4 in a row would take 4 × 10 s).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn callers_do_not_queue_behind_a_hung_negotiation() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        let mut settings = Settings::load_from(None, &[], &[]).unwrap();
-        settings.docker.host = Some(format!("tcp://{address}"));
-        let executor =
-            Executor::new(ExecutorSettings::from_settings(&settings, "t".into()).unwrap()).unwrap();
-        let clock = std::time::Instant::now();
-        let pings = futures_util::future::join_all((0..4).map(|_| executor.ping())).await;
-        assert_eq!(pings, [false; 4]);
-        // One negotiation (10 s) and one ping (5 s) each, side by side; queued: 40 s and more.
-        assert!(
-            clock.elapsed() < Duration::from_secs(30),
-            "took {:?}",
-            clock.elapsed()
         );
     }
 

@@ -1,0 +1,90 @@
+//! A job's output: every byte passes the masker before anyone (observer, result) sees it, is
+//! kept as a bounded tail for the result, and, for a gryt pipeline, is followed for the report.
+
+use super::capture::TailBuffer;
+use super::container::OutputStream;
+use super::observer::JobObserver;
+use crate::pipeline::gryt_report::{ErrorLineCapture, ReportCapture};
+use crate::secrets::mask::{Masker, StreamMasker};
+use crate::wire::{ArtifactResult, StepResult};
+
+/// The mutable state of one run: captured output, steps so far, OOM, and the masking that every
+/// byte of output passes through before anyone (observer or result) sees it.
+pub(super) struct Run<'a> {
+    pub observer: &'a dyn JobObserver,
+    pub masker: Masker,
+    stdout_mask: StreamMasker,
+    stderr_mask: StreamMasker,
+    pub stdout: TailBuffer,
+    pub stderr: TailBuffer,
+    /// For a gryt pipeline: its report and load error, followed over the whole output (the
+    /// tails above may have dropped them).
+    pub gryt: Option<(ReportCapture, ErrorLineCapture)>,
+    pub steps: Vec<StepResult>,
+    pub oom_killed: bool,
+    /// The artifacts uploaded after the steps (`crate::store`), for the result.
+    pub artifacts: Vec<ArtifactResult>,
+}
+
+impl<'a> Run<'a> {
+    /// A run whose output is masked with the agent's own secrets until the plan knows them all.
+    pub fn new(observer: &'a dyn JobObserver, masker: Masker, cap: usize) -> Self {
+        Run {
+            observer,
+            stdout_mask: masker.stream(),
+            stderr_mask: masker.stream(),
+            masker,
+            stdout: TailBuffer::new(cap),
+            stderr: TailBuffer::new(cap),
+            gryt: None,
+            steps: Vec::new(),
+            oom_killed: false,
+            artifacts: Vec::new(),
+        }
+    }
+
+    /// Follows a gryt pipeline's report and load error over the whole output.
+    pub fn follow_gryt_report(&mut self) {
+        self.gryt = Some(Default::default());
+    }
+
+    pub fn output(&mut self, stream: OutputStream, data: &[u8]) {
+        let masked = match stream {
+            OutputStream::Stdout => self.stdout_mask.push(data),
+            OutputStream::Stderr => self.stderr_mask.push(data),
+        };
+        self.emit(stream, &masked);
+    }
+
+    fn emit(&mut self, stream: OutputStream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        match stream {
+            OutputStream::Stdout => self.stdout.push(data),
+            OutputStream::Stderr => self.stderr.push(data),
+        }
+        if let Some((report, errors)) = &mut self.gryt {
+            match stream {
+                OutputStream::Stdout => report.push(data),
+                OutputStream::Stderr => errors.push(data),
+            }
+        }
+        self.observer.output(stream, data);
+    }
+
+    /// Releases what the maskers held back in case it was the start of a secret.
+    pub fn flush_masks(&mut self) {
+        let out = self.stdout_mask.finish();
+        self.emit(OutputStream::Stdout, &out);
+        let err = self.stderr_mask.finish();
+        self.emit(OutputStream::Stderr, &err);
+    }
+
+    /// Masks the secrets known so far (the token is only known once decrypted).
+    pub fn set_masker(&mut self, masker: Masker) {
+        self.stdout_mask = masker.stream();
+        self.stderr_mask = masker.stream();
+        self.masker = masker;
+    }
+}
