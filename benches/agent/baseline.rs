@@ -34,7 +34,7 @@ impl Hardening {
             working_dir: Some("/workspace".into()),
             labels: Some(HashMap::from([(BENCH_LABEL.into(), "true".into())])),
             tty: Some(false),
-            host_config: Some(job_host_config(
+            host_config: Some(hardened_host_config(
                 &workspace.display().to_string(),
                 &self.network,
                 self.pids_limit,

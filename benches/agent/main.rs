@@ -39,7 +39,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 use gryt_agent::config::{PullPolicy, Settings};
-use gryt_agent::executor::container::job_host_config;
+use gryt_agent::executor::container::hardened_host_config;
 use gryt_agent::executor::{Discard, Executor, ExecutorSettings, JobControl};
 use serde_json::{Value, json};
 

@@ -407,8 +407,9 @@ impl Drop for JobContainer {
 
 /// The host side of every container the agent makes: the workspace as the only mount, no
 /// capabilities, `no-new-privileges`, never privileged, limits on pids, memory (no swap) and
-/// CPUs, and no log copy kept by Docker.
-fn hardened_host_config(
+/// CPUs, and no log copy kept by Docker. Public for programs that must start the very same
+/// container themselves (the benchmark's baselines).
+pub fn hardened_host_config(
     workspace: &str,
     network: &str,
     pids_limit: i64,
@@ -613,18 +614,6 @@ async fn watch_oom(docker: Docker, id: String, flag: Arc<AtomicBool>) {
             Err(_) => return,
         }
     }
-}
-
-/// The host side the agent gives every job container ([`hardened_host_config`]), for a program
-/// that must start the very same container itself (the benchmark's baselines).
-pub fn job_host_config(
-    workspace: &str,
-    network: &str,
-    pids_limit: i64,
-    memory_bytes: i64,
-    nano_cpus: i64,
-) -> HostConfig {
-    hardened_host_config(workspace, network, pids_limit, memory_bytes, nano_cpus)
 }
 
 #[cfg(test)]
