@@ -69,7 +69,7 @@ struct JobHead {
 
 /// Reads a body up to `cap` bytes; `None` when it is longer (the rest is never read, so a
 /// hostile or broken server cannot make the agent buffer an endless answer).
-async fn read_capped(
+pub(crate) async fn read_capped(
     mut response: reqwest::Response,
     cap: usize,
 ) -> Result<Option<Bytes>, reqwest::Error> {
@@ -123,7 +123,7 @@ impl ApiClient {
                         return Err(e);
                     };
                     let error = match e {
-                        ApiError::Invalid { message, .. } => clip(&message),
+                        ApiError::Invalid { message, .. } => clip(&message, MAX_MESSAGE),
                         other => other.to_string(),
                     };
                     Ok(LeaseOutcome::Unreadable(Box::new(UnreadableLease {
@@ -257,7 +257,7 @@ impl ApiClient {
                     _ => String::new(),
                 };
                 return Err(Transient {
-                    message: format!("HTTP {status}: {}", clip(&text)),
+                    message: format!("HTTP {status}: {}", clip(&text, MAX_MESSAGE)),
                     retry_after: after,
                 });
             }
@@ -314,7 +314,7 @@ impl ApiClient {
     /// A final answer the call does not expect: credentials trouble or another refusal.
     fn refused(&self, call: Call, answer: &Answer) -> ApiError {
         let status = answer.status.as_u16();
-        let message = clip(&String::from_utf8_lossy(&answer.body));
+        let message = clip(&String::from_utf8_lossy(&answer.body), MAX_MESSAGE);
         let error = if matches!(status, 401 | 403) {
             ApiError::Unauthorized {
                 call: call.as_str(),
@@ -366,9 +366,10 @@ fn transient(error: &reqwest::Error) -> Transient {
     }
 }
 
-fn clip(text: &str) -> String {
+/// `text` trimmed and cut after `max` characters, for an error or a report.
+pub(crate) fn clip(text: &str, max: usize) -> String {
     let text = text.trim();
-    match text.char_indices().nth(MAX_MESSAGE) {
+    match text.char_indices().nth(max) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
         None => text.to_owned(),
     }

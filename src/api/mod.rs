@@ -5,7 +5,7 @@
 //! 429, 5xx) are retried inside each call without end, so callers bound a call by racing it
 //! against their own deadline or stop signal. This module never decides what to do with a job.
 
-mod client;
+pub(crate) mod client;
 pub mod endpoint;
 pub mod retry;
 

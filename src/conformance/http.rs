@@ -4,11 +4,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::ConformanceError;
+use crate::api::client::{MAX_ANSWER, clip, read_capped};
 use crate::api::endpoint::{base_url, http_client};
 
 /// How long a call may take beyond the long poll's own wait.
@@ -61,6 +62,8 @@ pub struct Probe {
     /// The same client with a key the server cannot know.
     stranger: reqwest::Client,
     stranger_key: String,
+    /// The real key: a server that echoes it back never gets it printed in the report.
+    key: SecretString,
     base: String,
 }
 
@@ -77,6 +80,7 @@ impl Probe {
             http: http_client(key, ca_file)?,
             stranger: http_client(&SecretString::from(stranger_key.clone()), ca_file)?,
             stranger_key,
+            key: key.clone(),
             base,
         })
     }
@@ -126,11 +130,14 @@ impl Probe {
             Ok(response) => {
                 reply.status = response.status().as_u16();
                 reply.retry_after = crate::api::retry::retry_after(response.headers());
-                match response.bytes().await {
-                    Ok(bytes) => {
+                match read_capped(response, MAX_ANSWER).await {
+                    Ok(Some(bytes)) => {
                         reply.body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                        reply.text = clip(&String::from_utf8_lossy(&bytes));
+                        let text = String::from_utf8_lossy(&bytes)
+                            .replace(self.key.expose_secret(), "***");
+                        reply.text = clip(&text, MAX_SHOWN);
                     }
+                    Ok(None) => reply.error = Some(format!("an answer over {MAX_ANSWER} bytes")),
                     Err(e) => reply.error = Some(e.to_string()),
                 }
             }
@@ -138,13 +145,5 @@ impl Probe {
         }
         reply.received = Instant::now();
         reply
-    }
-}
-
-fn clip(text: &str) -> String {
-    let text = text.trim();
-    match text.char_indices().nth(MAX_SHOWN) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_owned(),
     }
 }
