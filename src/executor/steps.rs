@@ -83,7 +83,11 @@ pub(super) async fn run_steps(
             .event(JobEvent::StepStarted { index, name: &name });
         let step_clock = Instant::now();
         let step_deadline = match step.timeout_seconds {
-            Some(t) => ctx.deadline.min(step_clock + Duration::from_secs(t)),
+            // The plan refused a step timeout above the job maximum; clamped again here so
+            // the clock never overflows whatever reaches it.
+            Some(t) => ctx
+                .deadline
+                .min(step_clock + Duration::from_secs(t.min(super::limits::MAX_SECONDS_CEILING))),
             None => ctx.deadline,
         };
         let end = run_command(

@@ -231,7 +231,10 @@ pub fn unpack(root: &Path, input: impl Read, limit: u64, owner: Owner) -> io::Re
                 let mut file = std::fs::File::from(fd);
                 io::copy(&mut entry, &mut file)?;
                 let mtime = entry.header().mtime().unwrap_or(0);
-                file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))?;
+                // A header's time comes from the archive: an overflowing one is not applied.
+                if let Some(at) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) {
+                    file.set_modified(at)?;
+                }
                 set_mode(&file, mode | 0o600, owner)?;
                 if let Owner::Chown(uid, gid) = owner {
                     rustix::fs::fchown(&file, Some(uid_of(uid)), Some(gid_of(gid)))?;
