@@ -653,6 +653,13 @@ impl Settings {
             bounded_seconds(key, value, limit, limit_name)
                 .map_err(|e| key_error(key, e.to_string()))?;
         }
+        // Handed to gix as a signed allocation limit, where 0 would mean none.
+        if !(1..=i64::MAX as u64).contains(&self.checkout.max_bytes) {
+            return Err(key_error(
+                "checkout.max_bytes",
+                format!("must be between 1 and {}", i64::MAX),
+            ));
+        }
         if j.output_cap_bytes < 1024 {
             return Err(key_error("job.output_cap_bytes", "must be at least 1024"));
         }
