@@ -258,6 +258,14 @@ fn ensure_dirs(dirs: &[PathBuf], state_lock: &Mutex<Option<StateLock>>) -> Optio
         }
         let made = if i == 0 {
             super::identity::create_state_dir(dir).map_err(|e| e.to_string())
+        } else if dir.ends_with("spool") {
+            // As `Spool::open` makes it: results and logs are the jobs' output.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| e.to_string())
         } else {
             std::fs::create_dir_all(dir).map_err(|e| e.to_string())
         };

@@ -200,7 +200,7 @@ async fn run_and_report(
             }
         };
     let mut result = result;
-    if result.status == JobStatus::Error {
+    if result.status == JobStatus::Error && !lost.is_cancelled() {
         // Not the job's fault when the agent itself cannot run jobs now: say so, so the API
         // runs it again, and lease nothing until the agent is healthy.
         let error = result.error.clone().unwrap_or_default();
