@@ -137,6 +137,13 @@ async fn list_containers(
     match docker.list_containers(Some(options)).await {
         Ok(containers) => containers
             .into_iter()
+            // An `exec`'s container is its own process's: only `exec_owner`'s sweep, which
+            // checks that process is gone, may remove it.
+            .filter(|c| {
+                c.labels
+                    .as_ref()
+                    .is_none_or(|l| !l.contains_key(crate::executor::exec_owner::LABEL_EXEC_LOCK))
+            })
             .filter_map(|c| {
                 let job = c.labels.as_ref().and_then(|l| l.get(LABEL_JOB_ID)).cloned();
                 Some((c.id?, job.unwrap_or_default(), c.image.unwrap_or_default()))
