@@ -211,8 +211,14 @@ pub async fn remove_leftovers(
             .is_some_and(|job| running.contains(job))
     };
     let mut removed = Leftovers::default();
+    // An `exec`'s container (still `created` while it starts) is its own process's: only
+    // `exec_owner`'s sweep, which checks that process is gone, removes it.
+    let exec_owned = |labels: Option<&HashMap<String, String>>| {
+        labels.is_some_and(|l| l.contains_key(crate::executor::exec_owner::LABEL_EXEC_LOCK))
+    };
     for c in containers {
-        let Some(id) = c.id.filter(|_| !spare(c.labels.as_ref())) else {
+        let keep = spare(c.labels.as_ref()) || exec_owned(c.labels.as_ref());
+        let Some(id) = c.id.filter(|_| !keep) else {
             continue;
         };
         match try_remove(docker, &id).await {
