@@ -11,7 +11,7 @@ use axum::Router;
 use axum::routing::get;
 use serde_json::json;
 
-use crate::agent::AgentState;
+use crate::state::AgentState;
 pub use conn::{Limits, serve};
 
 /// The endpoint's routes for this agent's settings.
