@@ -1,5 +1,6 @@
 //! The local HTTP endpoint: `GET /`, `GET /health`, `GET /metrics` and (push mode)
-//! `POST /jobs/execute`. Handlers are thin: they read the agent's state or call the executor.
+//! `POST /jobs/execute`. Handlers are thin: they read the agent's state (`crate::state`) or
+//! call into push mode.
 
 pub mod conn;
 mod health;
