@@ -27,7 +27,7 @@ pub mod secrets;
 #[cfg(feature = "runtime")]
 pub mod server;
 #[cfg(feature = "runtime")]
-pub mod slots;
+pub mod state;
 pub mod store;
 pub mod wire;
 

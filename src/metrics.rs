@@ -238,7 +238,7 @@ impl Metrics {
             .inc();
     }
 
-    /// `cause`: one of `agent::readiness::Cause`'s names.
+    /// `cause`: one of `state::readiness::Cause`'s names.
     pub fn set_not_ready(&self, cause: &'static str, on: bool) {
         self.not_ready
             .get_or_create(&CauseLabel { cause })

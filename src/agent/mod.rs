@@ -1,5 +1,6 @@
-//! The long-running agent (`gryt-agent run`): shared state, the local endpoint, the modes that
-//! feed it jobs, signals and the drain on shutdown.
+//! The long-running agent (`gryt-agent run`): start-up, signals, the drain on shutdown and the
+//! orphan sweep. The state it starts with is `crate::state`; the modes that feed it jobs are
+//! `crate::pull` and `crate::push` (through `crate::server`). Only the CLI imports this module.
 //!
 //! Shutdown: the first SIGTERM, SIGINT, SIGHUP or SIGQUIT stops taking jobs at once (a drain);
 //! running jobs get `shutdown_timeout_seconds` to finish, then they are cancelled (status
@@ -7,93 +8,22 @@
 //! up and reported, and the agent exits 0. SIGHUP (a closed terminal, or a reload by habit) and
 //! SIGQUIT (Ctrl-\) would otherwise kill the process without cleanup.
 
-pub mod identity;
-pub mod jobs;
-pub mod lock;
-pub mod readiness;
-pub mod resources;
-pub mod status;
 pub mod sweep;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
-use crate::config::{ConfigError, Settings};
-use crate::executor::{Executor, ExecutorError, ExecutorSettings};
-use crate::metrics::Metrics;
-use crate::slots::Slots;
+use crate::config::Settings;
+use crate::state::{AgentState, StateError, readiness, resources};
 
-use jobs::RunningJobs;
-use status::{ApiStatus, Shutdown};
-
-/// The documented minimum length of the push-mode API key.
-pub const MIN_PUSH_KEY_LEN: usize = 32;
-
-/// Everything the modes and the endpoint share.
-pub struct AgentState {
-    pub settings: Settings,
-    pub agent_id: String,
-    pub api_key: Option<SecretString>,
-    /// Keys accepted on `POST /jobs/execute`; `Some` exactly when push mode is on.
-    pub push_keys: Option<crate::push::auth::PushKeys>,
-    pub executor: Arc<Executor>,
-    /// The disk collector's last report and wake-up (`crate::gc`).
-    pub gc: crate::gc::GcHandle,
-    pub slots: Slots,
-    pub metrics: Metrics,
-    pub jobs: RunningJobs,
-    pub api_status: ApiStatus,
-    pub shutdown: Shutdown,
-    /// Whether a job can run now (cached checks; see [`readiness`]).
-    pub readiness: readiness::Readiness,
-    /// The state dir's lock, held for the process's life (taken again if its file is removed).
-    pub state_lock: Arc<Mutex<Option<lock::StateLock>>>,
-}
-
-/// Ephemeral-agent limits (autoscaled fleets): exit after some work or some idleness.
-#[derive(Debug, Clone, Default)]
-pub struct AgentOptions {
-    /// Exit after one job is completed.
-    pub once: bool,
-    /// Exit after this many jobs are completed.
-    pub max_jobs: Option<u64>,
-    /// Exit after this long without a job.
-    pub idle_exit: Option<Duration>,
-}
+pub use crate::state::AgentOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("nothing to do: set GRYT_API_URL (pull mode) and/or GRYT_PUSH=true (push mode)")]
-    NothingToDo,
-    #[error("{0}")]
-    Config(#[from] ConfigError),
-    #[error(
-        "push mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE) of at least {MIN_PUSH_KEY_LEN} characters; \
-         make one with `openssl rand -hex 32`"
-    )]
-    PushKey,
-    #[error(
-        "pull mode needs AGENT_API_KEY (or AGENT_API_KEY_FILE): the key the API knows this agent by"
-    )]
-    PullKey,
-    #[error(
-        "AGENT_API_KEY_PREVIOUS must be at least {MIN_PUSH_KEY_LEN} characters, like the current key (or unset)"
-    )]
-    PreviousPushKey,
-    #[error("{0}")]
-    Identity(#[from] identity::IdentityError),
-    #[error("{0}")]
-    Lock(#[from] lock::LockError),
-    #[error("cannot create the work dir {path}: {source}")]
-    WorkDir {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Executor(#[from] ExecutorError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("{0}")]
     Pull(#[from] crate::pull::PullError),
     #[error("cannot listen on {address}: {source}")]
@@ -109,113 +39,6 @@ pub enum AgentError {
     Undelivered(usize),
 }
 
-impl AgentState {
-    /// Checks the settings for the long-running agent and builds its state (no I/O but files).
-    pub fn new(settings: Settings) -> Result<Arc<Self>, AgentError> {
-        let pull = settings.api_url.is_some();
-        let push = settings.push.enabled;
-        if !pull && !push {
-            return Err(AgentError::NothingToDo);
-        }
-        let api_key = settings.api_key()?;
-        let key_len = api_key
-            .as_ref()
-            .map(|k| k.expose_secret().len())
-            .unwrap_or(0);
-        if push && key_len < MIN_PUSH_KEY_LEN {
-            return Err(AgentError::PushKey);
-        }
-        if pull && key_len == 0 {
-            return Err(AgentError::PullKey);
-        }
-        let previous_len = settings
-            .api_key_previous
-            .as_ref()
-            .map(|k| k.expose_secret().len())
-            .unwrap_or(0);
-        if push && previous_len > 0 && previous_len < MIN_PUSH_KEY_LEN {
-            return Err(AgentError::PreviousPushKey);
-        }
-        let push_keys = match (&api_key, push) {
-            (Some(key), true) => Some(crate::push::auth::PushKeys::new(
-                key.clone(),
-                settings.api_key_previous.clone(),
-            )),
-            _ => None,
-        };
-        // Locked before anything else touches the state dir: a second agent on it stops here,
-        // before it sweeps the first one's containers or replays its spool.
-        identity::create_state_dir(&settings.state_dir)?;
-        let state_lock = lock::acquire(&settings.state_dir)?;
-        let agent_id = identity::agent_id(&settings)?;
-        let executor_settings = ExecutorSettings::from_settings(&settings, agent_id.clone())?;
-        // Made now, so that a work dir missing later means someone removed it.
-        let work_dir = &executor_settings.work_dir;
-        std::fs::create_dir_all(work_dir).map_err(|source| AgentError::WorkDir {
-            path: work_dir.display().to_string(),
-            source,
-        })?;
-        executor_settings.register_secrets_for_logs();
-        let executor = Arc::new(Executor::new(executor_settings)?);
-        let slots = Slots::new(settings.concurrency);
-        let metrics = Metrics::new(settings.concurrency);
-        Ok(Arc::new(AgentState {
-            settings,
-            agent_id,
-            api_key,
-            push_keys,
-            executor,
-            gc: crate::gc::GcHandle::default(),
-            slots,
-            metrics,
-            jobs: RunningJobs::default(),
-            api_status: ApiStatus::default(),
-            shutdown: Shutdown::default(),
-            readiness: readiness::Readiness::default(),
-            state_lock: Arc::new(Mutex::new(Some(state_lock))),
-        }))
-    }
-
-    /// Why this agent cannot take a job now, if it cannot: Docker does not answer, a directory
-    /// is missing and cannot be made again, descriptors or disk space are short, or a job just
-    /// failed because of the agent. Cheap (it reads the last check; see [`readiness`]): called
-    /// before every lease and every push admission.
-    pub fn capacity_problem(&self) -> Option<String> {
-        let problems = self.readiness.problems();
-        if problems.is_empty() {
-            return None;
-        }
-        let reasons: Vec<String> = problems.into_iter().map(|(_, r)| r).collect();
-        Some(reasons.join("; "))
-    }
-
-    /// For the code that runs jobs: a job failed because of the agent, not of the job (the
-    /// Docker engine went away, the work dir vanished, descriptors ran out). Report the job as
-    /// `error` saying the agent could not run it, then call this: the agent takes no job (no
-    /// lease, push answers 503) until `readiness::INFRA_HOLD` has passed and a full check finds
-    /// nothing wrong, and `/health` says why meanwhile.
-    pub fn report_infra_failure(&self, reason: impl Into<String>) {
-        self.metrics.set_not_ready("infra_failure", true);
-        self.readiness.report_infra_failure(reason);
-    }
-
-    /// Where the endpoint listens: `AGENT_HOST` else `0.0.0.0` with push mode (the API must
-    /// reach it) or `127.0.0.1` when only pulling (nothing outside needs it).
-    pub fn listen_address(&self) -> (String, u16) {
-        let default_host = if self.settings.push.enabled {
-            "0.0.0.0"
-        } else {
-            "127.0.0.1"
-        };
-        let host = self
-            .settings
-            .host
-            .clone()
-            .unwrap_or_else(|| default_host.to_owned());
-        (host, self.settings.port)
-    }
-}
-
 /// Runs the agent until it is told to stop (or, ephemeral, has done its work).
 pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentError> {
     // Installed first and kept for the whole run: a signal that arrives at any moment from here
@@ -224,7 +47,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     let descriptors = resources::raise_descriptor_limit();
     let state = AgentState::new(settings)?;
     // Checked before anything listens or connects: a refused URL means no traffic at all.
-    let pull = match state.settings.api_url {
+    let pull = match state.modes.pull_url {
         Some(_) => Some(crate::pull::Ctx::new(state.clone()).await?),
         None => None,
     };
@@ -245,8 +68,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     tracing::info!(
         agent_id = %state.agent_id,
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
-        pull = state.settings.api_url.is_some(),
-        push = state.settings.push.enabled,
+        pull = state.modes.pull(),
+        push = state.modes.push,
         slots = state.slots.total(),
         descriptors = descriptors.unwrap_or(u64::MAX),
         "gryt-agent {} running",

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use bollard::query_parameters::ListContainersOptionsBuilder;
 
-use super::AgentState;
 use crate::executor::container::{LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, try_remove};
 use crate::executor::exec_owner;
 use crate::executor::workspace::{self, JobUserCleaner};
+use crate::state::AgentState;
 
 /// Time between sweeps after the first.
 pub const INTERVAL: Duration = Duration::from_secs(600);

@@ -343,12 +343,38 @@ fn lost(status: StatusCode) -> Option<u16> {
 }
 
 fn parse<T: DeserializeOwned>(call: Call, answer: &Answer) -> Result<T, ApiError> {
-    // The path names the field at fault (`job.timeout_seconds: invalid type ...`).
+    // The path names the field at fault (`job.timeout_seconds: a value of the wrong type ...`).
     let mut decoder = serde_json::Deserializer::from_slice(&answer.body);
     serde_path_to_error::deserialize(&mut decoder).map_err(|e| ApiError::Invalid {
         call: call.as_str(),
-        message: e.to_string(),
+        message: unreadable(&e),
     })
+}
+
+/// Why an answer does not decode, from the field's path and the error's kind only: serde's own
+/// text may quote the value (a job's env, a token), which must not reach a job's error or a log.
+fn unreadable(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    use serde_json::error::Category;
+    let inner = e.inner();
+    let text = inner.to_string();
+    let what = match inner.classify() {
+        // Names a field of the schema, never a value.
+        Category::Data if text.starts_with("missing field `") => text
+            .split(" at line ")
+            .next()
+            .unwrap_or("missing field")
+            .to_owned(),
+        Category::Data => "a value of the wrong type or out of range".to_owned(),
+        Category::Syntax => "not valid JSON".to_owned(),
+        Category::Eof => "the answer ends too early".to_owned(),
+        Category::Io => "the answer cannot be read".to_owned(),
+    };
+    format!(
+        "{}: {what} (line {}, column {})",
+        e.path(),
+        inner.line(),
+        inner.column()
+    )
 }
 
 fn transient(error: &reqwest::Error) -> Transient {
@@ -372,5 +398,35 @@ pub(crate) fn clip(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
         None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(body: &str) -> String {
+        let answer = Answer {
+            status: StatusCode::OK,
+            body: Bytes::from(body.to_owned()),
+            too_large: None,
+        };
+        match parse::<crate::wire::pull::Lease>(Call::Lease, &answer) {
+            Err(ApiError::Invalid { message, .. }) => message,
+            other => panic!("decoded: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unreadable_answer_names_the_field_never_the_value() {
+        let message = decode(
+            r#"{"lease_id":"L","lease_ttl_seconds":30,"job":{"job_id":1,"pipeline_b64":"",
+                "env_vars":"hunter2-secret"}}"#,
+        );
+        assert!(message.starts_with("job.env_vars: "), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        let message = decode(r#"{"lease_id":"L","lease_ttl_seconds":30}"#);
+        assert!(message.contains("missing field `job`"), "{message}");
+        assert!(decode("{\"lease_id\": tru").contains("line 1"));
     }
 }

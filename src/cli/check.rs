@@ -4,15 +4,14 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use gryt_agent::agent::jobs::RunningJobs;
-use gryt_agent::agent::{MIN_PUSH_KEY_LEN, identity, resources};
 use gryt_agent::api::{ApiClient, ApiError, Call, CallHooks, HeartbeatOutcome};
 use gryt_agent::config::{PullPolicy, Settings};
 use gryt_agent::executor::{Executor, ExecutorSettings};
 use gryt_agent::gc::Collector;
+use gryt_agent::state::jobs::RunningJobs;
+use gryt_agent::state::{KeyProblem, MIN_PUSH_KEY_LEN, Modes, identity, resources};
 use gryt_agent::store::Store;
 use gryt_agent::wire::pull::HeartbeatRequest;
-use secrecy::ExposeSecret;
 
 #[derive(Default)]
 struct Checklist {
@@ -73,35 +72,33 @@ fn check_modes(settings: &Settings, list: &mut Checklist) {
             None
         }
     };
-    let key_len = key.as_ref().map(|k| k.expose_secret().len()).unwrap_or(0);
-    match (&settings.api_url, settings.push.enabled) {
-        (None, false) => list.fail(
+    let modes = Modes::of(settings);
+    if modes.none() {
+        return list.fail(
             "neither pull mode nor push mode is configured",
             "set GRYT_API_URL (pull mode) and/or GRYT_PUSH=true (push mode)",
-        ),
-        (url, push) => {
-            if let Some(url) = url {
-                if key_len == 0 {
-                    list.fail(
-                        "pull mode has no API key",
-                        "set AGENT_API_KEY or AGENT_API_KEY_FILE",
-                    );
-                } else {
-                    list.ok(format!("pull mode: API at {url}"));
-                }
-            }
-            if push {
-                if key_len < MIN_PUSH_KEY_LEN {
-                    list.fail(
-                        format!(
-                            "push mode needs an API key of at least {MIN_PUSH_KEY_LEN} characters"
-                        ),
-                        "set AGENT_API_KEY (e.g. `openssl rand -hex 32`), the same on the API",
-                    );
-                } else {
-                    list.ok("push mode: API key set");
-                }
-            }
+        );
+    }
+    // Only the current key is checked here, as before: the previous one is checked at start.
+    let problems = modes.key_problems(key.as_ref(), None);
+    if let Some(url) = &modes.pull_url {
+        if problems.contains(&KeyProblem::Pull) {
+            list.fail(
+                "pull mode has no API key",
+                "set AGENT_API_KEY or AGENT_API_KEY_FILE",
+            );
+        } else {
+            list.ok(format!("pull mode: API at {url}"));
+        }
+    }
+    if modes.push {
+        if problems.contains(&KeyProblem::Push) {
+            list.fail(
+                format!("push mode needs an API key of at least {MIN_PUSH_KEY_LEN} characters"),
+                "set AGENT_API_KEY (e.g. `openssl rand -hex 32`), the same on the API",
+            );
+        } else {
+            list.ok("push mode: API key set");
         }
     }
 }
@@ -264,12 +261,14 @@ impl CallHooks for Quiet {
 /// never hand out a job, unlike a lease) and tells the key's fate: 404/409/410 means the API
 /// knows this key and simply holds no such lease; 401/403 means it refuses the key.
 async fn check_api(settings: &Settings, list: &mut Checklist) {
-    let Some(url) = &settings.api_url else { return };
+    let Some(url) = Modes::of(settings).pull_url else {
+        return;
+    };
     let Ok(Some(key)) = settings.api_key() else {
         return;
     };
     let client = match ApiClient::new(
-        url,
+        &url,
         settings.allow_insecure_http,
         &key,
         settings.ca_file.as_deref(),

@@ -16,18 +16,17 @@ pub mod plan;
 pub mod space;
 pub mod usage;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::AgentState;
-use crate::agent::jobs::RunningJobs;
 use crate::config::{DiskSettings, GcImages, PullPolicy};
 use crate::executor::Executor;
+use crate::state::AgentState;
+pub use crate::state::disk::{GcHandle, GcReport};
+use crate::state::jobs::RunningJobs;
 
 pub use space::{DiskProbe, DiskState, DockerRoot, FsReading, Readings, Statvfs};
 pub use usage::{ImageHold, ImageUse};
@@ -322,40 +321,6 @@ async fn protect(
     Ok(())
 }
 
-/// The last collection, as `/health` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct GcReport {
-    pub last_run: String,
-    pub images_removed: usize,
-    pub bytes_freed: u64,
-    pub disk: Option<DiskState>,
-    /// Set when the disk is still low after the collection: `/health` is then `degraded`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub still_low: Option<String>,
-}
-
-/// The agent's link to its collector: the last report, and the wake-up for refused jobs.
-#[derive(Debug, Clone, Default)]
-pub struct GcHandle {
-    last: Arc<Mutex<Option<GcReport>>>,
-    wake: Arc<Notify>,
-}
-
-impl GcHandle {
-    /// Asks for a collection soon (a job was refused for low disk); never waits.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    pub fn report(&self) -> Option<GcReport> {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, report: GcReport) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
-    }
-}
-
 /// The collector's tasks; [`GcTasks::stop`] ends them and writes the record one last time.
 pub struct GcTasks {
     timer: tokio::task::JoinHandle<()>,
@@ -410,7 +375,7 @@ async fn run_timer(collector: Collector, state: Arc<AgentState>) {
         if let Some(last) = last {
             tokio::select! {
                 _ = tokio::time::sleep_until(last + interval) => {}
-                _ = state.gc.wake.notified() => tokio::time::sleep_until(last + WAKE_SPACING).await,
+                _ = state.gc.woken() => tokio::time::sleep_until(last + WAKE_SPACING).await,
                 _ = refusing_jobs(&state, last + WAKE_SPACING) => {}
                 _ = state.shutdown.stopped() => return,
             }
@@ -430,7 +395,7 @@ async fn refusing_jobs(state: &AgentState, from: Instant) {
         let work_dir = state.executor.settings().work_dir.clone();
         let min_free_mb = state.settings.min_free_disk_mb;
         let refusing = tokio::task::spawn_blocking(move || {
-            crate::agent::resources::disk_problem(&work_dir, min_free_mb).is_some()
+            crate::state::resources::disk_problem(&work_dir, min_free_mb).is_some()
         })
         .await
         .unwrap_or(false);

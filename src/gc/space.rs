@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
+pub use crate::state::disk::DiskState;
 
 /// One filesystem's reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,22 +93,6 @@ pub async fn docker_root(
     })
     .await
     .unwrap_or_else(|e| DockerRoot::Unknown(format!("cannot stat Docker's data root: {e}")))
-}
-
-/// The free space that matters for one collection, with the reason when Docker's root is not
-/// measured. Shown by `/health` and `gryt-agent check`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct DiskState {
-    pub work_dir: PathBuf,
-    /// `None` when it could not be read.
-    pub work_dir_free_mb: Option<u64>,
-    pub docker_root: Option<PathBuf>,
-    pub docker_root_free_mb: Option<u64>,
-    /// Why Docker's root is not measured, when it is not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub docker_root_note: Option<String>,
-    pub trigger_free_mb: u64,
-    pub target_free_mb: u64,
 }
 
 /// The readings of one moment.

@@ -2,9 +2,12 @@
 //! (protocol v1, `docs/protocol.md`).
 //!
 //! `worker` leases, `runner` carries one job through start/run/complete, `heartbeat` keeps its
-//! lease, `logs` and `streamer` buffer and send its output, `spool` keeps results across restarts.
+//! lease, `logs` and `streamer` buffer and send its output, `delivery` sends its result (also
+//! one an earlier run left), `spool` keeps results across restarts. Admission and the run itself
+//! are shared with push mode (`crate::state::admit`, `crate::state::run`).
 //! Nothing here speaks HTTP directly: that is `crate::api`.
 
+pub mod delivery;
 pub mod heartbeat;
 pub mod logs;
 pub mod runner;
@@ -12,20 +15,17 @@ pub mod spool;
 pub mod streamer;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
-use crate::agent::{AgentOptions, AgentState};
 use crate::api::{ApiClient, ApiError, Call, CallHooks};
-use crate::executor::JobControl;
-use runner::{JobEnd, cancel_on_abort, deliver};
+use crate::state::{AgentOptions, AgentState};
+use runner::JobEnd;
 use spool::{Spool, SpoolEntry, SpoolError};
-use streamer::{StreamEnd, Streamer};
 pub use worker::WorkEnd;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +52,36 @@ pub struct Ctx {
     pub ran: AtomicU64,
     last_busy: Mutex<Instant>,
     /// Leased jobs waiting for a slot (push mode took theirs): no lease call meanwhile.
-    awaiting: Arc<AtomicUsize>,
+    awaiting: Awaiting,
+}
+
+/// How many leased jobs wait for a slot, watched so the lease loop can wait for none.
+#[derive(Debug, Clone)]
+struct Awaiting(Arc<watch::Sender<usize>>);
+
+impl Awaiting {
+    fn new() -> Self {
+        Awaiting(Arc::new(watch::Sender::new(0)))
+    }
+
+    fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Resolves once no leased job waits for a slot.
+    async fn none(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`: the wait ends only when the count is 0.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
 }
 
 /// Marks a leased job as waiting for a slot while it lives.
-pub struct AwaitingSlot(Arc<AtomicUsize>);
+pub struct AwaitingSlot(Awaiting);
 
 impl Drop for AwaitingSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -75,7 +96,7 @@ impl Ctx {
 
     fn new_blocking(state: Arc<AgentState>) -> Result<Arc<Self>, PullError> {
         let settings = &state.settings;
-        let url = settings.api_url.clone().ok_or(PullError::NoUrl)?;
+        let url = state.modes.pull_url.clone().ok_or(PullError::NoUrl)?;
         let key = state.api_key.clone().ok_or(PullError::NoKey)?;
         let hooks: Arc<dyn CallHooks> = Arc::new(StateHooks(state.clone()));
         let client = ApiClient::new(
@@ -93,12 +114,12 @@ impl Ctx {
             spool,
             ran: AtomicU64::new(0),
             last_busy: Mutex::new(Instant::now()),
-            awaiting: Arc::new(AtomicUsize::new(0)),
+            awaiting: Awaiting::new(),
         }))
     }
 
     fn awaiting_slot(&self) -> AwaitingSlot {
-        self.awaiting.fetch_add(1, Ordering::AcqRel);
+        self.awaiting.0.send_modify(|n| *n += 1);
         AwaitingSlot(self.awaiting.clone())
     }
 
@@ -156,54 +177,10 @@ pub async fn run(ctx: Arc<Ctx>, options: AgentOptions) -> PullEnd {
 /// Sends what earlier runs left in the spool: the rest of each log, then the completion.
 async fn replay_spool(ctx: Arc<Ctx>, spooled: Vec<(String, SpoolEntry)>) {
     for (name, entry) in spooled {
-        let job_id = entry.job_id;
-        tracing::info!(job_id, "resending a spooled result");
-        // Registered so that shutdown waits for it and a second signal stops it.
-        let control = JobControl::new();
-        let _registered = ctx.state.jobs.register(job_id, control.clone());
-        let give_up = CancellationToken::new();
-        let lost = CancellationToken::new();
-        let _watcher = AbortOnDropHandle::new(tokio::spawn(cancel_on_abort(
-            control.clone(),
-            lost.clone(),
-            give_up.clone(),
-        )));
-        // The log's path comes from the entry's own name, never from a path read off disk.
-        let log = match entry.log_file {
-            Some(_) => match logs::LogFile::open(&ctx.spool.log_path(&name)).await {
-                Ok(log) => Some(log),
-                Err(e) => {
-                    tracing::warn!(job_id, error = %e, "spooled log unreadable: completing without the rest of it");
-                    None
-                }
-            },
-            None => None,
-        };
-        let end = match log {
-            Some(log) => {
-                Streamer::new(
-                    ctx.clone(),
-                    job_id,
-                    entry.request.lease_id.clone(),
-                    Arc::new(log),
-                )
-                .resume(give_up.clone())
-                .await
-            }
-            None => StreamEnd::Delivered,
-        };
-        match end {
-            StreamEnd::Lost => {
-                tracing::warn!(
-                    job_id,
-                    "the API no longer holds the lease: spooled result dropped"
-                );
-                lost.cancel();
-            }
-            StreamEnd::Stopped if give_up.is_cancelled() => return,
-            _ => {}
+        if !delivery::replay(&ctx, &name, &entry).await {
+            // Told to stop at once (a second signal): the rest stays for the next start.
+            return;
         }
-        deliver(&ctx, &name, &entry, &give_up, &lost).await;
     }
 }
 

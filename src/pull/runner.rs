@@ -1,29 +1,31 @@
 //! One leased job: slot → start → run (with heartbeats and live logs) → result spooled → log
-//! flushed → complete. It decides what is sent for the job and when to stop sending; the
-//! executor does the running.
+//! flushed → complete. It decides what is sent for the job and when to stop sending; the run
+//! itself is the path it shares with push mode (`crate::state::run`), and the result goes out
+//! through `delivery`.
 //!
 //! The job's helpers (heartbeat, log streamer, watchers) are owned by the job's task through
 //! abort-on-drop handles: whatever ends the task — its end, an early return, a panic — ends
 //! them too, so no lease is kept alive for a job nobody runs.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::delivery::{Watch, deliver};
 use super::heartbeat::{LEASE_LOST, keep_alive, lease_deadline};
 use super::logs::LogFile;
-use super::spool::{LeaseRecord, Spool, SpoolEntry};
+use super::spool::{LeaseRecord, SpoolEntry};
 use super::streamer::{StreamEnd, Streamer};
 use super::{AwaitingSlot, Ctx};
-use crate::api::{CompleteOutcome, StartOutcome};
-use crate::executor::{JobControl, StopKind};
-use crate::metrics::CountingObserver;
+use crate::api::StartOutcome;
+use crate::executor::{JobControl, JobEvent, JobObserver, OutputStream};
 use crate::metrics::Mode;
-use crate::slots::Slot;
+use crate::state::admit::{Refusal, SlotWait};
+use crate::state::run::{Output, run, settle};
+use crate::state::slots::Slot;
 use crate::wire::pull::{CompleteRequest, Lease, StartRequest, lease_ttl};
 use crate::wire::{JobResult, JobStatus, rfc3339};
 
@@ -36,17 +38,18 @@ pub enum JobEnd {
     Ran,
 }
 
-/// Runs one leased job to its end. `received` is when the lease answer arrived.
+/// Runs one leased job to its end. `received` is when the lease answer arrived; `name` is the
+/// job's one spool name (its lease record, log and result, also if its task panics).
 /// `slot` is the job's slot, or, when none was free, the mark that it is waiting for one.
 pub async fn run_job(
     ctx: Arc<Ctx>,
     lease: Lease,
     received: Instant,
+    name: String,
     slot: Result<Slot, AwaitingSlot>,
 ) -> JobEnd {
     let job_id = lease.job.job_id;
-    let control = JobControl::new();
-    let _registered = ctx.state.jobs.register(job_id, control.clone());
+    let watch = Watch::new(&ctx.state, job_id);
     let ttl = lease_ttl(lease.lease_ttl_seconds);
     let deadline = lease_deadline(received, ttl);
 
@@ -65,7 +68,6 @@ pub async fn run_job(
         return JobEnd::Dropped;
     }
     tracing::info!(job_id, "job started");
-    let name = Spool::new_name(job_id);
     let record = LeaseRecord {
         job_id,
         lease_id: lease.lease_id.clone(),
@@ -74,7 +76,6 @@ pub async fn run_job(
         tracing::warn!(job_id, error = %e, "cannot record the lease: a crash now would leave the job to expire");
     }
 
-    let lost = CancellationToken::new();
     let stop_heartbeat = CancellationToken::new();
     let heartbeat = AbortOnDropHandle::new(tokio::spawn(keep_alive(
         ctx.clone(),
@@ -82,20 +83,11 @@ pub async fn run_job(
         lease.lease_id.clone(),
         ttl,
         received,
-        control.clone(),
-        lost.clone(),
+        watch.control.clone(),
+        watch.lost.clone(),
         stop_heartbeat.clone(),
     )));
-    // Stops streaming and delivery at once: the lease was lost or a second signal came.
-    let give_up = CancellationToken::new();
-    let _watcher = AbortOnDropHandle::new(tokio::spawn(cancel_on_abort(
-        control.clone(),
-        lost.clone(),
-        give_up.clone(),
-    )));
-
-    ctx.state.metrics.job_started(Mode::Pull);
-    run_and_report(&ctx, &lease, &name, &control, &lost, &give_up).await;
+    run_and_report(&ctx, &lease, &name, &watch).await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     JobEnd::Ran
@@ -103,7 +95,7 @@ pub async fn run_job(
 
 /// A slot for a leased job that found none free (push mode took the one the lease was asked
 /// with): the first one freed, until the lease's deadline. `None`: the job is not started, and
-/// the server re-queues it when the lease expires. No operator limit is lifted for it.
+/// the server re-queues it when the lease expires.
 async fn take_slot(
     ctx: &Ctx,
     job_id: i64,
@@ -114,13 +106,16 @@ async fn take_slot(
         job_id,
         "every slot was taken meanwhile (push mode): waiting for one"
     );
-    tokio::select! {
-        slot = ctx.state.slots.take() => Some(slot),
-        _ = tokio::time::sleep_until(deadline) => {
-            tracing::warn!(job_id, "no slot came free before the lease's deadline: job not started");
+    match ctx.state.slot(SlotWait::Until(deadline)).await {
+        Ok(slot) => Some(slot),
+        Err(Refusal::NoSlotInTime) => {
+            tracing::warn!(
+                job_id,
+                "no slot came free before the lease's deadline: job not started"
+            );
             None
         }
-        _ = ctx.state.shutdown.draining() => None,
+        Err(_) => None,
     }
 }
 
@@ -156,18 +151,12 @@ async fn start(ctx: &Ctx, job_id: i64, lease_id: &str, deadline: Instant) -> boo
 
 /// Runs the job with its log streaming, spools the result the moment the job ends (before the
 /// rest of the log is delivered), then delivers log and result.
-async fn run_and_report(
-    ctx: &Arc<Ctx>,
-    lease: &Lease,
-    name: &str,
-    control: &JobControl,
-    lost: &CancellationToken,
-    give_up: &CancellationToken,
-) {
+async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch) {
     let job_id = lease.job.job_id;
+    let (lost, give_up, control) = (&watch.lost, &watch.give_up, &watch.control);
     let log_path = ctx.spool.log_path(name);
     ctx.spool.ensure_reserve_async().await;
-    let (result, log, streamer) =
+    let (ran, log, streamer) =
         match LogFile::create(&log_path, Some(ctx.spool.reserve_path())).await {
             Ok(log) => {
                 let log = Arc::new(log);
@@ -181,37 +170,18 @@ async fn run_and_report(
                     // Graceful: an abort would also stop the delivery of what was kept.
                     stopper.cancel("the job's log could not be written (disk full)");
                 }));
-                let observer = CountingObserver {
-                    inner: &*log,
-                    metrics: &ctx.state.metrics,
-                };
-                let result = ctx.state.executor.run(&lease.job, &observer, control).await;
-                if lost.is_cancelled() || give_up.is_cancelled() {
-                    // Nothing more is sent for the job: no reason to wait for a backlog.
-                    log.discard();
-                }
-                let synced = log.finish().await;
-                let result = with_log_problem(result, log.cut(), synced.err());
-                (result, Some(log), Some((streamer, done)))
+                let output = LogOutput { log: &log, watch };
+                let ran = run(&ctx.state, Mode::Pull, &lease.job, control, &output).await;
+                (ran, Some(log), Some((streamer, done)))
             }
             Err(e) => {
                 let message = format!("cannot buffer the job's log in {}: {e}", log_path.display());
-                (JobResult::agent_error(job_id, message), None, None)
+                ctx.state.metrics.job_started(Mode::Pull);
+                let result = JobResult::agent_error(job_id, message);
+                let ran = settle(&ctx.state, Mode::Pull, result, !lost.is_cancelled()).await;
+                (ran, None, None)
             }
         };
-    let mut result = result;
-    if result.status == JobStatus::Error && !lost.is_cancelled() {
-        // Not the job's fault when the agent itself cannot run jobs now: say so, so the API
-        // runs it again, and lease nothing until the agent is healthy.
-        let error = result.error.clone().unwrap_or_default();
-        if let Some(reasons) = ctx.state.check_after_error(job_id, &error).await {
-            crate::agent::readiness::give_back(&mut result, &reasons);
-        }
-    }
-    ctx.state
-        .metrics
-        .job_finished(Mode::Pull, result.status, result.duration_seconds);
-    tracing::info!(job_id, status = result.status.as_str(), "job finished");
 
     let entry = SpoolEntry {
         job_id,
@@ -219,7 +189,7 @@ async fn run_and_report(
         request: CompleteRequest {
             lease_id: lease.lease_id.clone(),
             log_bytes: log.as_ref().map(|l| l.len()).unwrap_or(0),
-            result,
+            result: ran.result,
         },
     };
     // The result first: durable before the log's last chunks are sent.
@@ -233,11 +203,39 @@ async fn run_and_report(
         let end = streamer.await.unwrap_or(StreamEnd::Stopped);
         tracing::debug!(job_id, ?end, "log streaming ended");
     }
-    if lost.is_cancelled() {
-        // The server may have given the job to another agent: send nothing more.
-        ctx.spool.remove_async(name).await;
-    } else {
-        deliver(ctx, name, &entry, give_up, lost).await;
+    // With the lease lost, the server may have given the job to another agent: nothing more
+    // is sent, and the spool forgets the job.
+    deliver(ctx, name, &entry, watch).await;
+}
+
+/// A pulled job's output: its buffered log, which the streamer sends as it grows.
+struct LogOutput<'a> {
+    log: &'a LogFile,
+    watch: &'a Watch,
+}
+
+impl JobObserver for LogOutput<'_> {
+    fn output(&self, stream: OutputStream, data: &[u8]) {
+        self.log.output(stream, data);
+    }
+
+    fn event(&self, event: JobEvent<'_>) {
+        self.log.event(event);
+    }
+}
+
+impl Output for LogOutput<'_> {
+    async fn finish(&self, result: JobResult) -> JobResult {
+        if self.watch.lost.is_cancelled() || self.watch.give_up.is_cancelled() {
+            // Nothing more is sent for the job: no reason to wait for a backlog.
+            self.log.discard();
+        }
+        let synced = self.log.finish().await;
+        with_log_problem(result, self.log.cut(), synced.err())
+    }
+
+    fn answered(&self) -> bool {
+        !self.watch.lost.is_cancelled()
     }
 }
 
@@ -288,113 +286,47 @@ fn with_log_problem(
     result
 }
 
-/// Sends a spooled completion until the API takes it or says the lease is gone; then forgets it.
-/// On a final refusal or a stop it stays in the spool for the next start.
-pub async fn deliver(
-    ctx: &Ctx,
-    name: &str,
-    entry: &SpoolEntry,
-    give_up: &CancellationToken,
-    lost: &CancellationToken,
-) {
-    let job_id = entry.job_id;
-    let answer = tokio::select! {
-        biased;
-        _ = lost.cancelled() => {
-            ctx.spool.remove_async(name).await;
-            return;
-        }
-        _ = give_up.cancelled() => {
-            tracing::warn!(job_id, "stopping at once: the result stays in the spool for the next start");
-            return;
-        }
-        r = ctx.client.complete(job_id, &entry.request) => r,
-    };
-    match answer {
-        Ok(CompleteOutcome::Accepted) => {
-            tracing::info!(job_id, "result delivered");
-            ctx.spool.remove_async(name).await;
-        }
-        Ok(CompleteOutcome::LeaseLost(status)) => {
-            tracing::warn!(
-                job_id,
-                status,
-                "the API no longer holds the lease: result dropped"
-            );
-            ctx.spool.remove_async(name).await;
-        }
-        Err(e) => {
-            tracing::error!(job_id, error = %e, "the API refused the result; it stays in the spool");
-        }
-    }
+/// A leased job as the runner answers for it when it cannot run it: which job, which lease,
+/// when the lease answer arrived, and the job's one spool name.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub job_id: i64,
+    pub lease_id: String,
+    pub ttl_seconds: u64,
+    pub received: Instant,
+    pub name: String,
 }
 
 /// Completes a leased job with `error` without running it (its job spec cannot be read, or the
 /// agent failed while running it): `start` (when `needs_start`), then the completion, spooled
-/// like any other. `received` is when the lease answer arrived.
+/// under the job's name like any other (it replaces a lease record left by the failed run).
 pub async fn complete_with_error(
     ctx: Arc<Ctx>,
-    job_id: i64,
-    lease_id: String,
-    ttl_seconds: u64,
-    received: Instant,
+    leased: Leased,
     needs_start: bool,
     message: String,
 ) -> JobEnd {
-    let control = JobControl::new();
-    let _registered = ctx.state.jobs.register(job_id, control.clone());
+    let job_id = leased.job_id;
+    let watch = Watch::new(&ctx.state, job_id);
     tracing::error!(job_id, error = %message, "completing the job with `error`");
-    let deadline = lease_deadline(received, lease_ttl(ttl_seconds));
-    if needs_start && !start(&ctx, job_id, &lease_id, deadline).await {
+    let deadline = lease_deadline(leased.received, lease_ttl(leased.ttl_seconds));
+    if needs_start && !start(&ctx, job_id, &leased.lease_id, deadline).await {
         return JobEnd::Dropped;
     }
-    let name = Spool::new_name(job_id);
     let entry = SpoolEntry {
         job_id,
         log_file: None,
         request: CompleteRequest {
-            lease_id,
+            lease_id: leased.lease_id,
             log_bytes: 0,
             result: JobResult::agent_error(job_id, message),
         },
     };
-    if let Err(e) = ctx.spool.write_async(&name, &entry).await {
+    if let Err(e) = ctx.spool.write_async(&leased.name, &entry).await {
         tracing::error!(job_id, error = %e, "cannot spool the result; sending it anyway");
     }
-    let (give_up, lost) = (CancellationToken::new(), CancellationToken::new());
-    let _watcher = AbortOnDropHandle::new(tokio::spawn(cancel_on_abort(
-        control,
-        lost.clone(),
-        give_up.clone(),
-    )));
-    deliver(&ctx, &name, &entry, &give_up, &lost).await;
+    deliver(&ctx, &leased.name, &entry, &watch).await;
     JobEnd::Ran
-}
-
-/// After a second signal, how long the killed job's log and result may still take to deliver
-/// before they are left in the spool for the next start.
-pub const DELIVERY_AFTER_ABORT: Duration = Duration::from_secs(10);
-
-/// Cancels `give_up` when the job is stopped at once: immediately when its lease was lost,
-/// after [`DELIVERY_AFTER_ABORT`] on a second signal (the result is still sent if the API
-/// answers in time).
-pub async fn cancel_on_abort(
-    control: JobControl,
-    lost: CancellationToken,
-    give_up: CancellationToken,
-) {
-    let mut rx = control.subscribe();
-    let _ = rx
-        .wait_for(|r| matches!(r, Some(r) if r.kind == StopKind::Immediate))
-        .await;
-    // The heartbeat marks the lease lost before it aborts the job.
-    if !lost.is_cancelled() {
-        tokio::select! {
-            _ = lost.cancelled() => {}
-            _ = tokio::time::sleep(DELIVERY_AFTER_ABORT) => {}
-        }
-    }
-    give_up.cancel();
 }
 
 /// Runs a job's whole task and turns a panic anywhere in it into `Err(message)`. The job's

@@ -395,4 +395,29 @@ mod tests {
         spool.remove(&name);
         assert!(spool.files_with("lease").is_empty());
     }
+
+    #[test]
+    fn a_job_completed_under_its_own_name_is_not_also_interrupted() {
+        // What the runner does when a job's task panics: the completion goes under the name
+        // its lease record and log were written under, so a restart sends it once.
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let name = Spool::new_name(4);
+        let record = LeaseRecord {
+            job_id: 4,
+            lease_id: "L4".into(),
+        };
+        spool.write_lease(&name, &record).unwrap();
+        std::fs::write(spool.log_path(&name), "before the panic").unwrap();
+        spool.write(&name, &entry(4)).unwrap();
+        spool.recover_interrupted();
+        spool.remove_orphan_logs();
+        let entries = spool.entries();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1.request, entry(4).request);
+        spool.remove(&name);
+        assert!(spool.entries().is_empty());
+        assert!(spool.files_with("lease").is_empty());
+        assert!(!spool.log_path(&name).exists());
+    }
 }

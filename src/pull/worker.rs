@@ -17,10 +17,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::Ctx;
-use super::runner::{JobEnd, catch_panic, complete_with_error, run_job};
-use crate::agent::AgentOptions;
+use super::runner::{JobEnd, Leased, catch_panic, complete_with_error, run_job};
+use super::spool::Spool;
 use crate::api::retry::MAX_BACKOFF;
 use crate::api::{ApiError, LeaseOutcome};
+use crate::state::AgentOptions;
+use crate::state::admit::Refusal;
 use crate::wire::pull::LeaseRequest;
 
 /// The shortest pause after a quick lease answer; the pause is uniform in [`QUICK_PAUSE`, 2 ×
@@ -68,9 +70,12 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
             }
             continue;
         }
-        if let Some(problem) = state.capacity_problem() {
+        if let Err(refusal) = state.admission() {
+            if refusal == Refusal::Draining {
+                return WorkEnd::Draining;
+            }
             // Health shows the reason; look again soon, the space may come back.
-            tracing::debug!(reason = %problem, "not leasing");
+            tracing::debug!(reason = %refusal.message(), "not leasing");
             if let Some(end) = wait_or_stop(&ctx, options, Duration::from_secs(5)).await {
                 return end;
             }
@@ -130,19 +135,22 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
                     "leased a job"
                 );
                 ctx.touch();
-                let (job_id, lease_id, ttl) = (
-                    lease.job.job_id,
-                    lease.lease_id.clone(),
-                    lease.lease_ttl_seconds,
-                );
+                // One spool name for the job's files, whatever becomes of its task.
+                let leased = Leased {
+                    job_id: lease.job.job_id,
+                    lease_id: lease.lease_id.clone(),
+                    ttl_seconds: lease.lease_ttl_seconds,
+                    received,
+                    name: Spool::new_name(lease.job.job_id),
+                };
                 // Taken here, before the next lease call can count it as free; when push mode
                 // took it meanwhile, the job waits for one (and leasing waits with it).
                 let slot = match state.slots.try_take() {
                     Some(slot) => Ok(slot),
                     None => Err(ctx.awaiting_slot()),
                 };
-                let job = run_job(ctx.clone(), *lease, received, slot);
-                tasks.spawn(guarded(ctx.clone(), job_id, lease_id, ttl, received, job));
+                let job = run_job(ctx.clone(), *lease, received, leased.name.clone(), slot);
+                tasks.spawn(guarded(ctx.clone(), leased, job));
             }
             Ok(LeaseOutcome::Unreadable(bad)) => {
                 state.metrics.lease_call("job");
@@ -156,15 +164,14 @@ pub async fn work(ctx: Arc<Ctx>, options: &AgentOptions, tasks: &mut JoinSet<Job
                     );
                 } else {
                     let message = format!("the agent cannot read this job: {}", bad.error);
-                    tasks.spawn(complete_with_error(
-                        ctx.clone(),
-                        bad.job_id,
-                        bad.lease_id,
-                        bad.lease_ttl_seconds,
+                    let leased = Leased {
+                        job_id: bad.job_id,
+                        lease_id: bad.lease_id,
+                        ttl_seconds: bad.lease_ttl_seconds,
                         received,
-                        true,
-                        message,
-                    ));
+                        name: Spool::new_name(bad.job_id),
+                    };
+                    tasks.spawn(complete_with_error(ctx.clone(), leased, true, message));
                 }
             }
             Ok(LeaseOutcome::NoJob) => {
@@ -222,34 +229,28 @@ async fn quick_pause(
     wait_or_stop(ctx, options, pause).await
 }
 
-/// Resolves when a slot is free and no leased job is still waiting for one.
+/// Resolves when a slot is free and no leased job is still waiting for one (it would take the
+/// slot a new lease was asked with). Waits for each without polling.
 async fn slot_free(ctx: &Ctx) {
     loop {
+        ctx.awaiting.none().await;
         ctx.state.slots.wait_free().await;
-        if ctx.awaiting.load(Ordering::Acquire) == 0 {
+        if ctx.awaiting.count() == 0 {
             return;
         }
-        tokio::time::sleep(TICK).await;
     }
 }
 
 /// Runs a job's task; a panic anywhere in it is logged and the job completed with `error`
 /// (its helpers died with the task).
-async fn guarded(
-    ctx: Arc<Ctx>,
-    job_id: i64,
-    lease_id: String,
-    ttl_seconds: u64,
-    received: Instant,
-    job: impl Future<Output = JobEnd>,
-) -> JobEnd {
+async fn guarded(ctx: Arc<Ctx>, leased: Leased, job: impl Future<Output = JobEnd>) -> JobEnd {
     match catch_panic(job).await {
         Ok(end) => end,
         Err(panic) => {
-            tracing::error!(job_id, panic = %panic, "the job's task panicked");
+            tracing::error!(job_id = leased.job_id, panic = %panic, "the job's task panicked");
             let message =
                 format!("the agent failed while running this job (internal error: {panic})");
-            complete_with_error(ctx, job_id, lease_id, ttl_seconds, received, false, message).await
+            complete_with_error(ctx, leased, false, message).await
         }
     }
 }

@@ -5,26 +5,19 @@
 //! orderly way — container and workspace removed, metrics counted, and the (cancelled) result
 //! sent to `callback_url` when there is one.
 
-pub mod auth;
 pub mod callback;
 
 use std::sync::{Arc, OnceLock};
 
 use secrecy::SecretString;
 
-use crate::agent::AgentState;
 use crate::executor::{Discard, JobControl};
-use crate::metrics::{CountingObserver, Mode};
-use crate::slots::Slot;
+use crate::metrics::Mode;
+use crate::state::AgentState;
+use crate::state::slots::Slot;
 use crate::wire::{JobResult, JobSpec};
 
-/// What became of a pushed job.
-pub struct Ran {
-    pub result: JobResult,
-    /// The job failed because the agent could not run jobs (the reasons): it is given back, so
-    /// the API runs it elsewhere (503), and no callback is sent.
-    pub given_back: Option<String>,
-}
+pub use crate::state::run::Ran;
 
 /// Runs `job` in `slot` and returns its result. `presented_key` is the caller's `X-API-Key`,
 /// reused for the callback.
@@ -60,36 +53,15 @@ async fn run_in_slot(
     let _slot = slot;
     let _registered = state.jobs.register(job.job_id, control.clone());
     tracing::info!(job_id = job.job_id, "push job started");
-    state.metrics.job_started(Mode::Push);
-    let observer = CountingObserver {
-        inner: &Discard,
-        metrics: &state.metrics,
-    };
-    let mut result = state.executor.run(&job, &observer, &control).await;
-    state
-        .metrics
-        .job_finished(Mode::Push, result.status, result.duration_seconds);
-    tracing::info!(
-        job_id = job.job_id,
-        status = result.status.as_str(),
-        exit_code = result.exit_code,
-        "push job finished"
-    );
-    let mut given_back = None;
-    if result.status == crate::wire::JobStatus::Error {
-        let error = result.error.clone().unwrap_or_default();
-        given_back = state.check_after_error(job.job_id, &error).await;
-        if let Some(reasons) = &given_back {
-            crate::agent::readiness::give_back(&mut result, reasons);
-            return Ran { result, given_back };
-        }
+    let ran = crate::state::run::run(&state, Mode::Push, &job, &control, &Discard).await;
+    if ran.given_back.is_some() {
+        return ran;
     }
-
     if let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) {
         match callback::check(url, &state.settings.push.callback_allow) {
             Ok(url) => match http_client() {
                 Some(client) => {
-                    let result = result.clone();
+                    let result = ran.result.clone();
                     tokio::spawn(async move {
                         callback::deliver(client, url, &presented_key, &result).await
                     });
@@ -99,7 +71,7 @@ async fn run_in_slot(
             Err(e) => tracing::warn!(job_id = job.job_id, error = %e, "callback ignored"),
         }
     }
-    Ran { result, given_back }
+    ran
 }
 
 /// Cancels the job when the request handling it is dropped before the job ended.

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::AgentState;
+use crate::state::AgentState;
 
 /// Time a connection gets to send a whole request head, from its opening or its last answer.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,88 +1,13 @@
-//! `GET /health`: whether this agent can take jobs, and why not. Answers at once: it reads the
-//! last readiness check (every 2 s), never pings Docker itself.
+//! `GET /health`: serialises the agent's health report (`crate::state::health`).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use serde::Serialize;
 
-use crate::agent::AgentState;
-use crate::agent::status::ApiStatusReport;
-
-#[derive(Debug, Serialize)]
-pub struct Health {
-    /// `healthy` or `degraded`.
-    pub status: &'static str,
-    pub version: &'static str,
-    pub docker_available: bool,
-    pub agent_id: String,
-    pub running_jobs: usize,
-    /// Job slots in all.
-    pub capacity: usize,
-    pub free_slots: usize,
-    pub draining: bool,
-    /// Push requests waiting for a slot, and how many may (push mode only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub push_queue: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub push_queue_max: Option<usize>,
-    /// Why the status is `degraded` (empty when healthy).
-    pub reasons: Vec<String>,
-    /// Pull mode's view of the API; absent without pull mode.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api: Option<ApiStatusReport>,
-    /// The last disk collection (free space, marks, what it removed); absent before the first.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disk_collection: Option<crate::gc::GcReport>,
-}
+use crate::state::AgentState;
+use crate::state::health::Health;
 
 pub async fn health(State(state): State<Arc<AgentState>>) -> Json<Health> {
-    Json(state.health().await)
-}
-
-impl AgentState {
-    pub async fn health(&self) -> Health {
-        let docker_available = self.readiness.docker_available();
-        let mut reasons: Vec<String> = self
-            .readiness
-            .problems()
-            .into_iter()
-            .map(|(_, reason)| reason)
-            .collect();
-        let api = self
-            .settings
-            .api_url
-            .as_ref()
-            .map(|_| self.api_status.report());
-        if let Some(problem) = api.as_ref().and_then(|a| a.credentials_problem.clone()) {
-            reasons.push(problem);
-        }
-        let disk_collection = self.gc.report();
-        if let Some(problem) = disk_collection.as_ref().and_then(|r| r.still_low.clone()) {
-            reasons.push(problem);
-        }
-        Health {
-            status: if reasons.is_empty() {
-                "healthy"
-            } else {
-                "degraded"
-            },
-            version: crate::VERSION,
-            docker_available,
-            agent_id: self.agent_id.clone(),
-            running_jobs: self.jobs.count(),
-            capacity: self.slots.total(),
-            free_slots: self.slots.free(),
-            draining: self.shutdown.is_draining(),
-            push_queue: self.push_keys.as_ref().map(|_| self.slots.queued()),
-            push_queue_max: self
-                .push_keys
-                .as_ref()
-                .map(|_| self.settings.push.max_queue),
-            reasons,
-            api,
-            disk_collection,
-        }
-    }
+    Json(state.health())
 }

@@ -1,5 +1,6 @@
 //! The local HTTP endpoint: `GET /`, `GET /health`, `GET /metrics` and (push mode)
-//! `POST /jobs/execute`. Handlers are thin: they read the agent's state or call the executor.
+//! `POST /jobs/execute`. Handlers are thin: they read the agent's state (`crate::state`) or
+//! call into push mode.
 
 pub mod conn;
 mod health;
@@ -11,7 +12,7 @@ use axum::Router;
 use axum::routing::get;
 use serde_json::json;
 
-use crate::agent::AgentState;
+use crate::state::AgentState;
 pub use conn::{Limits, serve};
 
 /// The endpoint's routes for this agent's settings.

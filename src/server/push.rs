@@ -21,9 +21,9 @@ use axum::routing::post;
 use secrecy::SecretString;
 use serde_json::json;
 
-use crate::agent::AgentState;
 use crate::pipeline::Pipeline;
-use crate::slots::Slot;
+use crate::state::AgentState;
+use crate::state::admit::{Refusal, SlotWait};
 use crate::wire::JobSpec;
 
 const API_KEY_HEADER: &str = "x-api-key";
@@ -91,20 +91,11 @@ async fn execute(
             Some("pipeline_b64"),
         );
     }
-    if let Some(refusal) = refusal(&state) {
-        return refusal;
-    }
-    let slot = match state.slots.try_take() {
-        Some(slot) => slot,
-        None => match wait_for_slot(&state).await {
-            Ok(slot) => slot,
-            Err(refusal) => return refusal,
-        },
+    let max = state.settings.push.max_queue;
+    let slot = match state.admit(SlotWait::Queue { max }).await {
+        Ok(slot) => slot,
+        Err(refusal) => return refused(&refusal),
     };
-    // Again: the wait may have been long, and the agent may have turned unable meanwhile.
-    if let Some(refusal) = refusal(&state) {
-        return refusal;
-    }
     // The middleware accepted this header, so it is present and valid.
     let presented = headers
         .get(API_KEY_HEADER)
@@ -125,39 +116,13 @@ async fn execute(
     axum::Json(ran.result).into_response()
 }
 
-/// 503 while the agent drains or cannot run jobs now.
-fn refusal(state: &AgentState) -> Option<Response> {
-    if state.shutdown.is_draining() {
-        return Some(busy(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is shutting down",
-        ));
-    }
-    let problem = state.capacity_problem()?;
-    Some(busy(StatusCode::SERVICE_UNAVAILABLE, &problem))
-}
-
-/// Waits in the bounded queue for a slot; 429 when the queue is full, 503 if the agent starts
-/// draining meanwhile. Dropped with the request (client gone): the place in the queue goes too.
-async fn wait_for_slot(state: &AgentState) -> Result<Slot, Response> {
-    let max = state.settings.push.max_queue;
-    let Some(place) = state.slots.join_queue(max) else {
-        return Err(busy(
-            StatusCode::TOO_MANY_REQUESTS,
-            &format!("all job slots are busy and {max} requests wait already (push.max_queue)"),
-        ));
+/// 429 when the queue is full; 503 while the agent drains or cannot run jobs now.
+fn refused(refusal: &Refusal) -> Response {
+    let status = match refusal {
+        Refusal::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let slot = tokio::select! {
-        slot = state.slots.take() => Some(slot),
-        _ = state.shutdown.draining() => None,
-    };
-    drop(place);
-    slot.ok_or_else(|| {
-        busy(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is shutting down",
-        )
-    })
+    busy(status, &refusal.message())
 }
 
 fn busy(status: StatusCode, message: &str) -> Response {

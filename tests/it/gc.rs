@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::TagImageOptions;
-use gryt_agent::agent::jobs::RunningJobs;
 use gryt_agent::config::{DiskSettings, GcImages, PullPolicy, Settings};
 use gryt_agent::executor::container::{LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED};
 use gryt_agent::executor::{Executor, ExecutorSettings, JobControl};
 use gryt_agent::gc::{Collector, DiskProbe, FsReading, ImageHold, ImageUse};
+use gryt_agent::state::jobs::RunningJobs;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -475,7 +475,7 @@ async fn the_agent_collects_by_itself_when_real_free_space_is_below_the_mark() {
     .unwrap();
     // Marks just above the real free space: the disk is "low", and no removal of a tag can
     // make it high.
-    let free_mb = gryt_agent::agent::resources::free_bytes(work.path()).unwrap() / MIB;
+    let free_mb = gryt_agent::state::resources::free_bytes(work.path()).unwrap() / MIB;
     let env = [
         ("GRYT_GC_TRIGGER_FREE_MB", (free_mb + 2048).to_string()),
         ("GRYT_GC_TARGET_FREE_MB", (free_mb + 4096).to_string()),
@@ -562,7 +562,7 @@ async fn an_agent_refusing_jobs_for_low_disk_collects_without_waiting_for_its_ti
     let images = TestImages::new(&["default"]).await;
     let (work, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let agent_id = support::unique_agent_id("gc-refusing");
-    let free_mb = gryt_agent::agent::resources::free_bytes(work.path()).unwrap() / MIB;
+    let free_mb = gryt_agent::state::resources::free_bytes(work.path()).unwrap() / MIB;
     // The timer alone would collect once a day; the work dir is below min_free_disk_mb.
     let env = [
         ("GRYT_GC_INTERVAL", "86400".to_owned()),
@@ -577,7 +577,7 @@ async fn an_agent_refusing_jobs_for_low_disk_collects_without_waiting_for_its_ti
 async fn check_shows_the_free_space_of_the_work_dir_and_dockers_root_against_the_marks() {
     let image = support::test_image().await;
     let state = tempfile::tempdir().unwrap();
-    let free_mb = gryt_agent::agent::resources::free_bytes(state.path()).unwrap() / MIB;
+    let free_mb = gryt_agent::state::resources::free_bytes(state.path()).unwrap() / MIB;
     let check = |trigger_mb: u64| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
         cmd.arg("check")

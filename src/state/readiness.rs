@@ -6,7 +6,7 @@
 //! monitor task runs them every [`PROBE_INTERVAL`] (and at once when woken) and the result is
 //! cached here; [`Readiness::problems`] only reads the cache. `/health` shows the same reasons.
 //!
-//! [`Readiness::report_infra_failure`] is for the code that runs jobs: a job that failed because
+//! [`AgentState::report_infra_failure`] is for the code that runs jobs: a job that failed because
 //! of the agent (not of the job) raises it, and the agent takes no job until [`INFRA_HOLD`] has
 //! passed and a full check found nothing wrong.
 
@@ -65,8 +65,28 @@ impl Cause {
 pub struct Probe {
     /// When the checks began (a failure reported after that is not cleared by them).
     pub started: Instant,
-    pub docker_available: bool,
     pub problems: Vec<(Cause, String)>,
+}
+
+impl Probe {
+    /// Whether the Docker engine answered this check.
+    pub fn docker_available(&self) -> bool {
+        !self.problems.iter().any(|(c, _)| *c == Cause::Docker)
+    }
+
+    /// The problems in words, joined (`None`: nothing is wrong).
+    pub fn reasons(&self) -> Option<String> {
+        (!self.problems.is_empty()).then(|| join(&self.problems))
+    }
+}
+
+/// Problems in words, one sentence each, as `/health` and the refusals say them.
+fn words(problems: &[(Cause, String)]) -> Vec<String> {
+    problems.iter().map(|(_, r)| r.clone()).collect()
+}
+
+fn join(problems: &[(Cause, String)]) -> String {
+    words(problems).join("; ")
 }
 
 #[derive(Debug)]
@@ -106,17 +126,29 @@ impl Readiness {
         problems
     }
 
+    /// [`Readiness::problems`] in words (empty: a job can be taken).
+    pub fn reasons(&self) -> Vec<String> {
+        words(&self.problems())
+    }
+
+    /// Why no job can be taken now, joined into one sentence (`None`: one can).
+    pub fn reason(&self) -> Option<String> {
+        let problems = self.problems();
+        (!problems.is_empty()).then(|| join(&problems))
+    }
+
     /// Whether the Docker engine answered the last check.
     pub fn docker_available(&self) -> bool {
         lock(&self.probe)
             .as_ref()
-            .is_some_and(|p| p.docker_available)
+            .is_some_and(|p| p.docker_available())
     }
 
     /// Says that a job failed for a cause of the agent's, not the job's (Docker gone, a
     /// directory or descriptor missing): no job is taken until [`INFRA_HOLD`] has passed and a
-    /// check after it found nothing wrong. Wakes the monitor to check at once.
-    pub fn report_infra_failure(&self, reason: impl Into<String>) {
+    /// check after it found nothing wrong. Wakes the monitor to check at once. Reached through
+    /// [`AgentState::report_infra_failure`], which also sets the metric.
+    fn report_infra_failure(&self, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::warn!(reason = %reason, "a job could not run because of the agent: taking no jobs until healthy");
         *lock(&self.infra) = Some(InfraFailure {
@@ -131,8 +163,14 @@ impl Readiness {
         self.wake.notify_one();
     }
 
-    /// Keeps `probe` as the current answer; clears a reported failure it vouches for.
+    /// Keeps `probe` as the current answer unless a check that began later was kept already
+    /// (checks overlap: the monitor's and one after a job's error); clears a reported failure
+    /// it vouches for.
     pub fn record(&self, probe: Probe) {
+        let mut current = lock(&self.probe);
+        if current.as_ref().is_some_and(|c| c.started > probe.started) {
+            return;
+        }
         let mut infra = lock(&self.infra);
         if infra
             .as_ref()
@@ -142,7 +180,7 @@ impl Readiness {
             *infra = None;
         }
         drop(infra);
-        *lock(&self.probe) = Some(probe);
+        *current = Some(probe);
     }
 }
 
@@ -164,6 +202,17 @@ pub fn give_back(result: &mut crate::wire::JobResult, reasons: &str) {
 }
 
 impl AgentState {
+    /// For the code that runs jobs: a job failed because of the agent, not of the job (the
+    /// Docker engine went away, the work dir vanished, descriptors ran out). Report the job as
+    /// `error` saying the agent could not run it, then call this: the agent takes no job (no
+    /// lease, push answers 503) until [`INFRA_HOLD`] has passed and a full check finds nothing
+    /// wrong, and `/health` says why meanwhile.
+    pub fn report_infra_failure(&self, reason: impl Into<String>) {
+        self.metrics
+            .set_not_ready(Cause::InfraFailure.as_str(), true);
+        self.readiness.report_infra_failure(reason);
+    }
+
     /// After a job ended in `error`, pull or push: checks the agent at once (not at the
     /// monitor's next tick). When the agent itself cannot run jobs now (Docker gone, a directory
     /// removed, descriptors out), the error was most likely its own: it is reported as such (no
@@ -171,10 +220,7 @@ impl AgentState {
     /// returned, so the mode can give the job back instead of blaming it.
     pub async fn check_after_error(&self, job_id: i64, error: &str) -> Option<String> {
         let probe = self.probe().await;
-        let reasons = (!probe.problems.is_empty()).then(|| {
-            let reasons: Vec<&str> = probe.problems.iter().map(|(_, r)| r.as_str()).collect();
-            reasons.join("; ")
-        });
+        let reasons = probe.reasons();
         if let Some(reasons) = &reasons {
             self.report_infra_failure(format!("job {job_id}: {error}"));
             tracing::warn!(job_id, %reasons, "a job failed while the agent could not run jobs: given back");
@@ -223,11 +269,7 @@ impl AgentState {
             Ok(found) => problems.extend(found.into_iter().filter_map(|(c, p)| Some((c, p?)))),
             Err(e) => problems.push((Cause::Directories, format!("the checks failed: {e}"))),
         }
-        Probe {
-            started,
-            docker_available,
-            problems,
-        }
+        Probe { started, problems }
     }
 
     /// The directories a job needs: the state dir, the work dir and (pull mode) the spool.
@@ -236,7 +278,7 @@ impl AgentState {
             self.settings.state_dir.clone(),
             self.executor.settings().work_dir.clone(),
         ];
-        if self.settings.api_url.is_some() {
+        if self.modes.pull() {
             dirs.push(self.settings.state_dir.join("spool"));
         }
         dirs
@@ -326,7 +368,7 @@ pub async fn check_once(state: &AgentState, last: &mut Vec<String>) {
             .metrics
             .set_not_ready(cause.as_str(), problems.iter().any(|(c, _)| *c == cause));
     }
-    let reasons: Vec<String> = problems.into_iter().map(|(_, r)| r).collect();
+    let reasons = words(&problems);
     if reasons != *last {
         if reasons.is_empty() {
             tracing::info!("the agent can run jobs again");
@@ -342,11 +384,7 @@ mod tests {
     use super::*;
 
     fn probe(started: Instant, problems: Vec<(Cause, String)>) -> Probe {
-        Probe {
-            started,
-            docker_available: true,
-            problems,
-        }
+        Probe { started, problems }
     }
 
     #[tokio::test]
@@ -371,6 +409,21 @@ mod tests {
         // A clean check after the hold clears it.
         readiness.record(probe(later, Vec::new()));
         assert!(readiness.problems().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_older_check_never_replaces_a_newer_one() {
+        let readiness = Readiness::default();
+        let older = Instant::now();
+        let newer = older + Duration::from_secs(1);
+        readiness.record(probe(newer, Vec::new()));
+        readiness.record(probe(older, vec![(Cause::Docker, "down".into())]));
+        assert!(readiness.problems().is_empty());
+        assert!(readiness.docker_available());
+        let later = newer + Duration::from_secs(1);
+        readiness.record(probe(later, vec![(Cause::Docker, "down".into())]));
+        assert!(!readiness.docker_available());
+        assert_eq!(readiness.reason().as_deref(), Some("down"));
     }
 
     #[test]
