@@ -1,4 +1,5 @@
-//! The baselines: the same hardened container as a job's, started directly (bollard, `docker run`).
+//! The baselines: the same hardened container as a job's, started directly (bollard, `docker run`),
+//! and a bare HTTP client doing the protocol's least for pickup.
 
 use super::*;
 
@@ -148,3 +149,43 @@ pub(crate) fn docker_run(hard: &Hardening, work: &Path) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+/// The protocol's floor for pickup: lease (long poll) → start → complete, nothing else.
+pub(crate) async fn bare_client(url: String) {
+    let http = reqwest::Client::new();
+    let base = format!("{url}/api/v1/agent");
+    loop {
+        let lease = http
+            .post(format!("{base}/lease"))
+            .bearer_auth(KEY)
+            .json(
+                &json!({"agent_id": "bare", "hostname": "bare", "version": "0", "labels": [],
+                          "capacity": 1, "wait_seconds": 25}),
+            )
+            .send()
+            .await;
+        let Ok(lease) = lease else { return };
+        if lease.status() != reqwest::StatusCode::OK {
+            continue;
+        }
+        let Ok(lease) = lease.json::<Value>().await else {
+            return;
+        };
+        let id = lease["job"]["job_id"].as_i64().unwrap_or(0);
+        let lease_id = lease["lease_id"].clone();
+        for (call, body) in [
+            ("start", json!({"lease_id": lease_id, "started_at": "x"})),
+            (
+                "complete",
+                json!({"lease_id": lease_id, "status": "success"}),
+            ),
+        ] {
+            let _ = http
+                .post(format!("{base}/jobs/{id}/{call}"))
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await;
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! The figures: overhead, throughput, pickup latency and footprint, each next to its baseline.
+//! The figures: overhead, throughput, pickup latency and footprint, each next to its baseline
+//! (the store figure is in `store.rs`).
 
 use super::*;
 
@@ -12,6 +13,8 @@ pub(crate) struct Bench {
     pub(crate) work: tempfile::TempDir,
     pub(crate) sizes: Sizes,
     pub(crate) agent_ids: Vec<String>,
+    /// The object store of the `store` figure (`store.rs`), when it runs.
+    pub(crate) store: Option<gryt_agent::store::Store>,
 }
 
 impl Bench {
@@ -463,46 +466,6 @@ pub(crate) fn print_script(g: u64) -> String {
         g / block
     ));
     s
-}
-
-/// The protocol's floor for pickup: lease (long poll) → start → complete, nothing else.
-pub(crate) async fn bare_client(url: String) {
-    let http = reqwest::Client::new();
-    let base = format!("{url}/api/v1/agent");
-    loop {
-        let lease = http
-            .post(format!("{base}/lease"))
-            .bearer_auth(KEY)
-            .json(
-                &json!({"agent_id": "bare", "hostname": "bare", "version": "0", "labels": [],
-                          "capacity": 1, "wait_seconds": 25}),
-            )
-            .send()
-            .await;
-        let Ok(lease) = lease else { return };
-        if lease.status() != reqwest::StatusCode::OK {
-            continue;
-        }
-        let Ok(lease) = lease.json::<Value>().await else {
-            return;
-        };
-        let id = lease["job"]["job_id"].as_i64().unwrap_or(0);
-        let lease_id = lease["lease_id"].clone();
-        for (call, body) in [
-            ("start", json!({"lease_id": lease_id, "started_at": "x"})),
-            (
-                "complete",
-                json!({"lease_id": lease_id, "status": "success"}),
-            ),
-        ] {
-            let _ = http
-                .post(format!("{base}/jobs/{id}/{call}"))
-                .bearer_auth(KEY)
-                .json(&body)
-                .send()
-                .await;
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@
 //! cargo bench --bench agent -- --only pickup --j 300             # one figure, own size
 //! ```
 //!
+//! The `store` figure also needs an object store: `GRYT_STORE_URL` and the other `[store]`
+//! settings, else the loopback test store `tests/store/garage.sh start` runs.
+//!
 //! Needs a Docker engine, `/bin/busybox` (Debian's busybox-static: the job image is built from
 //! it, like the tests do, since no registry may be reachable) and the `docker` CLI for the
 //! `docker run --rm` baseline. The fake API here is a small one of its own, not the conformance
@@ -60,6 +63,7 @@ mod figures;
 mod footprint;
 mod options;
 mod report;
+mod store;
 
 use agent_bin::*;
 use baseline::*;
@@ -68,6 +72,7 @@ use figures::*;
 use footprint::*;
 use options::*;
 use report::*;
+use store::*;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -82,6 +87,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let opts = parse_args()?;
+    // Before anything else: without a store the run would fail only at the end.
+    let store = match opts.wants("store") {
+        true => Some(bench_store(&opts.store_env).await?),
+        false => None,
+    };
     let docker = gryt_agent::executor::connect(None)?
         .negotiate_version()
         .await
@@ -98,6 +108,7 @@ async fn run() -> anyhow::Result<()> {
         work: tempfile::Builder::new().prefix("gryt-bench-").tempdir()?,
         sizes: opts.sizes.clone(),
         agent_ids: Vec::new(),
+        store,
     };
     let mut rows = Vec::new();
     let total = Instant::now();
@@ -111,6 +122,7 @@ async fn run() -> anyhow::Result<()> {
             "overhead" => bench.overhead().await,
             "throughput" => bench.throughput().await,
             "pickup" => bench.pickup().await,
+            "store" => bench.store().await,
             _ => bench.footprint().await,
         }
         .with_context(|| format!("figure `{figure}`"))?;

@@ -14,6 +14,10 @@ pub(crate) struct Sizes {
     pub(crate) s: u64,
     /// Bytes printed by the log job.
     pub(crate) g: u64,
+    /// Bytes of the artifact file (above the store's part size).
+    pub(crate) a: u64,
+    /// Files in the cache of many small files.
+    pub(crate) c: usize,
 }
 
 pub(crate) struct Opts {
@@ -22,9 +26,11 @@ pub(crate) struct Opts {
     pub(crate) only: Option<String>,
     pub(crate) agent: Option<PathBuf>,
     pub(crate) network: String,
+    /// The loopback test store's connection file, when no `GRYT_STORE_URL` is set.
+    pub(crate) store_env: PathBuf,
 }
 
-pub(crate) const FIGURES: [&str; 4] = ["overhead", "throughput", "pickup", "footprint"];
+pub(crate) const FIGURES: [&str; 5] = ["overhead", "throughput", "pickup", "footprint", "store"];
 
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +44,8 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             j: 10,
             s: 3,
             g: 32 * MIB,
+            a: 20 * MIB,
+            c: 256,
         }
     } else {
         Sizes {
@@ -46,6 +54,8 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             j: 100,
             s: 60,
             g: 1024 * MIB,
+            a: 256 * MIB,
+            c: 4096,
         }
     };
     let mut opts = Opts {
@@ -54,6 +64,9 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
         only: None,
         agent: None,
         network: std::env::var("GRYT_NETWORK").unwrap_or_else(|_| "bridge".into()),
+        store_env: std::env::var_os("GRYT_TEST_STORE_FILE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/tmp/gryt-test-garage/store.env".into()),
     };
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -77,10 +90,14 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             "--j" => sizes.j = number(value("--j")?)? as usize,
             "--s" => sizes.s = number(value("--s")?)?,
             "--g-mib" => sizes.g = number(value("--g-mib")?)? * MIB,
+            "--a-mib" => sizes.a = number(value("--a-mib")?)? * MIB,
+            "--c" => sizes.c = number(value("--c")?)? as usize,
+            "--store-env" => opts.store_env = value("--store-env")?.into(),
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench agent -- [--quick] [--only {}] [--agent PATH] \
-                     [--network bridge|none] [--m N] [--k N] [--j N] [--s SECS] [--g-mib MIB]",
+                     [--network bridge|none] [--m N] [--k N] [--j N] [--s SECS] [--g-mib MIB] \
+                     [--a-mib MIB] [--c N] [--store-env FILE]",
                     FIGURES.join("|")
                 );
                 std::process::exit(0);
@@ -92,6 +109,8 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     sizes.k = sizes.k.max(4);
     sizes.j = sizes.j.max(1);
     sizes.g = (sizes.g / MIB).max(1) * MIB;
+    sizes.a = sizes.a.clamp(MIB, 4096 * MIB);
+    sizes.c = sizes.c.clamp(1, 100_000);
     opts.sizes = sizes;
     Ok(opts)
 }

@@ -118,13 +118,15 @@ pub(crate) async fn machine_info(docker: &Docker, agent: &AgentBinary, opts: &Op
             }
         ),
         format!(
-            "- sizes{}: M={} K={} J={} S={}s G={} MiB",
+            "- sizes{}: M={} K={} J={} S={}s G={} MiB A={} MiB C={}",
             if opts.quick { " (--quick)" } else { "" },
             s.m,
             s.k,
             s.j,
             s.s,
-            s.g / MIB
+            s.g / MIB,
+            s.a / MIB,
+            s.c
         ),
     ]
 }

@@ -139,14 +139,14 @@ pub async fn checkout_until(
     settings: &CheckoutSettings,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<CheckedOut, CheckoutError> {
-    validate_url(req.url, settings)?;
+    let allowed = url::classify(req.url, settings)?;
     validate_branch(req.branch)?;
     let commit = req.commit.map(validate_commit).transpose()?;
     let dest = dest::Dest::inspect(dest)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let budget = limit::Budget::new(settings.max_bytes, interrupt.clone());
     let guard = Guard::new(req.url, settings.allow_private_hosts);
-    if guard.is_none() && url::classify(req.url, settings)? != url::Allowed::File {
+    if guard.is_none() && allowed != url::Allowed::File {
         // Without a guard the clone could connect anywhere: fail closed.
         return Err(CheckoutError::InvalidUrl {
             reason: "the git URL cannot be parsed".into(),

@@ -61,11 +61,7 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
         trusted: true,
         ..JobSpec::default()
     };
-    let agent_id = settings
-        .agent_id
-        .clone()
-        .unwrap_or_else(|| "local".to_owned());
-    let mut executor_settings = ExecutorSettings::from_settings(&settings, agent_id)?;
+    let mut executor_settings = ExecutorSettings::from_settings(&settings, exec_id(&settings))?;
     executor_settings.register_secrets_for_logs();
     // Held until this process ends, however it ends: its container carries the lock's path,
     // so a later exec or agent start can tell this exec's leftovers from a live exec's job.
@@ -106,6 +102,14 @@ pub async fn run(config: Option<&Path>, args: ExecArgs) -> anyhow::Result<ExitCo
         0 => Ok(exit_code(&result)),
         signal => Ok(ExitCode::from(128 + signal as u8)),
     }
+}
+
+/// The id exec's workspaces and containers carry: `<agent_id>-exec` (`local-exec` without one).
+/// Never the agent's own id, even when an agent on this host is configured with the same
+/// `agent_id` and work dir: the agent's sweep takes everything carrying its id (and job 0 is
+/// never one of its running jobs), so it would remove a live exec's workspace.
+fn exec_id(settings: &Settings) -> String {
+    format!("{}-exec", settings.agent_id.as_deref().unwrap_or("local"))
 }
 
 /// Removes what execs killed on this host (SIGKILL: no cleanup ran) left behind.

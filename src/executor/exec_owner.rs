@@ -58,14 +58,17 @@ impl ExecLock {
         ]
     }
 
-    /// Removes the lock file (the exec ended normally and its container is gone), then lets
-    /// the lock go.
+    /// Removes the lock file and lets the lock go, off the runtime (what dropping it does).
     pub async fn release(self) {
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_file(&self.path);
-            drop(self);
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+}
+
+/// However the exec ends short of being killed (its job done, or an early error before any
+/// container), its lock file goes: removed while still locked, then the lock is let go.
+impl Drop for ExecLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -214,7 +217,14 @@ mod tests {
         assert_eq!(owner_is_dead(&path), Some(false));
         drop(lock);
         assert_eq!(owner_is_dead(&path), Some(true));
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(owner_is_dead(&path), Some(true));
+        assert!(!path.exists(), "a dropped lock removes its file");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("exec")).unwrap().count(),
+            0
+        );
+        // A lock file left by a killed exec: nobody holds it.
+        let left = dir.path().join("left.lock");
+        std::fs::write(&left, "").unwrap();
+        assert_eq!(owner_is_dead(&left), Some(true));
     }
 }

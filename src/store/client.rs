@@ -134,6 +134,13 @@ impl Store {
         &self.inner.s3
     }
 
+    /// The `object_store` client itself, with this store's settings (timeouts, retries, TLS,
+    /// credentials): for a baseline that moves bytes with no agent logic around it (the
+    /// benchmark). Locations are [`Store::location`]s.
+    pub fn client(&self) -> &AmazonS3 {
+        &self.inner.s3
+    }
+
     pub fn config(&self) -> &StoreConfig {
         &self.inner.config
     }
@@ -155,18 +162,6 @@ impl Store {
     /// `s3://bucket/<location>`, as results name objects.
     pub fn url(&self, location: &ObjectPath) -> String {
         format!("s3://{}/{location}", self.inner.bucket)
-    }
-
-    /// True when the object exists.
-    pub async fn exists(&self, location: &ObjectPath) -> Result<bool, StoreError> {
-        match self.inner.s3.head(location).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(source) => Err(StoreError::Request {
-                what: format!("cannot look up {}", self.url(location)),
-                source,
-            }),
-        }
     }
 
     /// Writes, reads back and deletes a small object under the prefix: proves the bucket,

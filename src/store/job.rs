@@ -78,11 +78,6 @@ impl JobStorage {
             spec::check_artifacts(a).map_err(|(f, m)| format!("invalid {f}: {m}"))?;
         }
         spec::check_caches(&caches).map_err(|(f, m)| format!("invalid {f}: {m}"))?;
-        // The agent made the workspace its user's when it could (root); else it is open.
-        let owner = match std::fs::metadata(workspace) {
-            Ok(meta) if meta.uid() == user.0 => Owner::Chown(user.0, user.1),
-            _ => Owner::OpenUp,
-        };
         let scopes = cache_scopes(job);
         let mut storage = JobStorage {
             store: store.cloned(),
@@ -99,6 +94,7 @@ impl JobStorage {
             }
             return Ok(storage);
         };
+        let owner = workspace_owner(workspace, user).await;
         let restoring = restore_all(store, caches, &scopes, workspace, owner, &mut *log);
         let restored = tokio::select! {
             restored = restoring => Some(restored?),
@@ -172,6 +168,21 @@ impl JobStorage {
                 Err(e) => log(&format!("gryt-agent: cache `{key}`: not saved: {e}\n")),
             }
         }
+    }
+}
+
+/// Who restored files go to. The agent made the workspace its user's when it could (root);
+/// else it is open to all. Read from the workspace (the executor's own record of that is not
+/// passed here), off the runtime: a stat can block on a slow disk.
+async fn workspace_owner(workspace: &Path, user: (u32, u32)) -> Owner {
+    let path = workspace.to_owned();
+    let uid = tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.uid()))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    match uid {
+        Some(uid) if uid == user.0 => Owner::Chown(user.0, user.1),
+        _ => Owner::OpenUp,
     }
 }
 
@@ -262,16 +273,17 @@ async fn restore(
     workspace: &Path,
     owner: Owner,
 ) -> Result<Option<u64>, String> {
-    if !store.exists(location).await.map_err(|e| e.to_string())? {
-        return Ok(None);
-    }
     let limit = store.config().max_cache_bytes;
+    let opened = transfer::open(store, location, limit).await;
+    let Some(got) = opened.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let root = workspace.to_owned();
     let unpack = tokio::task::spawn_blocking(move || {
         archive::unpack(&root, ChunkReader::new(rx), limit, owner)
     });
-    let downloaded = transfer::download(store, location, tx, limit).await;
+    let downloaded = transfer::download(got, tx, limit).await;
     let unpacked = unpack.await.map_err(|e| e.to_string())?;
     downloaded.map_err(|e| e.to_string())?;
     unpacked.map(Some).map_err(|e| e.to_string())

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use object_store::path::Path as ObjectPath;
-use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
+use object_store::{GetResult, MultipartUpload, ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -117,15 +117,13 @@ async fn upload_inner(
     })
 }
 
-/// Streams the object at `location` into `sink`, refusing more than `limit` bytes. `None`
-/// when there is no such object. Stops quietly when the receiver is gone (it failed and says
-/// why itself).
-pub async fn download(
+/// Opens the object at `location` for reading: `None` when there is no such object (one GET,
+/// no HEAD before it); one larger than `limit` bytes is refused before any byte is read.
+pub async fn open(
     store: &Store,
     location: &ObjectPath,
-    sink: mpsc::Sender<Bytes>,
     limit: u64,
-) -> Result<Option<u64>, TransferError> {
+) -> Result<Option<GetResult>, TransferError> {
     let got = match store.s3().get(location).await {
         Ok(got) => got,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -134,6 +132,16 @@ pub async fn download(
     if got.meta.size > limit {
         return Err(TransferError::TooLarge { limit });
     }
+    Ok(Some(got))
+}
+
+/// Streams an object [`open`] returned into `sink`, refusing more than `limit` bytes. Stops
+/// quietly when the receiver is gone (it failed and says why itself).
+pub async fn download(
+    got: GetResult,
+    sink: mpsc::Sender<Bytes>,
+    limit: u64,
+) -> Result<u64, TransferError> {
     let mut stream = got.into_stream();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -146,7 +154,7 @@ pub async fn download(
             break;
         }
     }
-    Ok(Some(size))
+    Ok(size)
 }
 
 /// A blocking `Write` that sends what is written as chunks to an upload (cache archives).

@@ -23,6 +23,11 @@ impl Exec {
         }
     }
 
+    /// The id exec's containers and workspaces carry: never the configured agent id itself.
+    fn exec_id(&self) -> String {
+        format!("{}-exec", self.agent_id)
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
         cmd.args(args)
@@ -61,7 +66,7 @@ impl Exec {
 
     async fn assert_clean(&self) {
         assert!(
-            support::containers_of(&self.agent_id).await.is_empty(),
+            support::containers_of(&self.exec_id()).await.is_empty(),
             "container left behind"
         );
         assert_eq!(
@@ -86,7 +91,7 @@ impl Exec {
             .spawn()
             .unwrap();
         for _ in 0..600 {
-            let now = support::containers_of(&self.agent_id).await;
+            let now = support::containers_of(&self.exec_id()).await;
             if let Some(new) = now.into_iter().find(|c| !known.contains(c)) {
                 return (child, new);
             }
@@ -143,7 +148,7 @@ async fn a_killed_execs_container_is_removed_by_the_next_exec_and_a_live_ones_is
         .await;
     killed.kill().unwrap();
     killed.wait().unwrap();
-    let mut left = support::containers_of(&exec.agent_id).await;
+    let mut left = support::containers_of(&exec.exec_id()).await;
     left.sort();
     let mut both = vec![alive_container.clone(), killed_container.clone()];
     both.sort();
@@ -159,7 +164,7 @@ async fn a_killed_execs_container_is_removed_by_the_next_exec_and_a_live_ones_is
         text(&out.stderr)
     );
     assert_eq!(
-        support::containers_of(&exec.agent_id).await,
+        support::containers_of(&exec.exec_id()).await,
         vec![alive_container.clone()],
         "only the killed exec's container goes"
     );
@@ -173,6 +178,91 @@ async fn a_killed_execs_container_is_removed_by_the_next_exec_and_a_live_ones_is
     let out = wait(alive).await;
     assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
     exec.assert_clean().await;
+}
+
+#[tokio::test]
+async fn an_agent_with_the_execs_id_and_work_dir_spares_a_live_execs_workspace() {
+    let exec = Exec::new("cli-shared-id").await;
+    let (alive, container) = exec.start_long_job(&[]).await;
+    let names = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(exec.work_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let ours = names();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert!(
+        ours[0].starts_with(&format!("job+{}+0+", exec.exec_id())),
+        "{ours:?}"
+    );
+    // A leftover of the agent's own: once it is gone, the agent's start sweep has run.
+    let stale = exec
+        .work_dir
+        .path()
+        .join(format!("job+{}+99+AbC123", exec.agent_id));
+    std::fs::create_dir(&stale).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let log = state.path().join("agent.log");
+    let mut cmd = support::process::push::command(
+        &exec.image,
+        &exec.agent_id,
+        exec.work_dir.path(),
+        state.path(),
+        support::process::free_port(),
+    );
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let mut agent = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stale.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let swept = !stale.exists();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(swept, "the agent never swept its own leftover:\n{log}");
+    assert_eq!(names(), ours, "the live exec's workspace was swept:\n{log}");
+    assert_eq!(
+        support::containers_of(&exec.exec_id()).await,
+        vec![container]
+    );
+
+    signal(&alive, "TERM");
+    let out = wait(alive).await;
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+    exec.assert_clean().await;
+}
+
+#[tokio::test]
+async fn an_exec_that_fails_before_its_job_leaves_no_lock_file() {
+    let exec = Exec::new("cli-early-error").await;
+    let file = exec.pipeline("ok.yml", "version: 1\nsteps:\n  - run: true\n");
+    let mut cmd = exec.command(&["exec", &file]);
+    // Fails after the lock is taken: no engine answers there.
+    cmd.env("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("the Docker engine does not answer"),
+        "{}",
+        text(&out.stderr)
+    );
+    let locks = exec.state_dir.path().join("exec");
+    assert!(
+        locks.is_dir(),
+        "the lock was never taken: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&locks).unwrap().count(),
+        0,
+        "lock file left"
+    );
 }
 
 #[tokio::test]
