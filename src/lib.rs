@@ -2,7 +2,8 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; see ARCHITECTURE.md for the map.
 //! Without the default `runtime` feature only the pure modules are built (wire types, pipelines,
-//! secrets, settings, units, output capture): what the fuzz targets need, without Docker, HTTP or git.
+//! secrets, settings, units, output capture): what the fuzz targets need, without Docker, HTTP
+//! or git.
 
 #[cfg(feature = "runtime")]
 pub mod agent;

@@ -28,7 +28,8 @@ settings! {
         concurrency: usize = 1, env "GRYT_CONCURRENCY", flag "concurrency" "N";
         /// Allow plain `http://` to hosts other than loopback (API and git). Off: HTTPS only.
         allow_insecure_http: bool = false, env "GRYT_ALLOW_INSECURE_HTTP";
-        /// Extra PEM CA certificate(s) to trust for HTTPS (a private CA); `SSL_CERT_FILE` works too.
+        /// Extra PEM CA certificate(s) to trust for HTTPS (a private CA); `SSL_CERT_FILE` works
+        /// too.
         ca_file: Option<PathBuf> = None, env "GRYT_CA_FILE";
         /// How long a lease request may be held by the server (long poll).
         lease_wait_seconds: u64 = 25, env "GRYT_LEASE_WAIT";
@@ -54,7 +55,8 @@ settings! {
         encryption_key_file: Option<PathBuf> = None, env "GRYT_ENCRYPTION_KEY_FILE";
         /// Tried too during a rotation of the encryption key.
         encryption_key_previous: Option<SecretString> = None, env "GRYT_ENCRYPTION_KEY_PREVIOUS";
-        /// Case-insensitive globs: job environment variables whose names match are masked in output.
+        /// Case-insensitive globs: job environment variables whose names match are masked in
+        /// output.
         secret_env_patterns: Vec<String> =
             DEFAULT_SECRET_ENV_PATTERNS.iter().map(|p| p.to_string()).collect(),
             env "GRYT_SECRET_ENV_PATTERNS";
