@@ -2,7 +2,8 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; see ARCHITECTURE.md for the map.
 //! Without the default `runtime` feature only the pure modules are built (wire types, pipelines,
-//! secrets, settings, output capture): what the fuzz targets need, without Docker, HTTP or git.
+//! secrets, settings, units, output capture): what the fuzz targets need, without Docker, HTTP
+//! or git.
 
 #[cfg(feature = "runtime")]
 pub mod agent;
@@ -29,6 +30,7 @@ pub mod server;
 #[cfg(feature = "runtime")]
 pub mod state;
 pub mod store;
+pub mod units;
 pub mod wire;
 
 /// The agent's version, as reported on `/`, `/health` and in `User-Agent`.

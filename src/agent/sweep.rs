@@ -102,7 +102,7 @@ pub async fn sweep(state: &AgentState) -> Swept {
     Swept {
         containers: match &docker {
             Some(docker) => {
-                let user = crate::config::parse_user(&settings.docker.user).unwrap_or((1000, 1000));
+                let user = settings.docker.job_user.ids();
                 // And what `gryt-agent exec`s killed on this host left (see `exec_owner`).
                 let dead_execs = exec_owner::sweep_dead_execs(
                     docker,
@@ -201,7 +201,7 @@ async fn remove_workspaces(
     stale: Vec<(PathBuf, String)>,
 ) -> usize {
     let settings = state.executor.settings();
-    let user = crate::config::parse_user(&settings.docker.user).unwrap_or((1000, 1000));
+    let user = settings.docker.job_user.ids();
     let mut removed = 0;
     for (path, job) in stale {
         let image = images.get(&job).unwrap_or(&settings.docker.image);

@@ -118,7 +118,7 @@ async fn sweep_dead_execs(executor: &Executor) {
         return;
     };
     let settings = executor.settings();
-    let user = gryt_agent::config::parse_user(&settings.docker.user).unwrap_or((1000, 1000));
+    let user = settings.docker.job_user.ids();
     let removed =
         exec_owner::sweep_dead_execs(&docker, &settings.exec_lock_dir, &settings.work_dir, user)
             .await;

@@ -5,6 +5,7 @@ mod check;
 mod conformance;
 mod exec;
 mod run;
+mod setting_flags;
 mod token;
 
 use std::path::PathBuf;

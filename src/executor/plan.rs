@@ -11,7 +11,6 @@ use super::container::WORKSPACE;
 use super::limits::{at_most, bounded_seconds, parse_cpus, parse_memory};
 use super::{Executor, ExecutorSettings};
 use crate::checkout::validate_url;
-use crate::config::parse_user;
 use crate::pipeline::Pipeline;
 use crate::pipeline::yaml::valid_env_name;
 use crate::secrets::mask::Masker;
@@ -63,8 +62,7 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         memory_text,
         nano_cpus,
     } = limits(settings, job, &pipeline)?;
-    let user = parse_user(&settings.docker.user)
-        .map_err(|e| format!("invalid docker.user setting: {e}"))?;
+    let user = settings.docker.job_user.ids();
     let image = image(executor, job, &pipeline)?;
     let env = environment(job, &pipeline)?;
     let token = decrypt_token(executor, job)?;

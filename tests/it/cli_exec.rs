@@ -407,3 +407,52 @@ fn help_and_version() {
         format!("gryt-agent {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn the_flags_of_run_are_its_settings_and_reach_them() {
+    let run = |args: &[&str]| {
+        let state = tempfile::tempdir().unwrap();
+        Command::new(env!("CARGO_BIN_EXE_gryt-agent"))
+            .arg("run")
+            .args(args)
+            .env_clear()
+            .env("HOME", state.path())
+            .env("GRYT_STATE_DIR", state.path())
+            .output()
+            .unwrap()
+    };
+    let help = text(&run(&["--help"]).stdout);
+    for (flag, var) in [
+        ("--api-url <URL>", "GRYT_API_URL"),
+        ("--push ", "GRYT_PUSH"),
+        ("--concurrency <N>", "GRYT_CONCURRENCY"),
+        ("--agent-id <ID>", "GRYT_AGENT_ID"),
+        ("--labels <A,B>", "GRYT_AGENT_LABELS"),
+        ("--state-dir <DIR>", "GRYT_STATE_DIR"),
+        ("--host <HOST>", "AGENT_HOST"),
+        ("--port <PORT>", "AGENT_PORT"),
+    ] {
+        let line = help.lines().find(|l| l.contains(flag));
+        assert!(
+            line.is_some_and(|l| l.contains(&format!("[env: {var}]"))),
+            "{flag}: {help}"
+        );
+    }
+    // The command line checks a number's type; the settings check its value, naming the key.
+    let out = run(&["--port", "70000"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--port"),
+        "{}",
+        text(&out.stderr)
+    );
+    for (flag, value, key) in [
+        ("--concurrency", "300", "concurrency"),
+        ("--agent-id", "not an id", "agent_id"),
+    ] {
+        let out = run(&[flag, value]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(stderr.contains(&format!("`{key}`")), "{flag}: {stderr}");
+    }
+}

@@ -1,11 +1,10 @@
 //! Which environment variables hold secrets: case-insensitive glob patterns on their names
 //! (`secret_env_patterns`, `*TOKEN*` and the like by default).
 
-use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::{GlobSet, GlobSetBuilder};
 
-/// Environment variable names whose values are treated as secrets unless configured otherwise
-/// (`secret_env_patterns`).
-pub const DEFAULT_SECRET_ENV_PATTERNS: &[&str] = &["*TOKEN*", "*SECRET*", "*PASSWORD*", "*KEY*"];
+/// The setting's default and how one of its patterns compiles are the settings' own.
+pub use crate::config::{DEFAULT_SECRET_ENV_PATTERNS, secret_name_glob as glob};
 
 /// Case-insensitive glob patterns naming environment variables whose values are secrets.
 #[derive(Debug, Clone)]
@@ -40,14 +39,6 @@ impl SecretNames {
             .filter(|(name, _)| self.matches(name.as_ref()))
             .map(|(_, value)| value.as_ref())
     }
-}
-
-/// Compiles one pattern the way [`SecretNames`] does; for validating settings.
-pub fn glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
-    Ok(GlobBuilder::new(pattern)
-        .case_insensitive(true)
-        .build()?
-        .compile_matcher())
 }
 
 /// Whether `name` matches any of `patterns` (case-insensitive globs such as `*TOKEN*`). A pattern
