@@ -76,6 +76,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("GRYT_LOG_GIVE_UP", "log_give_up_seconds"),
     ("GRYT_MAX_JOB_TIMEOUT", "job.max_timeout_seconds"),
+    ("GRYT_MAX_SERVICES", "job.max_services"),
     ("GRYT_MAX_MEMORY", "docker.max_memory"),
     ("GRYT_MAX_CPUS", "docker.max_cpus"),
     ("GRYT_ALLOWED_IMAGES", "docker.allowed_images"),
@@ -364,6 +365,9 @@ impl Default for DiskSettings {
     }
 }
 
+/// The largest `job.max_services` accepted: each service is a container with limits of its own.
+pub const MAX_SERVICES_SETTING: usize = 64;
+
 /// The largest free-space mark accepted (MiB): 1 EiB, far beyond any disk, and its bytes fit a u64.
 pub const MAX_DISK_MARK_MB: u64 = 1 << 40;
 
@@ -380,6 +384,8 @@ pub struct JobSettings {
     pub gryt_command: Vec<String>,
     /// Longest time limit a job or step may ask for (`timeout_seconds`); longer is refused.
     pub max_timeout_seconds: u64,
+    /// Most service containers one job may have (`services`); 0 refuses every job with one.
+    pub max_services: usize,
 }
 
 impl Default for Settings {
@@ -447,6 +453,7 @@ impl Default for JobSettings {
             output_cap_bytes: 1024 * 1024,
             gryt_command: vec!["gryt".into(), "run".into(), "pipeline.py".into()],
             max_timeout_seconds: 24 * 3600,
+            max_services: 4,
         }
     }
 }
@@ -658,6 +665,12 @@ impl Settings {
             return Err(key_error(
                 "checkout.max_bytes",
                 format!("must be between 1 and {}", i64::MAX),
+            ));
+        }
+        if j.max_services > MAX_SERVICES_SETTING {
+            return Err(key_error(
+                "job.max_services",
+                format!("must be at most {MAX_SERVICES_SETTING}"),
             ));
         }
         if j.output_cap_bytes < 1024 {

@@ -60,6 +60,7 @@ mod figures;
 mod footprint;
 mod options;
 mod report;
+mod services;
 
 use agent_bin::*;
 use baseline::*;
@@ -111,6 +112,7 @@ async fn run() -> anyhow::Result<()> {
             "overhead" => bench.overhead().await,
             "throughput" => bench.throughput().await,
             "pickup" => bench.pickup().await,
+            "services" => bench.services().await,
             _ => bench.footprint().await,
         }
         .with_context(|| format!("figure `{figure}`"))?;

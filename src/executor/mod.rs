@@ -34,6 +34,8 @@ mod output;
 #[cfg(feature = "runtime")]
 mod plan;
 #[cfg(feature = "runtime")]
+mod services;
+#[cfg(feature = "runtime")]
 mod steps;
 #[cfg(feature = "runtime")]
 pub mod workspace;

@@ -23,6 +23,7 @@ mod pull_hostile;
 mod push;
 mod readiness;
 mod secrets_leak;
+mod services;
 mod soak;
 mod store;
 mod token_cli;

@@ -287,24 +287,37 @@ impl ContainerAudit {
     }
 }
 
-/// The hardening every job container must have.
+/// The few capabilities a service container may get back (to prepare its data directory and
+/// drop to its image's user); a job container gets none.
+const SERVICE_CAPABILITIES: &[&str] = &["CHOWN", "SETUID", "SETGID", "DAC_OVERRIDE", "FOWNER"];
+
+/// The hardening every job container must have, and every service container (labelled
+/// `io.gryt.service`) but for its user and those few capabilities.
 pub fn audit_container(id: &str, inspect: &bollard::models::ContainerInspectResponse) {
     let config = inspect.config.as_ref().expect("config");
     let host = inspect.host_config.as_ref().expect("host config");
-    let user = config.user.as_deref().unwrap_or("");
-    assert!(
-        !user.is_empty() && !user.starts_with("0") && !user.starts_with("root"),
-        "{id}: user {user:?}"
-    );
+    let service = config
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key("io.gryt.service"));
+    if service {
+        audit_service(id, inspect);
+    } else {
+        let user = config.user.as_deref().unwrap_or("");
+        assert!(
+            !user.is_empty() && !user.starts_with("0") && !user.starts_with("root"),
+            "{id}: user {user:?}"
+        );
+        assert!(
+            host.cap_add.as_ref().is_none_or(|c| c.is_empty()),
+            "{id}: cap_add"
+        );
+    }
     assert_ne!(host.privileged, Some(true), "{id}: privileged");
     assert_eq!(
         host.cap_drop.as_deref(),
         Some(&["ALL".to_string()][..]),
         "{id}: capabilities"
-    );
-    assert!(
-        host.cap_add.as_ref().is_none_or(|c| c.is_empty()),
-        "{id}: cap_add"
     );
     assert!(
         host.security_opt
@@ -343,5 +356,36 @@ pub fn audit_container(id: &str, inspect: &bollard::models::ContainerInspectResp
         labels.get("io.gryt.agent.managed").map(String::as_str),
         Some("true"),
         "{id}: label"
+    );
+    assert!(labels.contains_key("io.gryt.job.id"), "{id}: job label");
+}
+
+/// A service container: only the service capabilities, nothing of the host mounted (the
+/// anonymous volumes its image declares are Docker's, removed with it), and a user-defined
+/// network, never the default bridge or the host's.
+fn audit_service(id: &str, inspect: &bollard::models::ContainerInspectResponse) {
+    let host = inspect.host_config.as_ref().expect("host config");
+    for cap in host.cap_add.iter().flatten() {
+        assert!(
+            SERVICE_CAPABILITIES.contains(&cap.trim_start_matches("CAP_")),
+            "{id}: service capability {cap}"
+        );
+    }
+    assert!(
+        host.binds.as_ref().is_none_or(|b| b.is_empty()),
+        "{id}: service binds {:?}",
+        host.binds
+    );
+    for mount in inspect.mounts.iter().flatten() {
+        assert_eq!(
+            mount.typ.as_deref(),
+            Some("volume"),
+            "{id}: service mount {mount:?}"
+        );
+    }
+    let network = host.network_mode.as_deref().unwrap_or("");
+    assert!(
+        !["", "default", "bridge", "host", "none"].contains(&network),
+        "{id}: service network {network:?}"
     );
 }

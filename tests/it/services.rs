@@ -1,0 +1,264 @@
+//! Service containers with real Docker: a service answering the job by name, services that
+//! exit or never open their port (clear errors, nothing left), a stop and a timeout while
+//! services run, their hardening, and `services` in a pushed job's JSON.
+
+use crate::support;
+
+use std::time::{Duration, Instant};
+
+use gryt_agent::executor::JobControl;
+use gryt_agent::wire::{JobResult, JobStatus, ServiceStatus};
+use serde_json::{Value, json};
+
+use support::process::Agent;
+use support::process::push::KEY;
+use support::{Recorder, TestAgent, job, test_agent};
+
+/// A web service from the test image: busybox `httpd` serving one page on port 8080. It prints
+/// a line first (for the output tail) and its secret-named variable (which must come out
+/// masked).
+const WEB: &str = "  - name: web\n    image: IMAGE\n    env: {WEB_TOKEN: web-secret-value-1}\n    command: \"echo web starting with $WEB_TOKEN; mkdir -p /tmp/www && echo hello-from-web > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www\"\n    ready_port: 8080\n";
+
+async fn agent(test: &str) -> TestAgent {
+    test_agent(test, |s| s.docker.network = "job".into()).await
+}
+
+/// `services:` entries with the test image put in.
+fn services(entries: &str) -> String {
+    format!("services:\n{entries}")
+}
+
+async fn pipeline(steps: &str, services_yaml: &str) -> String {
+    let image = support::test_image().await;
+    format!(
+        "version: 1\nsteps:\n{steps}{}",
+        services(services_yaml).replace("IMAGE", &image)
+    )
+}
+
+/// No container, workspace or network of this agent is left.
+async fn assert_all_gone(agent: &TestAgent) {
+    agent.assert_clean().await;
+    for _ in 0..50 {
+        if networks_of(&agent.agent_id).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        networks_of(&agent.agent_id).await,
+        Vec::<String>::new(),
+        "networks left"
+    );
+}
+
+async fn networks_of(agent_id: &str) -> Vec<String> {
+    use bollard::query_parameters::ListNetworksOptionsBuilder;
+    let filters = std::collections::HashMap::from([(
+        "label",
+        vec![format!(
+            "{}={agent_id}",
+            gryt_agent::executor::container::LABEL_AGENT_ID
+        )],
+    )]);
+    let options = ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let listed = support::docker().await.list_networks(Some(options)).await;
+    listed.unwrap().into_iter().filter_map(|n| n.name).collect()
+}
+
+fn service_error(result: &JobResult) -> &str {
+    result.error.as_deref().unwrap_or("")
+}
+
+#[tokio::test]
+async fn a_service_answers_the_job_by_its_name_and_its_output_is_masked() {
+    let agent = agent("svc-web").await;
+    let audit = support::ContainerAudit::start(&agent.agent_id).await;
+    let text = pipeline(
+        "  - run: wget -q -O - http://web:8080/index.html\n  - run: echo second step\n",
+        WEB,
+    )
+    .await;
+    let rec = Recorder::default();
+    let result = agent
+        .executor
+        .run(&job(&text), &rec, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert!(result.stdout.contains("hello-from-web"), "{result:?}");
+    let web = &result.services[0];
+    assert_eq!(
+        (web.name.as_str(), web.status),
+        ("web", ServiceStatus::Running)
+    );
+    assert!(web.error.is_none(), "{web:?}");
+    assert_eq!(web.output_tail, "web starting with [MASKED]\n", "{web:?}");
+    // The job container and the service container, both hardened (the audit's service rules).
+    assert_eq!(audit.finish().await, 2);
+    assert_all_gone(&agent).await;
+}
+
+#[tokio::test]
+async fn a_service_that_exits_at_once_fails_the_job_naming_it_with_its_last_lines() {
+    let agent = agent("svc-exit").await;
+    let text = pipeline(
+        "  - run: touch /workspace/ran\n",
+        "  - name: db\n    image: IMAGE\n    command: \"echo db cannot start: bad config >&2; exit 3\"\n    ready_port: 5432\n",
+    )
+    .await;
+    let clock = Instant::now();
+    let result = agent.run(&job(&text)).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let error = service_error(&result);
+    assert!(
+        error.contains("service `db`") && error.contains("exited with code 3"),
+        "{error}"
+    );
+    assert!(result.steps.is_empty(), "no step may run: {result:?}");
+    let db = &result.services[0];
+    assert_eq!((db.status, db.exit_code), (ServiceStatus::Exited, Some(3)));
+    assert!(
+        db.output_tail.contains("db cannot start: bad config"),
+        "{db:?}"
+    );
+    assert!(db.error.as_deref().unwrap_or("").contains("service `db`"));
+    assert!(
+        clock.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        clock.elapsed()
+    );
+    assert_all_gone(&agent).await;
+}
+
+#[tokio::test]
+async fn a_service_that_never_opens_its_port_fails_the_job_after_its_ready_timeout() {
+    let agent = agent("svc-notready").await;
+    let text = pipeline(
+        "  - run: echo never\n",
+        &format!(
+            "  - name: quiet\n    image: IMAGE\n    command: \"echo listening soon; exec sleep 600\"\n    ready_port: 6379\n    ready_timeout_seconds: 2\n{WEB}"
+        ),
+    )
+    .await;
+    let clock = Instant::now();
+    let result = agent.run(&job(&text)).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let error = service_error(&result);
+    assert!(
+        error.contains("service `quiet`")
+            && error.contains("port 6379")
+            && error.contains("within 2s"),
+        "{error}"
+    );
+    let quiet = &result.services[0];
+    assert_eq!(quiet.status, ServiceStatus::NotReady);
+    assert_eq!(quiet.output_tail, "listening soon\n");
+    // The other one was ready: it ran until the job's end.
+    assert_eq!(result.services[1].status, ServiceStatus::Running);
+    assert!(
+        clock.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        clock.elapsed()
+    );
+    assert_all_gone(&agent).await;
+}
+
+#[tokio::test]
+async fn a_service_that_ends_while_the_steps_run_fails_the_job() {
+    let agent = agent("svc-midway").await;
+    let text = pipeline(
+        "  - run: sleep 3\n",
+        "  - name: brief\n    image: IMAGE\n    command: [sh, -c, \"sleep 1; echo brief is done\"]\n",
+    )
+    .await;
+    let result = agent.run(&job(&text)).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    let error = service_error(&result);
+    assert!(
+        error.contains("service `brief` exited with code 0 while the steps ran"),
+        "{error}"
+    );
+    assert_eq!(result.services[0].output_tail, "brief is done\n");
+    assert_all_gone(&agent).await;
+}
+
+#[tokio::test]
+async fn a_cancel_and_a_timeout_while_services_run_leave_nothing() {
+    let agent = agent("svc-stop").await;
+    let text = pipeline("  - run: sleep 600\n", WEB).await;
+    let control = JobControl::new();
+    let canceller = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        canceller.cancel("the API asked");
+    });
+    let cancelled_job = job(&text);
+    let mut timed = job(&text);
+    timed.job_id = 2;
+    timed.timeout_seconds = Some(3);
+    let clock = Instant::now();
+    let (cancelled, timed_out) = tokio::join!(
+        agent
+            .executor
+            .run(&cancelled_job, &gryt_agent::executor::Discard, &control),
+        agent.run(&timed)
+    );
+    assert_eq!(cancelled.status, JobStatus::Cancelled, "{cancelled:?}");
+    assert_eq!(timed_out.status, JobStatus::Timeout, "{timed_out:?}");
+    for result in [&cancelled, &timed_out] {
+        assert_eq!(
+            result.services[0].status,
+            ServiceStatus::Running,
+            "{result:?}"
+        );
+    }
+    assert!(
+        clock.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        clock.elapsed()
+    );
+    assert_all_gone(&agent).await;
+}
+
+#[tokio::test]
+async fn services_need_the_job_network_and_are_refused_before_anything_runs() {
+    let agent = test_agent("svc-bridge", |s| s.docker.network = "bridge".into()).await;
+    let text = pipeline("  - run: echo hi\n", WEB).await;
+    let result = agent.run(&job(&text)).await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert!(
+        service_error(&result).contains("docker.network"),
+        "{result:?}"
+    );
+    agent.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_pushed_jobs_json_services_run_beside_it() {
+    let image = support::test_image().await;
+    let agent = Agent::push("push-services", &[("GRYT_NETWORK", "job")]).await;
+    let body = json!({
+        "job_id": 5,
+        "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: wget -q -O - http://web:8080/\n"),
+        "services": [{
+            "name": "web",
+            "image": image,
+            "command": ["sh", "-c", "mkdir -p /tmp/www && echo pushed-web > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"],
+            "ready_port": 8080,
+            "ready_timeout_seconds": 30
+        }]
+    });
+    let response = agent.execute(Some(KEY), body.to_string()).await;
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    assert!(
+        result["stdout"].as_str().unwrap().contains("pushed-web"),
+        "{result}"
+    );
+    assert_eq!(result["services"][0]["name"], "web");
+    assert_eq!(result["services"][0]["status"], "running");
+    agent.assert_clean().await;
+}
