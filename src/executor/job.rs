@@ -286,10 +286,9 @@ impl Job<'_> {
             nano_cpus: self.plan.nano_cpus,
             masker: &self.plan.masker,
         };
-        let started = tokio::select! {
-            started = services.start_all(&setup) => started,
-            request = self.control.stopped() => return Err(cancelled(request, None)),
-        };
+        // Not cut short by a stop: a container whose create request is dropped in flight
+        // would be made without the agent learning its id. `await_ready` heeds the stop.
+        let started = services.start_all(&setup).await;
         started.map_err(|failure| Outcome::Error(failure.message))?;
         await_ready(services, network, self.control, self.deadline, self.timeout).await
     }

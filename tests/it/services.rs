@@ -184,41 +184,72 @@ async fn a_service_that_ends_while_the_steps_run_fails_the_job() {
     assert_all_gone(&agent).await;
 }
 
+/// Cancels its job once the job's step prints `started`: the services are up by then.
+struct CancelOnStart(JobControl);
+
+impl gryt_agent::executor::JobObserver for CancelOnStart {
+    fn output(&self, _: gryt_agent::executor::OutputStream, data: &[u8]) {
+        if String::from_utf8_lossy(data).contains("started") {
+            self.0.cancel("the API asked");
+        }
+    }
+    fn event(&self, _: gryt_agent::executor::JobEvent<'_>) {}
+}
+
 #[tokio::test]
 async fn a_cancel_and_a_timeout_while_services_run_leave_nothing() {
     let agent = agent("svc-stop").await;
-    let text = pipeline("  - run: sleep 600\n", WEB).await;
+    let text = pipeline("  - run: echo started; sleep 600\n", WEB).await;
     let control = JobControl::new();
-    let canceller = control.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        canceller.cancel("the API asked");
-    });
+    let cancel_on_start = CancelOnStart(control.clone());
     let cancelled_job = job(&text);
     let mut timed = job(&text);
     timed.job_id = 2;
-    timed.timeout_seconds = Some(3);
+    timed.timeout_seconds = Some(5);
     let clock = Instant::now();
     let (cancelled, timed_out) = tokio::join!(
         agent
             .executor
-            .run(&cancelled_job, &gryt_agent::executor::Discard, &control),
+            .run(&cancelled_job, &cancel_on_start, &control),
         agent.run(&timed)
     );
     assert_eq!(cancelled.status, JobStatus::Cancelled, "{cancelled:?}");
+    assert_eq!(cancelled.services[0].status, ServiceStatus::Running);
     assert_eq!(timed_out.status, JobStatus::Timeout, "{timed_out:?}");
-    for result in [&cancelled, &timed_out] {
-        assert_eq!(
-            result.services[0].status,
-            ServiceStatus::Running,
-            "{result:?}"
-        );
-    }
     assert!(
         clock.elapsed() < Duration::from_secs(30),
         "{:?}",
         clock.elapsed()
     );
+    assert_all_gone(&agent).await;
+}
+
+#[tokio::test]
+async fn a_stop_while_services_start_leaves_nothing() {
+    let agent = agent("svc-early-stop").await;
+    let text = pipeline(
+        "  - run: echo never\n",
+        &format!("{WEB}{}", WEB.replace("web", "web2")),
+    )
+    .await;
+    // Stops at several points of the start: before, during and after the containers' creation.
+    for delay_ms in [0, 50, 150, 300, 600] {
+        let control = JobControl::new();
+        let stopper = control.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            stopper.abort("lease lost");
+        });
+        let result = agent
+            .executor
+            .run(&job(&text), &gryt_agent::executor::Discard, &control)
+            .await;
+        assert_eq!(
+            result.status,
+            JobStatus::Cancelled,
+            "{delay_ms} ms: {result:?}"
+        );
+    }
     assert_all_gone(&agent).await;
 }
 

@@ -9,8 +9,9 @@
 //! socket), never the host network, and limits of its own: the job's memory and CPU limits and
 //! `docker.pids_limit`, per service. It carries the job container's labels (and
 //! [`LABEL_SERVICE`]), so the orphan sweep and the disk collector treat it as the job's.
-//! Invariant: every service container is removed by [`Services::remove_all`], or, when the
-//! value is dropped without it (abort, panic), by removals spawned from `Drop`.
+//! Invariant: every service container is removed by [`Services::remove_all`], or, when it is
+//! dropped without it (abort, panic, a stop while services start), by a removal spawned from
+//! `Drop` (`Created`), from the moment it is created.
 
 pub(super) mod plan;
 mod ready;
@@ -67,10 +68,11 @@ pub(super) struct ServiceFailure {
     pub message: String,
 }
 
-/// A started service container.
+/// A started service container; removed when dropped without [`Services::remove_all`].
 struct Service {
     id: String,
     watch: Watch,
+    container: Created,
 }
 
 /// The job's services: the ones started (to remove) and what is known of each so far.
@@ -81,7 +83,6 @@ pub(super) struct Services {
     started: Vec<Option<Service>>,
     /// Why the job failed because of a service, if it did.
     failure: Option<ServiceFailure>,
-    removed: bool,
 }
 
 impl Services {
@@ -92,7 +93,6 @@ impl Services {
             plans,
             started,
             failure: None,
-            removed: false,
         }
     }
 
@@ -137,20 +137,13 @@ impl Services {
     /// Removes every service container (concurrently) and returns what became of each, in the
     /// order they were asked for, masked.
     pub async fn remove_all(&mut self, masker: &Masker) -> Vec<ServiceResult> {
-        self.removed = true;
-        let docker = self.docker.clone();
-        let removals = self.started.iter_mut().map(|slot| {
-            let docker = docker.clone();
-            async move {
-                let service = slot.as_mut()?;
-                // Its state before the removal ends it: did it end on its own?
-                let ended = service.watch.ended();
-                let tail = service.watch.stop_and_tail();
-                if let Some(docker) = &docker {
-                    remove(docker, &service.id).await;
-                }
-                Some((ended, tail))
-            }
+        let removals = self.started.iter_mut().map(|slot| async move {
+            let service = slot.as_mut()?;
+            // Its state before the removal ends it: did it end on its own?
+            let ended = service.watch.ended();
+            let tail = service.watch.stop_and_tail();
+            service.container.remove().await;
+            Some((ended, tail))
         });
         let ends = join_all(removals).await;
         self.started.iter_mut().for_each(|s| *s = None);
@@ -220,32 +213,6 @@ fn service_result(
     }
 }
 
-impl Drop for Services {
-    fn drop(&mut self) {
-        if self.removed {
-            return;
-        }
-        let Some(docker) = self.docker.clone() else {
-            return;
-        };
-        let ids: Vec<String> = self.started().map(|(_, s)| s.id.clone()).collect();
-        if ids.is_empty() {
-            return;
-        }
-        // Dropped on an abort or a panic: remove them in the background.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    join_all(ids.iter().map(|id| remove(&docker, id))).await;
-                });
-            }
-            Err(_) => {
-                tracing::error!(containers = ?ids, "service containers dropped outside a runtime; the orphan sweep will remove them")
-            }
-        }
-    }
-}
-
 /// Creates, attaches to (before the start, so no output is lost) and starts one service; on
 /// any failure removes what it made. The error names the service.
 async fn start_one(setup: &ServiceSetup<'_>, plan: &ServicePlan) -> Result<Service, String> {
@@ -263,7 +230,12 @@ async fn start_one(setup: &ServiceSetup<'_>, plan: &ServicePlan) -> Result<Servi
                 plan.image
             )
         })?;
-    let id = created.id;
+    // From here on the guard removes it whatever happens (see `Created`).
+    let mut created = Created {
+        docker: docker.clone(),
+        id: Some(created.id),
+    };
+    let id = created.id().to_owned();
     let attach = AttachContainerOptionsBuilder::default()
         .stream(true)
         .stdout(true)
@@ -272,7 +244,7 @@ async fn start_one(setup: &ServiceSetup<'_>, plan: &ServicePlan) -> Result<Servi
     let output = match docker.attach_container(&id, Some(attach)).await {
         Ok(attached) => attached.output,
         Err(e) => {
-            remove(docker, &id).await;
+            created.remove().await;
             return Err(format!(
                 "service `{name}`: cannot attach to its container: {e}"
             ));
@@ -281,10 +253,51 @@ async fn start_one(setup: &ServiceSetup<'_>, plan: &ServicePlan) -> Result<Servi
     let watch = Watch::spawn(docker.clone(), id.clone(), output, setup.masker.clone());
     if let Err(e) = docker.start_container(&id, None).await {
         drop(watch);
-        remove(docker, &id).await;
+        created.remove().await;
         return Err(format!("service `{name}`: cannot start its container: {e}"));
     }
-    Ok(Service { id, watch })
+    Ok(Service {
+        id,
+        watch,
+        container: created,
+    })
+}
+
+/// A service container from its creation on: removed when dropped before [`Created::remove`]
+/// (an abort, a stop or a panic dropping the job's future, while it starts or after).
+struct Created {
+    docker: Docker,
+    /// `None` once removed.
+    id: Option<String>,
+}
+
+impl Created {
+    fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or_default()
+    }
+
+    async fn remove(&mut self) {
+        if let Some(id) = self.id.take() {
+            remove(&self.docker, &id).await;
+        }
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        let docker = self.docker.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move { remove(&docker, &id).await });
+            }
+            Err(_) => {
+                tracing::error!(container = %id, "a service container was dropped outside a runtime; the orphan sweep will remove it")
+            }
+        }
+    }
 }
 
 fn service_body(setup: &ServiceSetup<'_>, plan: &ServicePlan) -> ContainerCreateBody {
