@@ -2,7 +2,6 @@
 //! checkout, container, commands (`steps.rs`), and one exit that removes the container and the
 //! workspace whatever happened before the result is assembled.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -10,9 +9,7 @@ use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::container::{
-    ContainerSpec, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, OutputStream,
-};
+use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
 use super::limits::MAX_SECONDS_CEILING;
@@ -394,14 +391,10 @@ impl Job<'_> {
     }
 
     /// The labels of every container of the job (its services' too).
-    fn labels(&self) -> HashMap<String, String> {
+    fn labels(&self) -> std::collections::HashMap<String, String> {
         let settings = &self.executor.settings;
-        let mut labels = HashMap::new();
-        labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
-        labels.insert(LABEL_AGENT_ID.to_owned(), settings.agent_id.clone());
-        labels.insert(LABEL_JOB_ID.to_owned(), self.job.job_id.to_string());
-        labels.extend(settings.extra_labels.iter().cloned());
-        labels
+        let job_id = self.job.job_id.to_string();
+        job_labels(&settings.agent_id, &job_id, &settings.extra_labels)
     }
 
     fn container_name(&self, workspace: &Workspace) -> String {

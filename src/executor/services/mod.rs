@@ -28,7 +28,7 @@ use futures_util::future::join_all;
 
 use self::plan::ServicePlan;
 use self::watch::Watch;
-use super::container::try_remove;
+use super::container::remove_container as remove;
 use crate::secrets::mask::Masker;
 use crate::wire::{ServiceResult, ServiceStatus};
 
@@ -345,17 +345,4 @@ fn service_host_config(setup: &ServiceSetup<'_>) -> HostConfig {
         }),
         ..Default::default()
     }
-}
-
-/// Removes a service container (forced, with its anonymous volumes); a few tries, then the
-/// orphan sweep's turn.
-async fn remove(docker: &Docker, id: &str) {
-    for _ in 0..3 {
-        match try_remove(docker, id).await {
-            Ok(()) => return,
-            Err(e) => tracing::debug!(container = %id, error = %e, "service removal failed"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    tracing::error!(container = %id, "cannot remove a service container; the orphan sweep will");
 }
