@@ -24,7 +24,7 @@ pub(crate) struct Opts {
     pub(crate) network: String,
 }
 
-pub(crate) const FIGURES: [&str; 4] = ["overhead", "throughput", "pickup", "footprint"];
+pub(crate) const FIGURES: [&str; 5] = ["overhead", "throughput", "pickup", "footprint", "network"];
 
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,6 +1,6 @@
 //! One job from spec to result, in the order it happens: plan (`plan.rs`), image, workspace and
-//! checkout, container, commands (`steps.rs`), and one exit that removes the container and the
-//! workspace whatever happened before the result is assembled.
+//! checkout, network, container, commands (`steps.rs`), and one exit that removes the
+//! container, the network and the workspace whatever happened before the result is assembled.
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
 use super::limits::MAX_SECONDS_CEILING;
+use super::network::{self, JobNetwork};
 use super::output::Run;
 use super::plan::{Plan, git_url, job_timeout, plan};
 use super::steps::{
@@ -38,6 +39,15 @@ struct Job<'a> {
 
 /// A stage that ends the job early says how, as the error.
 type Stage<T = ()> = Result<T, Outcome>;
+
+/// What the job made in Docker, kept for the one cleanup exit, which removes the containers
+/// before the network they are attached to.
+#[derive(Default)]
+struct Made {
+    container: Option<JobContainer>,
+    /// The job's own network (`docker.network = "job"`).
+    network: Option<JobNetwork>,
+}
 
 pub(super) async fn run(
     executor: &Executor,
@@ -108,7 +118,8 @@ fn result(
 }
 
 /// Plans the job, gets its image, makes its workspace, runs it there, and cleans up: the one
-/// place the container and the workspace are removed, on every path once the workspace exists.
+/// place the container, the network and the workspace are removed, on every path once the
+/// workspace exists.
 async fn prepare_and_run(
     executor: &Executor,
     job: &JobSpec,
@@ -138,8 +149,8 @@ async fn prepare_and_run(
     let _image_hold = settings.image_use.begin(&plan.image);
     ctx.get_image(run.observer).await?;
     let workspace = ctx.create_workspace().await?;
-    let mut container = None;
-    let outcome = ctx.in_workspace(&workspace, &mut container, run).await;
+    let mut made = Made::default();
+    let outcome = ctx.in_workspace(&workspace, &mut made, run).await;
     // The one exit once the workspace exists, whatever `in_workspace` ended with.
     let job_id = job.job_id.to_string();
     let cleaner = JobUserCleaner {
@@ -150,20 +161,21 @@ async fn prepare_and_run(
         job_id: &job_id,
         extra_labels: &settings.extra_labels,
     };
-    cleanup(container, workspace, &cleaner).await;
+    cleanup(made, workspace, &cleaner).await;
     Ok(outcome.unwrap_or_else(|early| early))
 }
 
 impl Job<'_> {
     /// The job's path inside its workspace, in order: check out the repository, write the
-    /// pipeline, restore its caches, start the container (kept in `container` for the cleanup),
+    /// pipeline, restore its caches, make its network and start its container (both kept in
+    /// `made` for the cleanup),
     /// run the commands, upload its artifacts and caches. Anything the job needs before its
     /// first command goes before `run_commands`; anything taken from its workspace after its
     /// last one goes after it: the cleanup comes later.
     async fn in_workspace(
         &self,
         workspace: &Workspace,
-        container: &mut Option<JobContainer>,
+        made: &mut Made,
         run: &mut Run<'_>,
     ) -> Stage<Outcome> {
         self.check_out(workspace, run.observer).await?;
@@ -173,8 +185,12 @@ impl Job<'_> {
             Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"))
         })?;
         let storage = self.restore(workspace, run).await?;
-        let started = JobContainer::start(self.docker, self.container_spec(workspace)).await;
-        let container = &*container.insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
+        let network = self.network(workspace, &mut made.network).await?;
+        let spec = self.container_spec(workspace, network);
+        let started = JobContainer::start(self.docker, spec).await;
+        let container = &*made
+            .container
+            .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
         let outcome = self.run_commands(container, run).await;
         Ok(self.upload(storage, outcome, workspace, run).await)
     }
@@ -349,7 +365,29 @@ impl Job<'_> {
             .map_err(|e| Outcome::Error(format!("cannot give the checkout to the job's user: {e}")))
     }
 
-    fn container_spec(&self, workspace: &Workspace) -> ContainerSpec {
+    /// The network the job's containers join: with `docker.network = "job"` a new one of its
+    /// own, kept in `made` for the cleanup (the metadata rules are installed before the first);
+    /// otherwise the one configured.
+    async fn network(&self, workspace: &Workspace, made: &mut Option<JobNetwork>) -> Stage<String> {
+        let settings = &self.executor.settings;
+        if settings.docker.network != network::MODE_JOB {
+            return Ok(settings.docker.network.clone());
+        }
+        self.executor.guard_metadata().await;
+        let job_id = self.job.job_id.to_string();
+        let labels = job_labels(&settings.agent_id, &job_id, &settings.extra_labels);
+        let name = network::name_for(&workspace.unique_name());
+        let created = JobNetwork::create(
+            self.docker,
+            &name,
+            settings.network_pool,
+            network::labels(labels),
+        );
+        let created = created.await.map_err(|e| Outcome::Error(e.to_string()))?;
+        Ok(made.insert(created).name().to_owned())
+    }
+
+    fn container_spec(&self, workspace: &Workspace, network: String) -> ContainerSpec {
         let settings = &self.executor.settings;
         let plan = self.plan;
         let job_id = self.job.job_id.to_string();
@@ -361,7 +399,7 @@ impl Job<'_> {
             env: plan.env.clone(),
             labels,
             user: format!("{}:{}", plan.user.0, plan.user.1),
-            network: settings.docker.network.clone(),
+            network,
             pids_limit: settings.docker.pids_limit,
             memory_bytes: plan.memory_bytes,
             nano_cpus: plan.nano_cpus,
@@ -370,17 +408,18 @@ impl Job<'_> {
     }
 }
 
-/// Removes the container, then the workspace. The container goes first: removing it kills
-/// every job process at once (a fork bomb at its pids limit included), so nothing writes into
-/// the workspace any more. What the agent may not delete (agent not root) the job's user
-/// empties from a short-lived container of its own (see `workspace::empty_as_job_user`).
-async fn cleanup(
-    container: Option<JobContainer>,
-    workspace: Workspace,
-    cleaner: &JobUserCleaner<'_>,
-) {
-    if let Some(mut container) = container {
+/// Removes the container, then the network, then the workspace. The container goes first:
+/// removing it kills every job process at once (a fork bomb at its pids limit included), so
+/// nothing writes into the workspace any more, and it leaves the network without endpoints
+/// (Docker refuses to remove a network in use). What the agent may not delete (agent not root)
+/// the job's user empties from a short-lived container of its own, on no network (see
+/// `workspace::empty_as_job_user`).
+async fn cleanup(made: Made, workspace: Workspace, cleaner: &JobUserCleaner<'_>) {
+    if let Some(mut container) = made.container {
         container.remove().await;
+    }
+    if let Some(mut network) = made.network {
+        network.remove().await;
     }
     let path = workspace.path().to_owned();
     if let Err(e) = workspace.remove(Some(cleaner)).await {

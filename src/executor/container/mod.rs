@@ -226,4 +226,3 @@ impl Drop for JobContainer {
         }
     }
 }
-
