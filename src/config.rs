@@ -59,6 +59,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GRYT_PULL_POLICY", "docker.pull_policy"),
     ("GRYT_CONTAINER_USER", "docker.user"),
     ("GRYT_NETWORK", "docker.network"),
+    ("GRYT_NETWORK_POOL", "docker.network_pool"),
     ("GRYT_PIDS_LIMIT", "docker.pids_limit"),
     ("GRYT_MEMORY_LIMIT", "docker.memory_limit"),
     ("GRYT_CPU_LIMIT", "docker.cpu_limit"),
@@ -189,8 +190,11 @@ pub struct DockerSettings {
     pub gc_images: GcImages,
     /// `uid[:gid]` the job runs as; never root.
     pub user: String,
-    /// `bridge` (default), `none`, or a named network.
+    /// `job` (default: a network of its own for every job), `bridge`, `none`, or a named
+    /// network; never `host`.
     pub network: String,
+    /// IPv4 CIDR, /8 to /24, that `job` networks take a /24 each from (`10.213.0.0/16`).
+    pub network_pool: String,
     pub pids_limit: i64,
     /// Default memory limit when the job gives none (`512m`, `2g`).
     pub memory_limit: String,
@@ -434,7 +438,8 @@ impl Default for DockerSettings {
             pull_policy: PullPolicy::IfNotPresent,
             gc_images: GcImages::Agent,
             user: "1000:1000".into(),
-            network: "bridge".into(),
+            network: crate::executor::pool::MODE_JOB.into(),
+            network_pool: crate::executor::pool::DEFAULT_POOL.into(),
             pids_limit: 1024,
             memory_limit: "2g".into(),
             cpu_limit: "2".into(),
@@ -612,9 +617,10 @@ impl Settings {
         if d.network.trim().is_empty() || d.network == "host" {
             return Err(key_error(
                 "docker.network",
-                "must be `bridge`, `none` or a named network (not `host`)",
+                "must be `job`, `bridge`, `none` or a named network (not `host`)",
             ));
         }
+        d.network_pool()?;
         let j = &self.job;
         if j.max_timeout_seconds == 0 {
             return Err(key_error("job.max_timeout_seconds", "must be at least 1"));
@@ -874,6 +880,13 @@ impl DockerSettings {
 
     /// The most CPUs a job may have, in NanoCPUs and as written: `max_cpus`, else this
     /// machine's CPUs.
+    /// `network_pool` parsed: an IPv4 CIDR from /8 to /24.
+    pub fn network_pool(&self) -> Result<crate::executor::pool::Pool, ConfigError> {
+        self.network_pool
+            .parse()
+            .map_err(|e: String| key_error("docker.network_pool", e))
+    }
+
     pub fn max_nano_cpus(&self) -> Result<(i64, String), ConfigError> {
         match &self.max_cpus {
             Some(text) => parse_cpus(text)

@@ -58,6 +58,7 @@ mod baseline;
 mod fake_api;
 mod figures;
 mod footprint;
+mod network_cost;
 mod options;
 mod report;
 mod services;
@@ -112,6 +113,7 @@ async fn run() -> anyhow::Result<()> {
             "overhead" => bench.overhead().await,
             "throughput" => bench.throughput().await,
             "pickup" => bench.pickup().await,
+            "network" => bench.job_network().await,
             "services" => bench.services().await,
             _ => bench.footprint().await,
         }

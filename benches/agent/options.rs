@@ -24,7 +24,14 @@ pub(crate) struct Opts {
     pub(crate) network: String,
 }
 
-pub(crate) const FIGURES: [&str; 5] = ["overhead", "throughput", "pickup", "footprint", "services"];
+pub(crate) const FIGURES: [&str; 6] = [
+    "overhead",
+    "throughput",
+    "pickup",
+    "footprint",
+    "network",
+    "services",
+];
 
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,6 +1,6 @@
 //! One job from spec to result, in the order it happens: plan (`plan.rs`), image, workspace and
-//! checkout, container, commands (`steps.rs`), and one exit that removes the container and the
-//! workspace whatever happened before the result is assembled.
+//! checkout, network, container, commands (`steps.rs`), and one exit that removes the
+//! container, the network and the workspace whatever happened before the result is assembled.
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
 use super::limits::MAX_SECONDS_CEILING;
+use super::network::{self, JobNetwork};
 use super::output::Run;
 use super::plan::{Plan, git_url, job_timeout, plan};
 use super::services::{ServiceSetup, Services, await_ready, check_alive, not_started};
@@ -39,6 +40,16 @@ struct Job<'a> {
 
 /// A stage that ends the job early says how, as the error.
 type Stage<T = ()> = Result<T, Outcome>;
+
+/// What the job made in Docker, kept for the one cleanup exit, which removes the containers
+/// before the network they are attached to.
+struct Made {
+    container: Option<JobContainer>,
+    /// The job's service containers (those started so far).
+    services: Services,
+    /// The job's own network (`docker.network = "job"`).
+    network: Option<JobNetwork>,
+}
 
 pub(super) async fn run(
     executor: &Executor,
@@ -111,7 +122,8 @@ fn result(
 }
 
 /// Plans the job, gets its image, makes its workspace, runs it there, and cleans up: the one
-/// place the container and the workspace are removed, on every path once the workspace exists.
+/// place the container, the network and the workspace are removed, on every path once the
+/// workspace exists.
 async fn prepare_and_run(
     executor: &Executor,
     job: &JobSpec,
@@ -149,11 +161,12 @@ async fn prepare_and_run(
         got.map_err(|early| service_image_failed(&mut run.services[i], early))?;
     }
     let workspace = ctx.create_workspace().await?;
-    let mut container = None;
-    let mut services = Services::new(plan.services.clone());
-    let outcome = ctx
-        .in_workspace(&workspace, &mut container, &mut services, run)
-        .await;
+    let mut made = Made {
+        container: None,
+        network: None,
+        services: Services::new(plan.services.clone()),
+    };
+    let outcome = ctx.in_workspace(&workspace, &mut made, run).await;
     // The one exit once the workspace exists, whatever `in_workspace` ended with.
     let job_id = job.job_id.to_string();
     let cleaner = JobUserCleaner {
@@ -164,22 +177,22 @@ async fn prepare_and_run(
         job_id: &job_id,
         extra_labels: &settings.extra_labels,
     };
-    run.services = cleanup(container, services, workspace, &cleaner, &run.masker).await;
+    run.services = cleanup(made, workspace, &cleaner, &run.masker).await;
     Ok(outcome.unwrap_or_else(|early| early))
 }
 
 impl Job<'_> {
     /// The job's path inside its workspace, in order: check out the repository, write the
-    /// pipeline, restore its caches, start its services and wait for them, start the container
-    /// (kept in `container` for the cleanup), run the commands, check that its services
-    /// outlived them, upload its artifacts and caches. Anything the job needs before its
+    /// pipeline, restore its caches, make its network, start its services and wait for them,
+    /// start its container (network, services and container kept in `made` for the cleanup),
+    /// run the commands, check that its services outlived them, upload its artifacts and
+    /// caches. Anything the job needs before its
     /// first command goes before `run_commands`; anything taken from its workspace after its
     /// last one goes after it: the cleanup comes later.
     async fn in_workspace(
         &self,
         workspace: &Workspace,
-        container: &mut Option<JobContainer>,
-        services: &mut Services,
+        made: &mut Made,
         run: &mut Run<'_>,
     ) -> Stage<Outcome> {
         self.check_out(workspace, run.observer).await?;
@@ -189,11 +202,16 @@ impl Job<'_> {
             Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"))
         })?;
         let storage = self.restore(workspace, run).await?;
-        self.start_services(services, workspace).await?;
-        let started = JobContainer::start(self.docker, self.container_spec(workspace)).await;
-        let container = &*container.insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
+        let network = self.network(workspace, &mut made.network).await?;
+        self.start_services(&mut made.services, workspace, &network)
+            .await?;
+        let spec = self.container_spec(workspace, network);
+        let started = JobContainer::start(self.docker, spec).await;
+        let container = &*made
+            .container
+            .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
         let outcome = self.run_commands(container, run).await;
-        let outcome = services_outlived_the_steps(services, outcome);
+        let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
     }
 
@@ -267,11 +285,15 @@ impl Job<'_> {
     }
 
     /// Starts the job's services on its network and waits until they are ready.
-    async fn start_services(&self, services: &mut Services, workspace: &Workspace) -> Stage {
+    async fn start_services(
+        &self,
+        services: &mut Services,
+        workspace: &Workspace,
+        network: &str,
+    ) -> Stage {
         if services.is_empty() {
             return Ok(());
         }
-        let network = self.executor.settings.docker.network.as_str();
         let (job_container, labels) = (self.container_name(workspace), self.labels());
         let setup = ServiceSetup {
             docker: self.docker,
@@ -401,7 +423,29 @@ impl Job<'_> {
         format!("gryt-{}", workspace.unique_name())
     }
 
-    fn container_spec(&self, workspace: &Workspace) -> ContainerSpec {
+    /// The network the job's containers join: with `docker.network = "job"` a new one of its
+    /// own, kept in `made` for the cleanup (the metadata rules are installed before the first);
+    /// otherwise the one configured.
+    async fn network(&self, workspace: &Workspace, made: &mut Option<JobNetwork>) -> Stage<String> {
+        let settings = &self.executor.settings;
+        if settings.docker.network != network::MODE_JOB {
+            return Ok(settings.docker.network.clone());
+        }
+        self.executor.guard_metadata().await;
+        let job_id = self.job.job_id.to_string();
+        let labels = job_labels(&settings.agent_id, &job_id, &settings.extra_labels);
+        let name = network::name_for(&workspace.unique_name());
+        let created = JobNetwork::create(
+            self.docker,
+            &name,
+            settings.network_pool,
+            network::labels(labels),
+        );
+        let created = created.await.map_err(|e| Outcome::Error(e.to_string()))?;
+        Ok(made.insert(created).name().to_owned())
+    }
+
+    fn container_spec(&self, workspace: &Workspace, network: String) -> ContainerSpec {
         let settings = &self.executor.settings;
         let plan = self.plan;
         ContainerSpec {
@@ -411,7 +455,7 @@ impl Job<'_> {
             env: plan.env.clone(),
             labels: self.labels(),
             user: format!("{}:{}", plan.user.0, plan.user.1),
-            network: settings.docker.network.clone(),
+            network,
             pids_limit: settings.docker.pids_limit,
             memory_bytes: plan.memory_bytes,
             nano_cpus: plan.nano_cpus,
@@ -443,21 +487,26 @@ fn services_outlived_the_steps(services: &mut Services, outcome: Outcome) -> Out
     }
 }
 
-/// Removes the container, then the services, then the workspace, and returns what became of
-/// each service. The container goes first: removing it kills every job process at once (a
-/// fork bomb at its pids limit included), so nothing writes into the workspace any more. What the agent may not delete (agent not root) the job's user
-/// empties from a short-lived container of its own (see `workspace::empty_as_job_user`).
+/// Removes the container, then the services, then the network, then the workspace, and
+/// returns what became of each service. The container goes first: removing it kills every job
+/// process at once (a fork bomb at its pids limit included), so nothing writes into the
+/// workspace any more; with the services gone too the network has no endpoints left (Docker
+/// refuses to remove a network in use). What the agent may not delete (agent not root) the
+/// job's user empties from a short-lived container of its own, on no network (see
+/// `workspace::empty_as_job_user`).
 async fn cleanup(
-    container: Option<JobContainer>,
-    mut services: Services,
+    mut made: Made,
     workspace: Workspace,
     cleaner: &JobUserCleaner<'_>,
     masker: &Masker,
 ) -> Vec<ServiceResult> {
-    if let Some(mut container) = container {
+    if let Some(mut container) = made.container {
         container.remove().await;
     }
-    let services = services.remove_all(masker).await;
+    let services = made.services.remove_all(masker).await;
+    if let Some(mut network) = made.network {
+        network.remove().await;
+    }
     let path = workspace.path().to_owned();
     if let Err(e) = workspace.remove(Some(cleaner)).await {
         tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");

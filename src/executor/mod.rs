@@ -8,6 +8,7 @@
 // Pure parts, also built without the `runtime` feature (the fuzz targets use them).
 pub mod capture;
 pub mod limits;
+pub mod pool;
 
 #[cfg(feature = "runtime")]
 pub mod command;
@@ -27,6 +28,10 @@ mod executor;
 pub mod image;
 #[cfg(feature = "runtime")]
 mod job;
+#[cfg(feature = "runtime")]
+pub mod metadata_guard;
+#[cfg(feature = "runtime")]
+pub mod network;
 #[cfg(feature = "runtime")]
 mod observer;
 #[cfg(feature = "runtime")]

@@ -15,7 +15,7 @@ use crate::wire::{JobSpec, ServiceCommand, ServiceSpec};
 /// The `docker.network` mode services need: a network of the job's own, where their names
 /// are aliases no other job can answer to (on a shared network, two jobs' `db` would be one
 /// name for both).
-pub(crate) const JOB_NETWORK: &str = "job";
+pub(crate) const JOB_NETWORK: &str = crate::executor::network::MODE_JOB;
 
 /// One service as it will be started.
 #[derive(Debug, Clone)]
