@@ -487,7 +487,7 @@ fn services_outlived_the_steps(services: &mut Services, outcome: Outcome) -> Out
     }
 }
 
-/// Removes the container, then the services, then the network, then the workspace, and
+/// Removes the container and the services, then the network, then the workspace, and
 /// returns what became of each service. The container goes first: removing it kills every job
 /// process at once (a fork bomb at its pids limit included), so nothing writes into the
 /// workspace any more; with the services gone too the network has no endpoints left (Docker
@@ -500,10 +500,13 @@ async fn cleanup(
     cleaner: &JobUserCleaner<'_>,
     masker: &Masker,
 ) -> Vec<ServiceResult> {
-    if let Some(mut container) = made.container {
-        container.remove().await;
-    }
-    let services = made.services.remove_all(masker).await;
+    // Together: the services never touch the workspace, and the network waits for both.
+    let container = async {
+        if let Some(mut container) = made.container {
+            container.remove().await;
+        }
+    };
+    let ((), services) = tokio::join!(container, made.services.remove_all(masker));
     if let Some(mut network) = made.network {
         network.remove().await;
     }
