@@ -1,6 +1,7 @@
 //! Service containers with real Docker: a service answering the job by name, services that
 //! exit or never open their port (clear errors, nothing left), a stop and a timeout while
-//! services run, their hardening, and `services` in a pushed job's JSON.
+//! services run, their hardening, `services` in a pushed job's JSON, and a pulled job's service
+//! swept after the agent is killed.
 
 use crate::support;
 
@@ -292,4 +293,54 @@ async fn a_pushed_jobs_json_services_run_beside_it() {
     assert_eq!(result["services"][0]["name"], "web");
     assert_eq!(result["services"][0]["status"], "running");
     agent.assert_clean().await;
+}
+
+/// A pulled job (JSON `services`) whose agent is killed while its service runs: the restarted
+/// agent's orphan sweep removes the service container and the network with the job's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_jobs_service_is_swept_with_it_after_the_agent_is_killed() {
+    use crate::fake_api::FakeApi;
+    use support::process::pull;
+    let image = support::test_image().await;
+    let api = FakeApi::start(pull::KEY, 30).await;
+    let mut spec = support::shell_job(1, "echo started; sleep 300");
+    spec["services"] = json!([{
+        "name": "web",
+        "image": image,
+        "command": "exec httpd -f -p 8080 -h /tmp",
+        "ready_port": 8080
+    }]);
+    api.push_job(spec);
+    let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let agent_id = support::unique_agent_id("svc-crash");
+    let env = [("GRYT_NETWORK", "job")];
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    api.wait_for("the job's step", Duration::from_secs(60), |a| {
+        a.job(1).log.contains("started")
+    })
+    .await;
+    assert_eq!(
+        support::containers_of(&agent_id).await.len(),
+        2,
+        "the job's container and its service's"
+    );
+    agent.sigkill();
+    let agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    let restarted = Instant::now();
+    while !support::containers_of(&agent_id).await.is_empty()
+        || !networks_of(&agent_id).await.is_empty()
+    {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "the killed job's service, container or network is still there; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    api.wait_for(
+        "the killed job's completion",
+        Duration::from_secs(30),
+        |a| a.job(1).completion.is_some(),
+    )
+    .await;
 }
