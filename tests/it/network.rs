@@ -260,6 +260,8 @@ async fn a_full_pool_is_a_clear_error_and_leaves_nothing() {
         .run(&job("version: 1\nsteps:\n  - run: \"true\"\n"))
         .await;
     docker.remove_network(&blocker).await.unwrap();
+    // The executor (root here) installed the metadata rule for this pool: not the host's.
+    delete_rule(pool.parse().unwrap());
     assert_eq!(result.status, JobStatus::Error, "{result:?}");
     let error = result.error.unwrap_or_default();
     assert!(
