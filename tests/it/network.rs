@@ -15,6 +15,13 @@ use gryt_agent::executor::network;
 use gryt_agent::executor::{Discard, JobControl};
 use gryt_agent::wire::JobStatus;
 
+/// A shell command that GETs `/index.html` from `address:port` and prints the answer, failing
+/// when it cannot connect within 3 s. `nc`, not busybox `wget`, which crashes when a connect
+/// times out.
+fn get(address: &str, port: u16) -> String {
+    format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} {port}")
+}
+
 /// The address of the first container of `agent_id` once it runs, and the network it is on.
 async fn address_of_job(agent_id: &str) -> (String, String) {
     let docker = support::docker().await;
@@ -90,7 +97,7 @@ async fn concurrent_jobs_cannot_reach_each_other() {
         assert_ne!(server_network, "bridge", "the job is on the default bridge");
         // The page is there for whoever is on the job's own network (the control: what job 2
         // fails to reach exists and answers).
-        let fetch = format!("wget -q -T 3 -O - http://{address}:8080/index.html | grep -q served");
+        let fetch = format!("{} | grep -q served", get(&address, 8080));
         let started = Instant::now();
         while probe_from(&server_network, &fetch).await != 0 {
             assert!(
@@ -101,7 +108,8 @@ async fn concurrent_jobs_cannot_reach_each_other() {
         }
         // Job 2, at the same time, on a network of its own: cannot connect.
         let mut other = job(&format!(
-            "version: 1\nsteps:\n  - run: wget -q -T 3 -O - http://{address}:8080/index.html\n"
+            "version: 1\nsteps:\n  - run: {}\n",
+            get(&address, 8080)
         ));
         other.job_id = 2;
         let result = agent.run(&other).await;
@@ -252,6 +260,8 @@ async fn a_full_pool_is_a_clear_error_and_leaves_nothing() {
         .run(&job("version: 1\nsteps:\n  - run: \"true\"\n"))
         .await;
     docker.remove_network(&blocker).await.unwrap();
+    // The executor (root here) installed the metadata rule for this pool: not the host's.
+    delete_rule(pool.parse().unwrap());
     assert_eq!(result.status, JobStatus::Error, "{result:?}");
     let error = result.error.unwrap_or_default();
     assert!(
@@ -453,7 +463,10 @@ async fn as_root_job_networks_cannot_reach_the_metadata_address_and_bridge_jobs_
         "no rule yet: {check}"
     );
     let _metadata = FakeMetadata::start();
-    let fetch = "version: 1\nsteps:\n  - run: wget -q -T 3 -O - http://169.254.169.254/\n";
+    let fetch = &format!(
+        "version: 1\nsteps:\n  - run: {}\n",
+        get("169.254.169.254", 80)
+    );
 
     // The control: the default bridge reaches the stand-in (once its server listens).
     let bridge = test_agent("metadata-bridge", |s| s.docker.network = "bridge".into()).await;
@@ -471,7 +484,7 @@ async fn as_root_job_networks_cannot_reach_the_metadata_address_and_bridge_jobs_
     // A job on a job network: the executor (root here) installs the rule before it, and
     // the job cannot read the page.
     let jobs = test_agent("metadata-job", |s| s.docker.network_pool = pool_text.into()).await;
-    let other_address = "version: 1\nsteps:\n  - run: wget -q -T 3 -O - http://10.255.254.2/\n";
+    let other_address = &format!("version: 1\nsteps:\n  - run: {}\n", get("10.255.254.2", 80));
     let routed = jobs.run(&job(other_address)).await;
     assert_eq!(
         routed.status,
