@@ -96,8 +96,9 @@ async fn a_service_answers_the_job_by_its_name_and_its_output_is_masked() {
     );
     assert!(web.error.is_none(), "{web:?}");
     assert_eq!(web.output_tail, "web starting with [MASKED]\n", "{web:?}");
-    // The job container and the service container, both hardened (the audit's service rules).
-    assert_eq!(audit.finish().await, 2);
+    // The job container and the service container, both hardened (the audit's service rules),
+    // on one hardened job network.
+    assert_eq!(audit.finish_all().await, (2, 1));
     assert_all_gone(&agent).await;
 }
 
