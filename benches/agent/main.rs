@@ -61,8 +61,10 @@ mod baseline;
 mod fake_api;
 mod figures;
 mod footprint;
+mod network_cost;
 mod options;
 mod report;
+mod services;
 mod store;
 
 use agent_bin::*;
@@ -123,6 +125,8 @@ async fn run() -> anyhow::Result<()> {
             "throughput" => bench.throughput().await,
             "pickup" => bench.pickup().await,
             "store" => bench.store().await,
+            "network" => bench.job_network().await,
+            "services" => bench.services().await,
             _ => bench.footprint().await,
         }
         .with_context(|| format!("figure `{figure}`"))?;

@@ -30,7 +30,15 @@ pub(crate) struct Opts {
     pub(crate) store_env: PathBuf,
 }
 
-pub(crate) const FIGURES: [&str; 5] = ["overhead", "throughput", "pickup", "footprint", "store"];
+pub(crate) const FIGURES: [&str; 7] = [
+    "overhead",
+    "throughput",
+    "pickup",
+    "footprint",
+    "store",
+    "network",
+    "services",
+];
 
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,5 +1,6 @@
-//! The orphan sweep: removes this agent's containers and workspaces that no running job owns,
-//! and the containers of `gryt-agent exec`s on this host that were killed (`exec_owner`).
+//! The orphan sweep: removes this agent's containers, job networks and workspaces that no
+//! running job owns, and the containers of `gryt-agent exec`s on this host that were killed
+//! (`exec_owner`).
 //!
 //! Runs at start, before the agent takes a job (what a crashed or killed agent left behind), and
 //! then on a slow timer while jobs run. Only
@@ -25,6 +26,7 @@ pub const INTERVAL: Duration = Duration::from_secs(600);
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     pub containers: usize,
+    pub networks: usize,
     pub workspaces: usize,
 }
 
@@ -56,6 +58,7 @@ fn report(swept: &Swept) {
     if *swept != Swept::default() {
         tracing::warn!(
             containers = swept.containers,
+            networks = swept.networks,
             workspaces = swept.workspaces,
             "removed leftovers of earlier jobs"
         );
@@ -67,6 +70,10 @@ pub async fn sweep(state: &AgentState) -> Swept {
     let docker = state.executor.docker().await.ok();
     let containers = match &docker {
         Some(docker) => list_containers(docker, &state.agent_id).await,
+        None => Vec::new(),
+    };
+    let networks = match &docker {
+        Some(docker) => list_networks(docker, &state.agent_id).await,
         None => Vec::new(),
     };
     let work_dir = state.executor.settings().work_dir.clone();
@@ -87,6 +94,10 @@ pub async fn sweep(state: &AgentState) -> Swept {
     let containers: Vec<_> = containers
         .into_iter()
         .filter(|(_, job, _)| !running.contains(job))
+        .collect();
+    let networks: Vec<_> = networks
+        .into_iter()
+        .filter(|(_, job)| !running.contains(job))
         .collect();
     // A workspace the agent cannot delete is emptied by the job's user in a container of the
     // job's image (its container's, when one was left), else of the default image.
@@ -112,6 +123,11 @@ pub async fn sweep(state: &AgentState) -> Swept {
                 );
                 remove_containers(docker, containers).await + dead_execs.await
             }
+            None => 0,
+        },
+        // After the containers: the engine refuses to remove a network still in use.
+        networks: match &docker {
+            Some(docker) => remove_networks(docker, networks).await,
             None => 0,
         },
         workspaces: remove_workspaces(state, docker.as_ref(), &images, workspaces).await,
@@ -154,6 +170,37 @@ async fn list_containers(
             Vec::new()
         }
     }
+}
+
+/// This agent's job networks, as `(network id, job id)`; an exec's are `exec_owner`'s.
+async fn list_networks(docker: &bollard::Docker, agent_id: &str) -> Vec<(String, String)> {
+    match crate::executor::network::list_job_networks(docker, agent_id).await {
+        Ok(networks) => networks
+            .into_iter()
+            .filter(|(_, _, labels)| !labels.contains_key(exec_owner::LABEL_EXEC_LOCK))
+            .map(|(id, job, _)| (id, job))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "orphan sweep: cannot list networks");
+            Vec::new()
+        }
+    }
+}
+
+async fn remove_networks(docker: &bollard::Docker, stale: Vec<(String, String)>) -> usize {
+    let mut removed = 0;
+    for (id, job) in stale {
+        match crate::executor::network::try_remove(docker, &id).await {
+            Ok(()) => {
+                tracing::info!(network = %id, job_id = %job, "orphan sweep removed a network");
+                removed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(network = %id, error = %e, "orphan sweep cannot remove a network")
+            }
+        }
+    }
+    removed
 }
 
 async fn remove_containers(

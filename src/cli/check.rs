@@ -50,6 +50,7 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     check_dirs(&settings, &mut list);
     check_descriptors(&mut list);
     check_docker(&settings, &mut list).await;
+    check_metadata(&settings, &mut list).await;
     check_api(&settings, &mut list).await;
     check_store(&settings, &mut list).await;
     if list.failures == 0 {
@@ -221,6 +222,36 @@ async fn check_disk(settings: &Settings, executor: Executor, list: &mut Checklis
             "the agent will remove unused images; free space by hand if it stays low",
         ),
         _ => list.ok(what),
+    }
+}
+
+/// The metadata protection (see `metadata_guard`): a warning, never a failure, when it is not
+/// in place or cannot be read (the firewall is readable by root only).
+async fn check_metadata(settings: &Settings, list: &mut Checklist) {
+    use gryt_agent::executor::metadata_guard::{RuleState, v4_state};
+    use gryt_agent::executor::network::MODE_JOB;
+    let network = &settings.docker.network;
+    if network != MODE_JOB {
+        return list.warn(
+            format!("metadata protection: off (docker.network = {network}: jobs reach what the host reaches, the cloud metadata address included)"),
+            "use GRYT_NETWORK=job (the default): a network per job, its pool kept from the metadata address",
+        );
+    }
+    let Ok(pool) = settings.docker.network_pool() else {
+        return;
+    };
+    match v4_state(pool).await {
+        RuleState::Present => list.ok(format!(
+            "metadata protection: active (iptables DOCKER-USER drops {pool} -> 169.254.169.254)"
+        )),
+        RuleState::Absent => list.warn(
+            format!("metadata protection: inactive (no DOCKER-USER rule drops {pool} -> 169.254.169.254)"),
+            "run `gryt-agent guard-metadata` as root (the packaged service does at start), or run the agent as root",
+        ),
+        RuleState::Unknown(why) => list.warn(
+            format!("metadata protection: unknown ({why})"),
+            "run `sudo gryt-agent check` to read the firewall; install `iptables` if missing",
+        ),
     }
 }
 

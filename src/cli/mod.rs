@@ -4,6 +4,7 @@
 mod check;
 mod conformance;
 mod exec;
+mod guard;
 mod run;
 mod setting_flags;
 mod token;
@@ -57,6 +58,9 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Check a main API against the pull protocol's server rules, with its conformance jobs.
     Conformance(conformance::ConformanceArgs),
+    /// Drop traffic from the job network pool to the cloud metadata address (iptables, as
+    /// root): the packaged service runs it before the agent starts.
+    GuardMetadata,
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -90,5 +94,6 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check => check::run(cli.config.as_deref()).await,
         Command::Token(args) => token::run(cli.config.as_deref(), args),
         Command::Conformance(args) => conformance::run(cli.config.as_deref(), args).await,
+        Command::GuardMetadata => guard::run(cli.config.as_deref()).await,
     }
 }

@@ -12,6 +12,7 @@
 //! (the value parsers it shares with the executor are in [`crate::units`]).
 
 mod declare;
+pub mod pool;
 mod sections;
 mod validate;
 mod values;
@@ -29,7 +30,9 @@ pub use sections::{
     CheckoutConfig, DiskSettings, DockerSettings, GcImages, JobSettings, JobUser, PullPolicy,
     PushSettings, Settings, StoreConfig,
 };
-pub use validate::{MAX_DISK_MARK_MB, MAX_PART_SIZE, MAX_PUSH_QUEUE, MIN_PART_SIZE};
+pub use validate::{
+    MAX_DISK_MARK_MB, MAX_PART_SIZE, MAX_PUSH_QUEUE, MAX_SERVICES_SETTING, MIN_PART_SIZE,
+};
 pub use values::{DEFAULT_SECRET_ENV_PATTERNS, image_globs, secret_name_glob, valid_agent_id};
 
 /// Where the TOML file is looked for when `--config` is not given.

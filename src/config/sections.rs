@@ -109,8 +109,11 @@ settings! {
         gc_images: GcImages = GcImages::Agent, env "GRYT_GC_IMAGES";
         /// `uid[:gid]` the job runs as; never root. Read once, into `job_user`.
         user: String = JobUser::DEFAULT_TEXT.into(), env "GRYT_CONTAINER_USER";
-        /// `bridge` (default), `none`, or a named network.
-        network: String = "bridge".into(), env "GRYT_NETWORK";
+        /// `job` (default: a network of its own for every job), `bridge`, `none`, or a named
+        /// network; never `host`.
+        network: String = super::pool::MODE_JOB.into(), env "GRYT_NETWORK";
+        /// IPv4 CIDR, /8 to /24, that `job` networks take a /24 each from.
+        network_pool: String = super::pool::DEFAULT_POOL.into(), env "GRYT_NETWORK_POOL";
         /// Most processes a job's container may have.
         pids_limit: i64 = 1024, env "GRYT_PIDS_LIMIT";
         /// Default memory limit when the job gives none (`512m`, `2g`).
@@ -146,6 +149,8 @@ settings! {
             env "GRYT_COMMAND", kind Words;
         /// Longest time limit a job or step may ask for (`timeout_seconds`); longer is refused.
         max_timeout_seconds: u64 = 24 * 3600, env "GRYT_MAX_JOB_TIMEOUT";
+        /// Most service containers one job may have (`services`); 0 refuses every job with one.
+        max_services: usize = 4, env "GRYT_MAX_SERVICES";
     }
 }
 

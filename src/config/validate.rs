@@ -12,6 +12,9 @@ use crate::units::{
 /// The largest `push.max_queue`: each waiting request holds a connection of the endpoint.
 pub const MAX_PUSH_QUEUE: usize = 256;
 
+/// The largest `job.max_services` accepted: each service is a container with limits of its own.
+pub const MAX_SERVICES_SETTING: usize = 64;
+
 /// The largest free-space mark accepted (MiB): 1 EiB, far beyond any disk, and its bytes fit a u64.
 pub const MAX_DISK_MARK_MB: u64 = 1 << 40;
 
@@ -67,10 +70,17 @@ impl Settings {
         if d.network.trim().is_empty() || d.network == "host" {
             return Err(key_error(
                 "docker.network",
-                "must be `bridge`, `none` or a named network (not `host`)",
+                "must be `job`, `bridge`, `none` or a named network (not `host`)",
             ));
         }
+        d.network_pool()?;
         let j = &self.job;
+        if j.max_services > MAX_SERVICES_SETTING {
+            return Err(key_error(
+                "job.max_services",
+                format!("must be at most {MAX_SERVICES_SETTING}"),
+            ));
+        }
         if j.max_timeout_seconds == 0 {
             return Err(key_error("job.max_timeout_seconds", "must be at least 1"));
         }
@@ -279,6 +289,13 @@ impl StoreConfig {
 }
 
 impl DockerSettings {
+    /// `network_pool` parsed: an IPv4 CIDR from /8 to /24.
+    pub fn network_pool(&self) -> Result<super::pool::Pool, ConfigError> {
+        self.network_pool
+            .parse()
+            .map_err(|e: String| key_error("docker.network_pool", e))
+    }
+
     /// The most memory a job may have, in bytes and as written: `max_memory`, else this
     /// machine's memory.
     pub fn max_memory_bytes(&self) -> Result<(i64, String), ConfigError> {

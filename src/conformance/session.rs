@@ -240,6 +240,7 @@ pub fn completion(job_id: i64, error: Option<&str>, log_bytes: u64) -> Value {
             steps: Vec::new(),
             oom_killed: false,
             artifacts: Vec::new(),
+            services: Vec::new(),
         },
     };
     let request = CompleteRequest {

@@ -5,7 +5,8 @@
 //! drops the lock when the process dies, however it dies. The next exec, or the agent at start,
 //! lists containers with such labels, and for each whose lock file is in its own lock dir and
 //! on this host, tries to take the lock: taken (or the file gone) means the owner is dead, and
-//! its container and workspace are removed; held means a live exec, which is left alone.
+//! its container, network and workspace are removed; held means a live exec, which is left
+//! alone.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,10 +14,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bollard::Docker;
-use bollard::query_parameters::ListContainersOptionsBuilder;
+use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
 use rustix::fs::{FlockOperation, flock};
 
 use super::container::{LABEL_AGENT_ID, LABEL_JOB_ID, WORKSPACE, try_remove};
+use super::network;
 use super::workspace::{self, JobUserCleaner};
 
 /// Label naming the lock file of the exec that owns the container.
@@ -135,7 +137,55 @@ pub async fn sweep_dead_execs(
         let lock = orphan.lock.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(lock)).await;
     }
+    remove_dead_exec_networks(docker, lock_dir).await;
     removed
+}
+
+/// Removes the job networks of execs on this host whose lock file is in `lock_dir` and whose
+/// process is dead (after their containers: the engine refuses a network still in use).
+async fn remove_dead_exec_networks(docker: &Docker, lock_dir: &Path) {
+    let host = host_name();
+    let filters = HashMap::from([(
+        "label",
+        vec![
+            LABEL_EXEC_LOCK.to_owned(),
+            format!("{LABEL_EXEC_HOST}={host}"),
+            format!("{}={}", network::LABEL_NETWORK, network::MODE_JOB),
+        ],
+    )]);
+    let options = ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let Ok(listed) = docker.list_networks(Some(options)).await else {
+        return;
+    };
+    let mut candidates = Vec::new();
+    for n in listed {
+        let labels = n.labels.unwrap_or_default();
+        let lock = labels.get(LABEL_EXEC_LOCK).map(PathBuf::from);
+        if let (Some(id), Some(lock)) = (n.id, lock.filter(|l| l.parent() == Some(lock_dir))) {
+            candidates.push((id, lock));
+        }
+    }
+    let dead: Vec<String> = tokio::task::spawn_blocking(move || {
+        candidates
+            .into_iter()
+            .filter(|(_, lock)| owner_is_dead(lock) == Some(true))
+            .map(|(id, _)| id)
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    for id in dead {
+        match network::try_remove(docker, &id).await {
+            Ok(()) => {
+                tracing::info!(network = %id, "removed the network of an exec that was killed")
+            }
+            Err(e) => {
+                tracing::warn!(network = %id, error = %e, "cannot remove a dead exec's network")
+            }
+        }
+    }
 }
 
 async fn dead_exec_containers(docker: &Docker, lock_dir: &Path, work_dir: &Path) -> Vec<Orphan> {

@@ -15,6 +15,8 @@ use crate::secrets::token::{KeyError, TokenKeys};
 use crate::wire::{JobResult, JobSpec};
 
 use super::docker::check_address;
+use super::metadata_guard;
+use super::network::Pool;
 use super::{JobControl, JobObserver, job};
 
 /// What the executor needs from the settings.
@@ -46,6 +48,8 @@ pub struct ExecutorSettings {
     pub extra_labels: Vec<(String, String)>,
     /// Object storage for artifacts and caches (`store.url`); `None` when not configured.
     pub store: Option<crate::store::Store>,
+    /// Where job networks take their subnets (`docker.network_pool`).
+    pub network_pool: Pool,
 }
 
 impl ExecutorSettings {
@@ -91,6 +95,7 @@ impl ExecutorSettings {
             exec_lock_dir: settings.state_dir.join("exec"),
             extra_labels: Vec::new(),
             store,
+            network_pool: settings.docker.network_pool()?,
         })
     }
 }
@@ -124,6 +129,8 @@ pub struct Executor {
     /// engine is down (or its socket does not exist yet) and picks it up when it comes back.
     /// A plain mutex, held only to read or store: never across the negotiation's request.
     pub(super) negotiated: Mutex<Option<Docker>>,
+    /// Set once the metadata rules were seen to or tried (see [`Executor::guard_metadata`]).
+    metadata_guarded: tokio::sync::OnceCell<()>,
 }
 
 impl Executor {
@@ -144,6 +151,7 @@ impl Executor {
             secret_names,
             allowed_images,
             negotiated: Mutex::new(None),
+            metadata_guarded: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -160,6 +168,31 @@ impl Executor {
         control: &JobControl,
     ) -> JobResult {
         job::run(self, job, observer, control).await
+    }
+
+    /// Installs the rules that keep job networks from the cloud metadata address (see
+    /// `metadata_guard`), once, before the first job network: when the agent may change the
+    /// firewall. Otherwise the packaged pre-start step (`gryt-agent guard-metadata`) or the
+    /// operator installs them, and `gryt-agent check` says whether they are there. Never fails
+    /// a job: a host without `iptables` runs jobs as before, with a warning in the log.
+    pub(super) async fn guard_metadata(&self) {
+        let pool = self.settings.network_pool;
+        self.metadata_guarded
+            .get_or_init(|| async move {
+                if !metadata_guard::may_change_firewall() {
+                    tracing::info!(%pool, "not root: the metadata rules are left to the pre-start step (`gryt-agent check` says whether they are in place)");
+                    return;
+                }
+                let guarded = metadata_guard::install(pool).await;
+                match guarded.v4 {
+                    Ok(()) => tracing::info!(%pool, "job networks cannot reach the cloud metadata address"),
+                    Err(e) => tracing::warn!(%pool, error = %e, "cannot keep job networks from the cloud metadata address"),
+                }
+                if let Err(e) = guarded.v6 {
+                    tracing::debug!(error = %e, "no IPv6 metadata rule (job networks are IPv4 only)");
+                }
+            })
+            .await;
     }
 }
 

@@ -1,8 +1,7 @@
 //! One job from spec to result, in the order it happens: plan (`plan.rs`), image, workspace and
-//! checkout, container, commands (`steps.rs`), and one exit that removes the container and the
-//! workspace whatever happened before the result is assembled.
+//! checkout, network, container, commands (`steps.rs`), and one exit that removes the
+//! container, the network and the workspace whatever happened before the result is assembled.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -10,14 +9,14 @@ use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::container::{
-    ContainerSpec, JobContainer, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, OutputStream,
-};
+use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
 use super::limits::MAX_SECONDS_CEILING;
+use super::network::{self, JobNetwork};
 use super::output::Run;
 use super::plan::{Plan, git_url, job_timeout, plan};
+use super::services::{ServiceSetup, Services, await_ready, check_alive, not_started};
 use super::steps::{
     Context, Outcome, cancelled, gryt_command, run_gryt, run_steps, single_command,
 };
@@ -26,7 +25,7 @@ use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until};
 use crate::pipeline::Pipeline;
 use crate::secrets::mask::Masker;
-use crate::wire::{JobResult, JobSpec, JobStatus, rfc3339};
+use crate::wire::{JobResult, JobSpec, JobStatus, ServiceResult, rfc3339};
 
 /// What the job's stages share: the executor, the job, its plan, how to stop it and its clock.
 struct Job<'a> {
@@ -41,6 +40,16 @@ struct Job<'a> {
 
 /// A stage that ends the job early says how, as the error.
 type Stage<T = ()> = Result<T, Outcome>;
+
+/// What the job made in Docker, kept for the one cleanup exit, which removes the containers
+/// before the network they are attached to.
+struct Made {
+    container: Option<JobContainer>,
+    /// The job's service containers (those started so far).
+    services: Services,
+    /// The job's own network (`docker.network = "job"`).
+    network: Option<JobNetwork>,
+}
 
 pub(super) async fn run(
     executor: &Executor,
@@ -107,11 +116,14 @@ fn result(
         steps: run.steps,
         oom_killed: run.oom_killed,
         artifacts: run.artifacts,
+        // Masked as they were read and made, in `services`.
+        services: run.services,
     }
 }
 
 /// Plans the job, gets its image, makes its workspace, runs it there, and cleans up: the one
-/// place the container and the workspace are removed, on every path once the workspace exists.
+/// place the container, the network and the workspace are removed, on every path once the
+/// workspace exists.
 async fn prepare_and_run(
     executor: &Executor,
     job: &JobSpec,
@@ -137,12 +149,24 @@ async fn prepare_and_run(
         timeout,
     };
     let settings = &executor.settings;
-    // Held until the container is gone: the disk collector never removes it under the job.
-    let _image_hold = settings.image_use.begin(&plan.image);
-    ctx.get_image(run.observer).await?;
+    // Held until the containers are gone: the disk collector never removes them under the job.
+    let _image_holds: Vec<_> = std::iter::once(&plan.image)
+        .chain(plan.services.iter().map(|s| &s.image))
+        .map(|image| settings.image_use.begin(image))
+        .collect();
+    ctx.get_image(&plan.image, run.observer).await?;
+    run.services = not_started(&plan.services);
+    for (i, service) in plan.services.iter().enumerate() {
+        let got = ctx.get_image(&service.image, run.observer).await;
+        got.map_err(|early| service_image_failed(&mut run.services[i], early))?;
+    }
     let workspace = ctx.create_workspace().await?;
-    let mut container = None;
-    let outcome = ctx.in_workspace(&workspace, &mut container, run).await;
+    let mut made = Made {
+        container: None,
+        network: None,
+        services: Services::new(plan.services.clone()),
+    };
+    let outcome = ctx.in_workspace(&workspace, &mut made, run).await;
     // The one exit once the workspace exists, whatever `in_workspace` ended with.
     let job_id = job.job_id.to_string();
     let cleaner = JobUserCleaner {
@@ -153,20 +177,22 @@ async fn prepare_and_run(
         job_id: &job_id,
         extra_labels: &settings.extra_labels,
     };
-    cleanup(container, workspace, &cleaner).await;
+    run.services = cleanup(made, workspace, &cleaner, &run.masker).await;
     Ok(outcome.unwrap_or_else(|early| early))
 }
 
 impl Job<'_> {
     /// The job's path inside its workspace, in order: check out the repository, write the
-    /// pipeline, restore its caches, start the container (kept in `container` for the cleanup),
-    /// run the commands, upload its artifacts and caches. Anything the job needs before its
+    /// pipeline, restore its caches, make its network, start its services and wait for them,
+    /// start its container (network, services and container kept in `made` for the cleanup),
+    /// run the commands, check that its services outlived them, upload its artifacts and
+    /// caches. Anything the job needs before its
     /// first command goes before `run_commands`; anything taken from its workspace after its
     /// last one goes after it: the cleanup comes later.
     async fn in_workspace(
         &self,
         workspace: &Workspace,
-        container: &mut Option<JobContainer>,
+        made: &mut Made,
         run: &mut Run<'_>,
     ) -> Stage<Outcome> {
         self.check_out(workspace, run.observer).await?;
@@ -176,9 +202,16 @@ impl Job<'_> {
             Outcome::Error(format!("cannot write the pipeline into the workspace: {e}"))
         })?;
         let storage = self.restore(workspace, run).await?;
-        let started = JobContainer::start(self.docker, self.container_spec(workspace)).await;
-        let container = &*container.insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
+        let network = self.network(workspace, &mut made.network).await?;
+        self.start_services(&mut made.services, workspace, &network)
+            .await?;
+        let spec = self.container_spec(workspace, network);
+        let started = JobContainer::start(self.docker, spec).await;
+        let container = &*made
+            .container
+            .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
         let outcome = self.run_commands(container, run).await;
+        let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
     }
 
@@ -251,9 +284,36 @@ impl Job<'_> {
         }
     }
 
+    /// Starts the job's services on its network and waits until they are ready.
+    async fn start_services(
+        &self,
+        services: &mut Services,
+        workspace: &Workspace,
+        network: &str,
+    ) -> Stage {
+        if services.is_empty() {
+            return Ok(());
+        }
+        let (job_container, labels) = (self.container_name(workspace), self.labels());
+        let setup = ServiceSetup {
+            docker: self.docker,
+            network,
+            job_container: &job_container,
+            labels: &labels,
+            pids_limit: self.executor.settings.docker.pids_limit,
+            memory_bytes: self.plan.memory_bytes,
+            nano_cpus: self.plan.nano_cpus,
+            masker: &self.plan.masker,
+        };
+        // Not cut short by a stop: a container whose create request is dropped in flight
+        // would be made without the agent learning its id. `await_ready` heeds the stop.
+        let started = services.start_all(&setup).await;
+        started.map_err(|failure| Outcome::Error(failure.message))?;
+        await_ready(services, network, self.control, self.deadline, self.timeout).await
+    }
+
     /// The image: bounded by the job's deadline and by stop requests like everything else.
-    async fn get_image(&self, observer: &dyn JobObserver) -> Stage {
-        let image = self.plan.image.as_str();
+    async fn get_image(&self, image: &str, observer: &dyn JobObserver) -> Stage {
         let pull = image::ensure(
             self.docker,
             image,
@@ -352,22 +412,50 @@ impl Job<'_> {
             .map_err(|e| Outcome::Error(format!("cannot give the checkout to the job's user: {e}")))
     }
 
-    fn container_spec(&self, workspace: &Workspace) -> ContainerSpec {
+    /// The labels of every container of the job (its services' too).
+    fn labels(&self) -> std::collections::HashMap<String, String> {
+        let settings = &self.executor.settings;
+        let job_id = self.job.job_id.to_string();
+        job_labels(&settings.agent_id, &job_id, &settings.extra_labels)
+    }
+
+    fn container_name(&self, workspace: &Workspace) -> String {
+        format!("gryt-{}", workspace.unique_name())
+    }
+
+    /// The network the job's containers join: with `docker.network = "job"` a new one of its
+    /// own, kept in `made` for the cleanup (the metadata rules are installed before the first);
+    /// otherwise the one configured.
+    async fn network(&self, workspace: &Workspace, made: &mut Option<JobNetwork>) -> Stage<String> {
+        let settings = &self.executor.settings;
+        if settings.docker.network != network::MODE_JOB {
+            return Ok(settings.docker.network.clone());
+        }
+        self.executor.guard_metadata().await;
+        let job_id = self.job.job_id.to_string();
+        let labels = job_labels(&settings.agent_id, &job_id, &settings.extra_labels);
+        let name = network::name_for(&workspace.unique_name());
+        let created = JobNetwork::create(
+            self.docker,
+            &name,
+            settings.network_pool,
+            network::labels(labels),
+        );
+        let created = created.await.map_err(|e| Outcome::Error(e.to_string()))?;
+        Ok(made.insert(created).name().to_owned())
+    }
+
+    fn container_spec(&self, workspace: &Workspace, network: String) -> ContainerSpec {
         let settings = &self.executor.settings;
         let plan = self.plan;
-        let mut labels = HashMap::new();
-        labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
-        labels.insert(LABEL_AGENT_ID.to_owned(), settings.agent_id.clone());
-        labels.insert(LABEL_JOB_ID.to_owned(), self.job.job_id.to_string());
-        labels.extend(settings.extra_labels.iter().cloned());
         ContainerSpec {
-            name: format!("gryt-{}", workspace.unique_name()),
+            name: self.container_name(workspace),
             image: plan.image.clone(),
             workspace_host_path: workspace.path().to_string_lossy().into_owned(),
             env: plan.env.clone(),
-            labels,
+            labels: self.labels(),
             user: format!("{}:{}", plan.user.0, plan.user.1),
-            network: settings.docker.network.clone(),
+            network,
             pids_limit: settings.docker.pids_limit,
             memory_bytes: plan.memory_bytes,
             nano_cpus: plan.nano_cpus,
@@ -376,20 +464,55 @@ impl Job<'_> {
     }
 }
 
-/// Removes the container, then the workspace. The container goes first: removing it kills
-/// every job process at once (a fork bomb at its pids limit included), so nothing writes into
-/// the workspace any more. What the agent may not delete (agent not root) the job's user
-/// empties from a short-lived container of its own (see `workspace::empty_as_job_user`).
+/// A service's image could not be had: the job's error, and the service's, name it.
+fn service_image_failed(service: &mut ServiceResult, early: Outcome) -> Outcome {
+    let Outcome::Error(message) = early else {
+        return early;
+    };
+    let message = format!("service `{}`: {message}", service.name);
+    service.status = crate::wire::ServiceStatus::Error;
+    service.error = Some(message.clone());
+    Outcome::Error(message)
+}
+
+/// A service that ended while the steps ran fails a job that ran to its end (the steps ran
+/// against a broken service); a job stopped or timed out stays so.
+fn services_outlived_the_steps(services: &mut Services, outcome: Outcome) -> Outcome {
+    if !matches!(outcome, Outcome::Finished { .. }) {
+        return outcome;
+    }
+    match check_alive(services, "while the steps ran") {
+        Some(failure) => Outcome::Error(services.fail(failure)),
+        None => outcome,
+    }
+}
+
+/// Removes the container and the services, then the network, then the workspace, and
+/// returns what became of each service. The container goes first: removing it kills every job
+/// process at once (a fork bomb at its pids limit included), so nothing writes into the
+/// workspace any more; with the services gone too the network has no endpoints left (Docker
+/// refuses to remove a network in use). What the agent may not delete (agent not root) the
+/// job's user empties from a short-lived container of its own, on no network (see
+/// `workspace::empty_as_job_user`).
 async fn cleanup(
-    container: Option<JobContainer>,
+    mut made: Made,
     workspace: Workspace,
     cleaner: &JobUserCleaner<'_>,
-) {
-    if let Some(mut container) = container {
-        container.remove().await;
+    masker: &Masker,
+) -> Vec<ServiceResult> {
+    // Together: the services never touch the workspace, and the network waits for both.
+    let container = async {
+        if let Some(mut container) = made.container {
+            container.remove().await;
+        }
+    };
+    let ((), services) = tokio::join!(container, made.services.remove_all(masker));
+    if let Some(mut network) = made.network {
+        network.remove().await;
     }
     let path = workspace.path().to_owned();
     if let Err(e) = workspace.remove(Some(cleaner)).await {
         tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");
     }
+    services
 }

@@ -8,6 +8,8 @@
 // Pure parts, also built without the `runtime` feature (the fuzz targets use them).
 pub mod capture;
 pub mod limits;
+/// The job network pool's rules live with the settings that check it at load.
+pub use crate::config::pool;
 
 #[cfg(feature = "runtime")]
 pub mod command;
@@ -28,11 +30,17 @@ pub mod image;
 #[cfg(feature = "runtime")]
 mod job;
 #[cfg(feature = "runtime")]
+pub mod metadata_guard;
+#[cfg(feature = "runtime")]
+pub mod network;
+#[cfg(feature = "runtime")]
 mod observer;
 #[cfg(feature = "runtime")]
 mod output;
 #[cfg(feature = "runtime")]
 mod plan;
+#[cfg(feature = "runtime")]
+mod services;
 #[cfg(feature = "runtime")]
 mod steps;
 #[cfg(feature = "runtime")]

@@ -6,7 +6,7 @@ use super::container::OutputStream;
 use super::observer::JobObserver;
 use crate::pipeline::gryt_report::{ErrorLineCapture, ReportCapture};
 use crate::secrets::mask::{Masker, StreamMasker};
-use crate::wire::{ArtifactResult, StepResult};
+use crate::wire::{ArtifactResult, ServiceResult, StepResult};
 
 /// The mutable state of one run: captured output, steps so far, OOM, and the masking that every
 /// byte of output passes through before anyone (observer or result) sees it.
@@ -24,6 +24,8 @@ pub(super) struct Run<'a> {
     pub oom_killed: bool,
     /// The artifacts uploaded after the steps (`crate::store`), for the result.
     pub artifacts: Vec<ArtifactResult>,
+    /// What became of the job's services (`services`), for the result.
+    pub services: Vec<ServiceResult>,
 }
 
 impl<'a> Run<'a> {
@@ -40,6 +42,7 @@ impl<'a> Run<'a> {
             steps: Vec::new(),
             oom_killed: false,
             artifacts: Vec::new(),
+            services: Vec::new(),
         }
     }
 

@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::container::WORKSPACE;
 use super::limits::{at_most, bounded_seconds, parse_cpus, parse_memory};
+use super::services::plan::{ServicePlan, plan_services};
 use super::{Executor, ExecutorSettings};
 use crate::checkout::validate_url;
 use crate::pipeline::Pipeline;
@@ -47,8 +48,11 @@ pub(super) struct Plan {
     pub user: (u32, u32),
     /// The decrypted GitHub token, when the job has one.
     pub token: Option<SecretString>,
-    /// Every secret of this job: agent secrets, the token, secret-named env values.
+    /// Every secret of this job: agent secrets, the token, secret-named env values (the
+    /// services' included).
     pub masker: Masker,
+    /// The service containers to start before the first step (`services/plan.rs`).
+    pub services: Vec<ServicePlan>,
 }
 
 pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
@@ -65,6 +69,7 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
     let user = settings.docker.job_user.ids();
     let image = image(executor, job, &pipeline)?;
     let env = environment(job, &pipeline)?;
+    let services = plan_services(executor, job, &pipeline)?;
     let token = decrypt_token(executor, job)?;
     let masker = secret_set(executor, job, &pipeline, token.as_ref());
     Ok(Plan {
@@ -77,6 +82,7 @@ pub(super) fn plan(executor: &Executor, job: &JobSpec) -> Result<Plan, String> {
         user,
         token,
         masker,
+        services,
     })
 }
 
@@ -145,6 +151,7 @@ fn secret_set(
         Pipeline::Gryt { .. } => Vec::new(),
     };
     let names = &executor.secret_names;
+    let services = super::services::plan::secret_values(executor, job, pipeline);
     let secrets = executor
         .settings
         .agent_secrets
@@ -157,7 +164,8 @@ fn secret_set(
                 .iter()
                 .filter(|(k, _)| names.matches(k))
                 .map(|(_, v)| *v),
-        );
+        )
+        .chain(services.iter().map(String::as_str));
     Masker::new(secrets)
 }
 
@@ -387,18 +395,24 @@ mod tests {
     }
 
     #[test]
-    fn secret_named_values_from_the_job_and_its_steps_are_masked() {
-        let executor = executor(|_| {});
+    fn secret_named_values_from_the_job_its_steps_and_services_are_masked() {
+        let executor = executor(|s| s.docker.network = "job".into());
         let pipeline =
             "version: 1\nsteps:\n  - run: echo hi\n    env:\n      STEP_TOKEN: step-value-1\n";
         let mut job = job(pipeline);
         job.env_vars
             .insert("API_SECRET".into(), "job-value-2".into());
         job.env_vars.insert("PLAIN".into(), "plain-value-3".into());
+        job.services = vec![crate::wire::ServiceSpec {
+            name: "db".into(),
+            image: "postgres:16".into(),
+            env: [("DB_PASSWORD".to_string(), "svc-value-4".to_string())].into(),
+            ..Default::default()
+        }];
         let plan = plan(&executor, &job).unwrap();
         let masked = plan
             .masker
-            .mask_str("step-value-1 job-value-2 plain-value-3");
-        assert_eq!(masked, "[MASKED] [MASKED] plain-value-3");
+            .mask_str("step-value-1 job-value-2 plain-value-3 svc-value-4");
+        assert_eq!(masked, "[MASKED] [MASKED] plain-value-3 [MASKED]");
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::container::{self, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED};
+use super::container;
 
 /// First part of every workspace name.
 pub const PREFIX: &str = "job+";
@@ -160,15 +160,7 @@ pub const JOB_USER_CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// capabilities, a small pids and memory limit, bounded by [`JOB_USER_CLEANUP_TIMEOUT`].
 /// The container is removed whatever happens.
 pub async fn empty_as_job_user(cleaner: &JobUserCleaner<'_>, path: &Path) -> Result<(), String> {
-    let labels = [
-        (LABEL_MANAGED, "true"),
-        (LABEL_AGENT_ID, cleaner.agent_id),
-        (LABEL_JOB_ID, cleaner.job_id),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .chain(cleaner.extra_labels.iter().cloned())
-    .collect();
+    let labels = container::job_labels(cleaner.agent_id, cleaner.job_id, cleaner.extra_labels);
     // `chmod -R` per entry: on `/workspace` itself (not the job's) busybox stops at the top.
     // Links are skipped (chmod would follow them).
     let script = "for f in /workspace/..?* /workspace/.[!.]* /workspace/*; do \

@@ -229,7 +229,9 @@ pub async fn remove_leftovers(
         }
     }
     for n in networks {
-        let Some(id) = n.id.filter(|_| !spare(n.labels.as_ref())) else {
+        // An exec's network, too, is its own process's until `exec_owner` finds it dead.
+        let keep = spare(n.labels.as_ref()) || exec_owned(n.labels.as_ref());
+        let Some(id) = n.id.filter(|_| !keep) else {
             continue;
         };
         // Refused while a container is attached: exactly the guard wanted.

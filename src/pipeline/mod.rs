@@ -6,6 +6,7 @@
 //! container exists.
 
 pub mod gryt_report;
+pub mod services;
 pub mod yaml;
 
 use base64::Engine;

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::PipelineError;
-use crate::wire::{ArtifactWhen, ArtifactsSpec, CacheSpec};
+use crate::wire::{ArtifactWhen, ArtifactsSpec, CacheSpec, ServiceCommand, ServiceSpec};
 
 /// Most steps one pipeline may have; far above any real pipeline, low enough to bound the result.
 pub const MAX_STEPS: usize = 1000;
@@ -30,6 +30,9 @@ pub struct YamlPipeline {
     /// Caches restored before the first step and saved after (the job spec's `cache` wins).
     #[serde(default)]
     pub cache: Vec<YamlCache>,
+    /// Service containers started before the first step (combined with the job spec's).
+    #[serde(default)]
+    pub services: Vec<YamlService>,
     /// The document as written, kept to write it into the workspace.
     #[serde(skip)]
     pub source: String,
@@ -92,7 +95,42 @@ pub struct YamlCache {
     pub paths: Vec<String>,
 }
 
+/// One `services:` entry as written in a pipeline (the job spec's JSON has the same fields).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlService {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, EnvValue>,
+    #[serde(default)]
+    pub command: Option<ServiceCommand>,
+    #[serde(default)]
+    pub ready_port: Option<u16>,
+    #[serde(default)]
+    pub ready_timeout_seconds: Option<u64>,
+}
+
 impl YamlPipeline {
+    /// The pipeline's `services` in the job spec's terms.
+    pub fn service_specs(&self) -> Vec<ServiceSpec> {
+        self.services
+            .iter()
+            .map(|s| ServiceSpec {
+                name: s.name.clone(),
+                image: s.image.clone(),
+                env: s
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.0.clone()))
+                    .collect(),
+                command: s.command.clone(),
+                ready_port: s.ready_port,
+                ready_timeout_seconds: s.ready_timeout_seconds,
+            })
+            .collect()
+    }
+
     /// The pipeline's `artifacts` in the job spec's terms.
     pub fn artifacts_spec(&self) -> Option<ArtifactsSpec> {
         self.artifacts.as_ref().map(|a| ArtifactsSpec {
@@ -220,6 +258,8 @@ impl YamlPipeline {
             crate::store::spec::check_artifacts(&artifacts).map_err(|(f, m)| field(&f, &m))?;
         }
         crate::store::spec::check_caches(&self.cache_specs()).map_err(|(f, m)| field(&f, &m))?;
+        super::services::check_services("services", &self.service_specs())
+            .map_err(|(f, m)| field(&f, &m))?;
         let all_env = self.env.keys().map(|k| ("env", k)).chain(
             self.steps
                 .iter()
@@ -313,6 +353,66 @@ mod tests {
             (
                 "cache:\n  - key: k\n    paths: [x/../../y]\n",
                 "cache[0].paths[0]",
+            ),
+        ];
+        for (tail, field) in cases {
+            let text = format!("version: 1\nsteps:\n  - run: x\n{tail}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "{tail:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn services() {
+        let p = parse(
+            "version: 1\nsteps:\n  - run: x\nservices:\n  - name: db\n    image: postgres:16\n    env: {POSTGRES_PASSWORD: x, PORT: 5432}\n    command: [postgres, -c, fsync=off]\n    ready_port: 5432\n    ready_timeout_seconds: 30\n  - name: web\n    image: busybox\n    command: httpd -f -p 80\n",
+        )
+        .unwrap();
+        let s = p.service_specs();
+        assert_eq!(s[0].env["PORT"], "5432");
+        assert_eq!(
+            s[0].command,
+            Some(ServiceCommand::Args(vec![
+                "postgres".into(),
+                "-c".into(),
+                "fsync=off".into()
+            ]))
+        );
+        assert_eq!((s[0].ready_port, s[0].ready_timeout()), (Some(5432), 30));
+        assert_eq!(
+            s[1].command,
+            Some(ServiceCommand::Shell("httpd -f -p 80".into()))
+        );
+        assert_eq!((s[1].ready_port, s[1].ready_timeout()), (None, 60));
+        let cases = [
+            ("services:\n  - name: db\n", "services[0]"),
+            (
+                "services:\n  - name: db\n    image: i\n    prot: 1\n",
+                "prot",
+            ),
+            (
+                "services:\n  - name: 1db\n    image: i\n",
+                "services[0].name",
+            ),
+            (
+                "services:\n  - name: db\n    image: i\n  - name: db\n    image: j\n",
+                "services[1].name",
+            ),
+            (
+                "services:\n  - name: db\n    image: i\n    ready_port: 70000\n",
+                "services[0].ready_port",
+            ),
+            (
+                "services:\n  - name: db\n    image: i\n    ready_port: 0\n",
+                "services[0].ready_port",
+            ),
+            (
+                "services:\n  - name: db\n    image: i\n    command: {a: b}\n",
+                "services[0].command",
+            ),
+            (
+                "services:\n  - name: db\n    image: i\n    ready_timeout_seconds: 0\n",
+                "services[0].ready_timeout_seconds",
             ),
         ];
         for (tail, field) in cases {

@@ -10,6 +10,8 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 
+use super::service::{ServiceResult, ServiceSpec};
+
 /// A job as the main API describes it.
 #[derive(Clone, Default, Deserialize, Serialize)]
 pub struct JobSpec {
@@ -58,6 +60,14 @@ pub struct JobSpec {
     /// caches. Absent means `false`: the job reads the default branch's caches, writes none.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trusted: bool,
+    /// Service containers started before the first step, beside the pipeline's own (a name
+    /// given in both is refused).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub services: Vec<ServiceSpec>,
 }
 
 /// `artifacts`: workspace paths (globs allowed) uploaded after the steps, and when.
@@ -143,6 +153,7 @@ impl fmt::Debug for JobSpec {
             .field("artifacts", &self.artifacts)
             .field("cache", &self.cache)
             .field("trusted", &self.trusted)
+            .field("services", &self.services)
             .finish()
     }
 }
@@ -229,6 +240,9 @@ pub struct JobResult {
     /// Artifacts uploaded to the object store (empty when none were asked for or uploaded).
     #[serde(default)]
     pub artifacts: Vec<ArtifactResult>,
+    /// The job's service containers, in the order they were asked for (empty without any).
+    #[serde(default)]
+    pub services: Vec<ServiceResult>,
 }
 
 impl JobResult {
@@ -249,6 +263,7 @@ impl JobResult {
             steps: Vec::new(),
             oom_killed: false,
             artifacts: Vec::new(),
+            services: Vec::new(),
         }
     }
 }
@@ -263,7 +278,7 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
-fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+pub(super) fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,
@@ -341,15 +356,44 @@ mod tests {
     }
 
     #[test]
+    fn services_decode_null_means_none_and_the_result_always_has_the_field() {
+        let spec = JobSpec::from_json(
+            br#"{"job_id": 1, "pipeline_b64": "eA==",
+                 "services": [{"name": "db", "image": "postgres:16", "ready_port": 5432}]}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.services[0].name, "db");
+        assert_eq!(spec.services[0].ready_port, Some(5432));
+        let none =
+            JobSpec::from_json(br#"{"job_id": 1, "pipeline_b64": "eA==", "services": null}"#)
+                .unwrap();
+        assert!(none.services.is_empty());
+        let err = JobSpec::from_json(
+            br#"{"job_id": 1, "pipeline_b64": "eA==", "services": [{"name": "db"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.field.starts_with("services[0]"), "{err}");
+        let result = serde_json::to_value(JobResult::agent_error(1, "x".into())).unwrap();
+        assert_eq!(result["services"], serde_json::json!([]));
+    }
+
+    #[test]
     fn debug_hides_secrets() {
         let spec = JobSpec {
             github_token_encrypted: Some("gAAAA-secret".into()),
             env_vars: [("API_TOKEN".to_string(), "hunter2".to_string())].into(),
+            services: vec![ServiceSpec {
+                name: "db".into(),
+                env: [("DB_PASSWORD".to_string(), "hunter3".to_string())].into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let shown = format!("{spec:?}");
         assert!(
-            !shown.contains("gAAAA-secret") && !shown.contains("hunter2"),
+            !shown.contains("gAAAA-secret")
+                && !shown.contains("hunter2")
+                && !shown.contains("hunter3"),
             "{shown}"
         );
     }

@@ -108,6 +108,7 @@ mod tests {
                 steps: Vec::new(),
                 oom_killed: false,
                 artifacts: Vec::new(),
+                services: Vec::new(),
             },
             log_bytes: 3,
         };

@@ -608,10 +608,14 @@ async fn every_container_on_every_path_is_hardened() {
         assert_eq!(result.status, *expected, "{result:?}");
     }
     assert_eq!(cancelled.status, JobStatus::Cancelled);
-    let audited = audit.finish().await;
+    let (audited, networks) = audit.finish_all().await;
     assert_eq!(
         audited, 6,
         "the watcher must have caught every job's container"
+    );
+    assert_eq!(
+        networks, 6,
+        "every job must have had a job network of its own"
     );
     agent.assert_clean().await;
 }

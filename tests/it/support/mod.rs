@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use bollard::Docker;
-use bollard::query_parameters::ListContainersOptionsBuilder;
+use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
 use futures_util::StreamExt;
 use gryt_agent::config::Settings;
 use gryt_agent::executor::container::LABEL_AGENT_ID;
@@ -102,11 +102,11 @@ impl TestAgent {
         containers_of(&self.agent_id).await
     }
 
-    /// Asserts that no container and no workspace of this agent is left.
+    /// Asserts that no container, no network and no workspace of this agent is left.
     pub async fn assert_clean(&self) {
         // Removal of a dropped container happens in the background: give it a moment.
         for _ in 0..50 {
-            if self.containers().await.is_empty() {
+            if self.containers().await.is_empty() && networks_of(&self.agent_id).await.is_empty() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -115,6 +115,11 @@ impl TestAgent {
             self.containers().await,
             Vec::<String>::new(),
             "containers left behind"
+        );
+        assert_eq!(
+            networks_of(&self.agent_id).await,
+            Vec::<String>::new(),
+            "networks left behind"
         );
         let left: Vec<PathBuf> = std::fs::read_dir(self.work_dir.path())
             .unwrap()
@@ -140,6 +145,16 @@ pub async fn containers_in(
         .build();
     let listed = docker.list_containers(Some(options)).await?;
     Ok(listed.into_iter().filter_map(|c| c.id).collect())
+}
+
+/// Networks labelled with `agent_id` (its job networks).
+pub async fn networks_of(agent_id: &str) -> Vec<String> {
+    let filters = HashMap::from([("label", vec![format!("{LABEL_AGENT_ID}={agent_id}")])]);
+    let options = ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let listed = docker().await.list_networks(Some(options)).await.unwrap();
+    listed.into_iter().filter_map(|n| n.id).collect()
 }
 
 /// Records everything a job printed, in arrival order.
@@ -205,11 +220,17 @@ pub fn job(pipeline: &str) -> gryt_agent::wire::JobSpec {
 ///
 /// Events rather than polling: a short job's container can live for less than one round of
 /// listing and inspecting on a loaded machine, and a missed container would hide a regression.
+///
+/// Networks too: Docker's network events carry no labels, so every network created meanwhile
+/// is inspected, and those labelled with `agent_id` are audited.
 pub struct ContainerAudit {
     created: std::sync::Arc<Mutex<Vec<String>>>,
     seen: std::sync::Arc<Mutex<HashMap<String, bollard::models::ContainerInspectResponse>>>,
+    networks: std::sync::Arc<Mutex<HashMap<String, bollard::models::NetworkInspect>>>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    network_task: tokio::task::JoinHandle<()>,
+    agent_id: String,
 }
 
 impl ContainerAudit {
@@ -228,6 +249,14 @@ impl ContainerAudit {
             .expect("clock after 1970")
             .as_secs()
             .to_string();
+        let networks: std::sync::Arc<Mutex<HashMap<String, bollard::models::NetworkInspect>>> =
+            Default::default();
+        let network_task = tokio::spawn(watch_networks(
+            docker.clone(),
+            since.clone(),
+            networks.clone(),
+            stop.clone(),
+        ));
         let (ids, store, stopped) = (created.clone(), seen.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let filters = HashMap::from([
@@ -263,18 +292,38 @@ impl ContainerAudit {
         ContainerAudit {
             created,
             seen,
+            networks,
             stop,
             task,
+            network_task,
+            agent_id: agent_id.to_owned(),
         }
     }
 
     /// Stops watching and asserts every container created was inspected and hardened; returns
     /// how many there were.
     pub async fn finish(self) -> usize {
+        self.finish_all().await.0
+    }
+
+    /// Like [`ContainerAudit::finish`], and asserts every network of the agent created
+    /// meanwhile was a hardened job network; returns how many containers and networks.
+    pub async fn finish_all(self) -> (usize, usize) {
         // Let the last events arrive: the jobs have finished, so nothing new is being created.
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         self.stop.cancel();
         self.task.await.unwrap();
+        self.network_task.await.unwrap();
+        let networks = self.networks.lock().unwrap().clone();
+        let ours: Vec<_> = networks
+            .iter()
+            .filter(|(_, n)| {
+                n.labels.as_ref().and_then(|l| l.get(LABEL_AGENT_ID)) == Some(&self.agent_id)
+            })
+            .collect();
+        for (id, inspect) in &ours {
+            audit_network(id, inspect);
+        }
         let created = self.created.lock().unwrap().clone();
         let seen = self.seen.lock().unwrap();
         for id in &created {
@@ -283,28 +332,113 @@ impl ContainerAudit {
                 .unwrap_or_else(|| panic!("container {id} was gone before it could be inspected"));
             audit_container(id, inspect);
         }
-        created.len()
+        (created.len(), ours.len())
     }
 }
 
-/// The hardening every job container must have.
+/// Inspects every network created from `since` on until `stop`, into `store` (by id).
+async fn watch_networks(
+    docker: Docker,
+    since: String,
+    store: std::sync::Arc<Mutex<HashMap<String, bollard::models::NetworkInspect>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use bollard::query_parameters::EventsOptionsBuilder;
+    let filters = HashMap::from([("type", vec!["network"]), ("event", vec!["create"])]);
+    let options = EventsOptionsBuilder::default()
+        .since(&since)
+        .filters(&filters)
+        .build();
+    let mut events = docker.events(Some(options));
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = events.next() => event,
+        };
+        let Some(event) = event else { return };
+        let event = event.expect("Docker event stream failed");
+        let Some(id) = event.actor.and_then(|a| a.id) else {
+            continue;
+        };
+        // Another test's network may be gone already: only this agent's are audited, and
+        // theirs live as long as their job's container.
+        if let Ok(inspect) = docker.inspect_network(&id, None).await {
+            store.lock().unwrap().insert(id, inspect);
+        }
+    }
+}
+
+/// What every job network must be: a bridge of the agent's pool, labelled as a job network of
+/// its agent and job, not attachable, IPv4 only, with a `gryt-` bridge the firewall can name.
+pub fn audit_network(id: &str, inspect: &bollard::models::NetworkInspect) {
+    let labels = inspect.labels.as_ref().expect("labels");
+    for key in [
+        "io.gryt.agent.managed",
+        "io.gryt.agent.id",
+        "io.gryt.job.id",
+    ] {
+        assert!(labels.contains_key(key), "{id}: label {key}: {labels:?}");
+    }
+    assert_eq!(
+        labels.get("io.gryt.network").map(String::as_str),
+        Some("job"),
+        "{id}: job network label"
+    );
+    assert_eq!(inspect.driver.as_deref(), Some("bridge"), "{id}: driver");
+    assert_ne!(inspect.name.as_deref(), Some("host"), "{id}: host network");
+    assert_ne!(inspect.attachable, Some(true), "{id}: attachable");
+    assert_ne!(inspect.enable_ipv6, Some(true), "{id}: IPv6");
+    assert_ne!(inspect.ingress, Some(true), "{id}: ingress");
+    let options = inspect.options.clone().unwrap_or_default();
+    assert!(
+        options
+            .get("com.docker.network.bridge.name")
+            .is_some_and(|b| b.starts_with("gryt-") && b.len() <= 15),
+        "{id}: bridge name: {options:?}"
+    );
+    let subnets: Vec<String> = inspect
+        .ipam
+        .as_ref()
+        .and_then(|i| i.config.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| c.subnet)
+        .collect();
+    assert_eq!(subnets.len(), 1, "{id}: subnets {subnets:?}");
+    assert!(subnets[0].ends_with("/24"), "{id}: subnet {subnets:?}");
+}
+
+/// The few capabilities a service container may get back (to prepare its data directory and
+/// drop to its image's user); a job container gets none.
+const SERVICE_CAPABILITIES: &[&str] = &["CHOWN", "SETUID", "SETGID", "DAC_OVERRIDE", "FOWNER"];
+
+/// The hardening every job container must have, and every service container (labelled
+/// `io.gryt.service`) but for its user and those few capabilities.
 pub fn audit_container(id: &str, inspect: &bollard::models::ContainerInspectResponse) {
     let config = inspect.config.as_ref().expect("config");
     let host = inspect.host_config.as_ref().expect("host config");
-    let user = config.user.as_deref().unwrap_or("");
-    assert!(
-        !user.is_empty() && !user.starts_with("0") && !user.starts_with("root"),
-        "{id}: user {user:?}"
-    );
+    let service = config
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key("io.gryt.service"));
+    if service {
+        audit_service(id, inspect);
+    } else {
+        let user = config.user.as_deref().unwrap_or("");
+        assert!(
+            !user.is_empty() && !user.starts_with("0") && !user.starts_with("root"),
+            "{id}: user {user:?}"
+        );
+        assert!(
+            host.cap_add.as_ref().is_none_or(|c| c.is_empty()),
+            "{id}: cap_add"
+        );
+    }
     assert_ne!(host.privileged, Some(true), "{id}: privileged");
     assert_eq!(
         host.cap_drop.as_deref(),
         Some(&["ALL".to_string()][..]),
         "{id}: capabilities"
-    );
-    assert!(
-        host.cap_add.as_ref().is_none_or(|c| c.is_empty()),
-        "{id}: cap_add"
     );
     assert!(
         host.security_opt
@@ -343,5 +477,36 @@ pub fn audit_container(id: &str, inspect: &bollard::models::ContainerInspectResp
         labels.get("io.gryt.agent.managed").map(String::as_str),
         Some("true"),
         "{id}: label"
+    );
+    assert!(labels.contains_key("io.gryt.job.id"), "{id}: job label");
+}
+
+/// A service container: only the service capabilities, nothing of the host mounted (the
+/// anonymous volumes its image declares are Docker's, removed with it), and a user-defined
+/// network, never the default bridge or the host's.
+fn audit_service(id: &str, inspect: &bollard::models::ContainerInspectResponse) {
+    let host = inspect.host_config.as_ref().expect("host config");
+    for cap in host.cap_add.iter().flatten() {
+        assert!(
+            SERVICE_CAPABILITIES.contains(&cap.trim_start_matches("CAP_")),
+            "{id}: service capability {cap}"
+        );
+    }
+    assert!(
+        host.binds.as_ref().is_none_or(|b| b.is_empty()),
+        "{id}: service binds {:?}",
+        host.binds
+    );
+    for mount in inspect.mounts.iter().flatten() {
+        assert_eq!(
+            mount.typ.as_deref(),
+            Some("volume"),
+            "{id}: service mount {mount:?}"
+        );
+    }
+    let network = host.network_mode.as_deref().unwrap_or("");
+    assert!(
+        !["", "default", "bridge", "host", "none"].contains(&network),
+        "{id}: service network {network:?}"
     );
 }

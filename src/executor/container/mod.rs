@@ -1,0 +1,228 @@
+//! The Docker layer: one hardened, labelled job container and the commands run inside it.
+//!
+//! A container runs in one of two shapes. A job of several commands (a multi-step YAML pipeline)
+//! gets a container whose main process only keeps it alive; every command is a Docker exec in
+//! it, so files persist between steps and each command has its own exit code and separate
+//! stdout/stderr. A job of one command (a gryt pipeline, a one-step YAML pipeline) runs that
+//! command as the container's main process instead, attached before the start: the same result
+//! without a `docker exec` (the costliest call after the container's own start) or an events
+//! subscription. This module knows Docker, not pipelines or results.
+//! Invariant: a [`JobContainer`] is removed on every path: explicitly by [`JobContainer::remove`],
+//! or, if dropped without it (error, panic, cancelled future), by a removal spawned from `Drop`.
+//!
+//! Files: this one is the face ([`JobContainer`]: create, start, remove); `spec.rs` the labels
+//! and the hardened container spec; `exec.rs` the commands run in it; `events.rs` kills, OOM
+//! notices, exits and removal; `oneshot.rs` the agent's short-lived chore containers.
+
+mod events;
+mod exec;
+mod oneshot;
+mod spec;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use bollard::Docker;
+use bollard::models::ContainerCreateBody;
+use bollard::query_parameters::CreateContainerOptionsBuilder;
+use tokio_util::task::AbortOnDropHandle;
+
+pub(crate) use events::{remove_container, try_remove};
+use events::{wait_for_exit, watch_oom};
+use exec::CommandHandle;
+pub use exec::{RunningCommand, SIGNAL_TIMEOUT};
+pub use oneshot::run_to_end;
+use spec::merge_env;
+pub use spec::{
+    ContainerSpec, JobCommand, LABEL_AGENT_ID, LABEL_JOB_ID, LABEL_MANAGED, WORKSPACE,
+    hardened_host_config, job_labels,
+};
+
+/// Keeps the container alive between commands. A loop, because `kill -TERM -1` from a stop
+/// request reaches this `sleep` too (it only spares PID 1, the shell).
+const KEEPALIVE: &str = "while :; do sleep 3600; done";
+
+/// Runs a single-command job's command under a shell that stays PID 1 and only waits for it:
+/// `kill -TERM -1` from a stop request then reaches the command and everything it started
+/// (the kernel spares PID 1), exactly as with an exec, and the exit status is the command's.
+const MAIN_WRAPPER: &str = "\"$@\" & wait $!";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{action}: {source}")]
+pub struct DockerError {
+    pub action: String,
+    #[source]
+    pub source: bollard::errors::Error,
+}
+
+fn docker_err(action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+    let action = action.into();
+    move |source| DockerError { action, source }
+}
+
+pub struct JobContainer {
+    docker: Docker,
+    id: String,
+    oom: Arc<AtomicBool>,
+    removed: bool,
+    /// Exec-shaped containers only: a single-command container learns of an OOM kill from the
+    /// inspect after its exit instead (one Docker request fewer per job).
+    oom_watch: Option<tokio::task::JoinHandle<()>>,
+    /// A single-command container's main process (and the command it runs), started with the
+    /// container and not yet handed to [`JobContainer::take_main`].
+    main: std::sync::Mutex<Option<(JobCommand, RunningCommand)>>,
+}
+
+impl JobContainer {
+    /// Creates and starts the container. On any failure nothing is left behind.
+    /// A single-command container is attached before it starts, so no output is lost.
+    pub async fn start(docker: &Docker, spec: ContainerSpec) -> Result<Self, DockerError> {
+        let (entrypoint, cmd, env) = match &spec.main_command {
+            None => (
+                vec!["/bin/sh", "-c"],
+                vec![KEEPALIVE.into()],
+                spec.env.clone(),
+            ),
+            Some(main) => (
+                vec!["/bin/sh", "-c", MAIN_WRAPPER, "gryt-job"],
+                main.cmd.clone(),
+                merge_env(&spec.env, &main.env),
+            ),
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: Some(entrypoint.into_iter().map(String::from).collect()),
+            cmd: Some(cmd),
+            user: Some(spec.user.clone()),
+            working_dir: Some(WORKSPACE.into()),
+            env: Some(env),
+            labels: Some(spec.labels.clone()),
+            tty: Some(false),
+            host_config: Some(hardened_host_config(
+                &spec.workspace_host_path,
+                &spec.network,
+                spec.pids_limit,
+                spec.memory_bytes,
+                spec.nano_cpus,
+            )),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let created = docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(docker_err(format!(
+                "cannot create a container from image {}",
+                spec.image
+            )))?;
+
+        let oom = Arc::new(AtomicBool::new(false));
+        let oom_watch = match spec.main_command {
+            None => Some(tokio::spawn(watch_oom(
+                docker.clone(),
+                created.id.clone(),
+                oom.clone(),
+            ))),
+            Some(_) => None,
+        };
+        let mut container = JobContainer {
+            docker: docker.clone(),
+            id: created.id,
+            oom,
+            removed: false,
+            oom_watch,
+            main: std::sync::Mutex::new(None),
+        };
+        let attached = match spec.main_command {
+            None => None,
+            Some(_) => match container.attach().await {
+                Ok(output) => Some(output),
+                Err(e) => {
+                    container.remove().await;
+                    return Err(e);
+                }
+            },
+        };
+        if let Err(e) = docker.start_container(&container.id, None).await {
+            container.remove().await;
+            return Err(docker_err("cannot start the job container")(e));
+        }
+        if let Some(output) = attached {
+            let waiting = tokio::spawn(wait_for_exit(
+                docker.clone(),
+                container.id.clone(),
+                container.oom.clone(),
+            ));
+            let main = RunningCommand {
+                output,
+                ended: CommandHandle::Main(Some(AbortOnDropHandle::new(waiting))),
+            };
+            let command = spec
+                .main_command
+                .unwrap_or_else(|| unreachable!("attached"));
+            *container.main.lock().unwrap_or_else(|e| e.into_inner()) = Some((command, main));
+        }
+        Ok(container)
+    }
+
+    /// The main process of a single-command container, once: the job's `command` is already
+    /// running when such a container has started. `None` for an exec-shaped container.
+    pub fn take_main(&self, command: &JobCommand) -> Option<RunningCommand> {
+        let (started, main) = self.main.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        // The planner and the runner must agree on the one command (see `steps::single_command`).
+        debug_assert_eq!(&started, command, "the main process runs another command");
+        Some(main)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Kills and removes the container with its anonymous volumes.
+    pub async fn remove(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.removed = true;
+        if let Some(watch) = &self.oom_watch {
+            watch.abort();
+        }
+        // An unread main process's output would keep Docker from ending the container.
+        drop(
+            self.main
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        remove_container(&self.docker, &self.id).await;
+    }
+}
+
+impl Drop for JobContainer {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        if let Some(watch) = &self.oom_watch {
+            watch.abort();
+        }
+        let (docker, id) = (self.docker.clone(), self.id.clone());
+        // Dropped on an error path, a panic or a cancelled future: remove it in the background.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move { remove_container(&docker, &id).await });
+            }
+            Err(_) => {
+                tracing::error!(container = %id, "job container dropped outside a runtime; the orphan sweep will remove it")
+            }
+        }
+    }
+}
