@@ -293,7 +293,7 @@ impl Storage {
         let storage = JobStorage::before_steps(
             Some(store),
             &job,
-            &pipeline,
+            pipeline.storage_wanted(&job),
             workspace,
             (meta.uid(), meta.gid()),
             &JobControl::new(),

@@ -225,7 +225,7 @@ impl Job<'_> {
         crate::store::JobStorage::before_steps(
             self.executor.settings.store.as_ref(),
             self.job,
-            &self.plan.pipeline,
+            self.plan.pipeline.storage_wanted(self.job),
             workspace.path(),
             self.plan.user,
             self.control,

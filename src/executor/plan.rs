@@ -13,7 +13,7 @@ use super::services::plan::{ServicePlan, plan_services};
 use super::{Executor, ExecutorSettings};
 use crate::checkout::validate_url;
 use crate::pipeline::Pipeline;
-use crate::pipeline::yaml::valid_env_name;
+use crate::pipeline::env::valid_env_name;
 use crate::secrets::mask::Masker;
 use crate::wire::JobSpec;
 

@@ -5,6 +5,7 @@
 //! Everything here is pure: nothing touches Docker, so a bad pipeline is rejected before any
 //! container exists.
 
+pub mod env;
 pub mod gryt_report;
 pub mod services;
 pub mod yaml;
@@ -26,6 +27,24 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
+    /// The artifacts and caches the job wants: the job spec's fields, else the YAML pipeline's.
+    pub fn storage_wanted(&self, job: &crate::wire::JobSpec) -> crate::store::spec::Wanted {
+        let yaml = match self {
+            Pipeline::Yaml(p) => Some(p),
+            Pipeline::Gryt { .. } => None,
+        };
+        crate::store::spec::Wanted {
+            artifacts: job
+                .artifacts
+                .clone()
+                .or_else(|| yaml.and_then(|p| p.artifacts_spec())),
+            caches: job
+                .cache
+                .clone()
+                .unwrap_or_else(|| yaml.map(|p| p.cache_specs()).unwrap_or_default()),
+        }
+    }
+
     /// Decodes and classifies `pipeline_b64` (standard or URL-safe base64, padding optional).
     pub fn from_b64(pipeline_b64: &str) -> Result<Self, PipelineError> {
         let compact: String = pipeline_b64

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::wire::{ServiceCommand, ServiceSpec};
 
-use super::yaml::valid_env_name;
+use super::env::valid_env_name;
 
 /// Longest DNS label, hence longest service name.
 pub const MAX_NAME_CHARS: usize = 63;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::PipelineError;
+use super::env::valid_env_name;
 use crate::wire::{ArtifactWhen, ArtifactsSpec, CacheSpec, ServiceCommand, ServiceSpec};
 
 /// Most steps one pipeline may have; far above any real pipeline, low enough to bound the result.
@@ -280,11 +281,6 @@ impl YamlPipeline {
     pub fn env_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.env.iter().map(|(k, v)| (k.as_str(), v.0.as_str()))
     }
-}
-
-/// Environment variable names Docker and `sh` accept: no `=`, no NUL, not empty.
-pub fn valid_env_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['=', '\0'])
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ use super::select::{self, open_file_beneath, open_root};
 use super::spec::{self, cache_object_name, cache_scopes, hex};
 use super::transfer::{self, CHUNK, ChunkReader, ChunkWriter};
 use crate::executor::JobControl;
-use crate::pipeline::Pipeline;
 use crate::wire::{ArtifactResult, ArtifactWhen, ArtifactsSpec, CacheSpec, JobSpec};
 
 /// How the steps ended, as far as artifacts and caches care.
@@ -50,30 +49,19 @@ struct PlannedCache {
 type Log<'a> = &'a mut (dyn FnMut(&str) + Send);
 
 impl JobStorage {
-    /// Validates the job's `artifacts` and `cache` (the job spec's, else the pipeline's) and
+    /// Validates the `artifacts` and `cache` the job wants (see `Pipeline::storage_wanted`) and
     /// restores its caches into `workspace`. A bad field is an error; a cache that cannot be
     /// restored is a miss, said in the log.
     pub async fn before_steps(
         store: Option<&Store>,
         job: &JobSpec,
-        pipeline: &Pipeline,
+        wanted: spec::Wanted,
         workspace: &Path,
         user: (u32, u32),
         control: &JobControl,
         log: Log<'_>,
     ) -> Result<Self, String> {
-        let yaml = match pipeline {
-            Pipeline::Yaml(p) => Some(p),
-            Pipeline::Gryt { .. } => None,
-        };
-        let artifacts = job
-            .artifacts
-            .clone()
-            .or_else(|| yaml.and_then(|p| p.artifacts_spec()));
-        let caches = job
-            .cache
-            .clone()
-            .unwrap_or_else(|| yaml.map(|p| p.cache_specs()).unwrap_or_default());
+        let spec::Wanted { artifacts, caches } = wanted;
         if let Some(a) = &artifacts {
             spec::check_artifacts(a).map_err(|(f, m)| format!("invalid {f}: {m}"))?;
         }

@@ -14,6 +14,14 @@ pub const MAX_PATTERN_LEN: usize = 1024;
 /// Longest cache key accepted.
 pub const MAX_KEY_LEN: usize = 64;
 
+/// What a job asks of the store: its artifacts (if any) and its caches, from the job spec or,
+/// when the spec gives none, from its YAML pipeline (`Pipeline::storage_wanted`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Wanted {
+    pub artifacts: Option<ArtifactsSpec>,
+    pub caches: Vec<CacheSpec>,
+}
+
 /// A bad field: its path (`artifacts.paths[0]`) and what is wrong.
 pub type FieldError = (String, String);
 
