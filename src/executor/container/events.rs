@@ -122,8 +122,29 @@ pub(super) async fn wait_for_exit(
     // Set by the engine on the same kernel OOM notice that the `oom` event reports.
     if inspect.state.and_then(|s| s.oom_killed) == Some(true) {
         oom.store(true, Ordering::SeqCst);
+    } else if code == SIGKILL_EXIT {
+        // The engine may handle the OOM notice just after the exit (seen under load): a
+        // killed process is looked at again, briefly, before it is called anything else.
+        settle_oom_flag(&docker, &id, &oom).await;
     }
     Ok(Some(code))
+}
+
+/// The exit code of a process killed by SIGKILL (the OOM killer's signal).
+const SIGKILL_EXIT: i64 = 137;
+
+/// Re-reads the container's OOM flag a few times (at most ~0.5 s) after a SIGKILL exit.
+async fn settle_oom_flag(docker: &Docker, id: &str, oom: &AtomicBool) {
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let Ok(inspect) = docker.inspect_container(id, None).await else {
+            return;
+        };
+        if inspect.state.and_then(|s| s.oom_killed) == Some(true) {
+            oom.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
 }
 
 /// Sets `flag` when Docker reports an OOM kill in the container. Runs until aborted.

@@ -24,6 +24,8 @@ use crate::wire::ServiceStatus;
 /// Pause between two connection attempts, and the longest one attempt may take.
 const PROBE_PAUSE: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a service without an address may take to be seen ended (its watch reads its end).
+const END_GRACE: Duration = Duration::from_secs(3);
 
 /// Waits until every service with a `ready_port` accepts connections on it, bounded by each
 /// service's `ready_timeout_seconds`, the job's deadline and its stop requests. A service that
@@ -83,6 +85,12 @@ async fn ready_one(
         let address = match address(docker, &service.id, network).await {
             Ok(address) => address,
             Err(e) => {
+                // A service that ended at once has no address any more: its end (exit code,
+                // OOM), which its watch learns a moment later, is the better reason.
+                let ended = tokio::time::timeout(END_GRACE, service.watch.until_ended()).await;
+                if let Ok(ended) = ended {
+                    return Err(ended_failure(index, plan, ended, "before it was ready"));
+                }
                 return Err(ServiceFailure {
                     index,
                     status: ServiceStatus::Error,
