@@ -43,7 +43,7 @@ impl Bench {
         let [on_bridge, on_own] = times.map(|t| median(&t));
         let r = ratio(on_own.as_secs_f64(), on_bridge.as_secs_f64());
         Ok(vec![row(
-            "5. per job: own network (`job`) vs `bridge`, library executor",
+            "6. per job: own network (`job`) vs `bridge`, library executor",
             format!("{} (+{})", ms(on_own), ms(on_own.saturating_sub(on_bridge))),
             ms(on_bridge),
             format!("{r:.2}×"),

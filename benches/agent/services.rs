@@ -41,14 +41,14 @@ impl Bench {
         let added = with.saturating_sub(without);
         Ok(vec![
             row(
-                "services: per job, job network, no service",
+                "7. per job: job network, no service",
                 ms(without),
                 "—".into(),
                 "1.00×".into(),
                 "(baseline)",
             ),
             row(
-                "services: per job, job network + one service (ready_port)",
+                "7. per job: job network + one service (ready_port)",
                 ms(with),
                 ms(without),
                 format!("{:.2}×", ratio(with.as_secs_f64(), without.as_secs_f64())),
