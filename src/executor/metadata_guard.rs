@@ -64,15 +64,10 @@ pub fn may_change_firewall() -> bool {
 }
 
 fn has_net_admin() -> bool {
-    const CAP_NET_ADMIN: u32 = 12;
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+    rustix::thread::capabilities(None).is_ok_and(|caps| {
+        caps.effective
+            .contains(rustix::thread::CapabilitySet::NET_ADMIN)
+    })
 }
 
 /// Whether the IPv4 rule for `pool` is in place.
