@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{containers_of, test_image, unique_agent_id};
+use super::{containers_of, networks_of, test_image, unique_agent_id};
 
 /// Push mode: the keys the endpoint accepts, and its command.
 pub mod push {
@@ -309,26 +309,51 @@ impl Agent {
             .collect()
     }
 
-    /// No container with this agent's label and no workspace left (containers are removed in
-    /// the background: up to 5 s of grace).
+    /// No container or network with this agent's label and no workspace left. A job's cleanup
+    /// follows its result (and a dropped container is removed in the background): up to 5 s
+    /// of grace for all three.
     pub async fn assert_clean(&self) {
         for _ in 0..50 {
-            if containers_of(&self.agent_id).await.is_empty() {
+            if self.leftovers().await == Leftovers::default() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        self.assert_clean_now().await;
+    }
+
+    /// No container or network with this agent's label and no workspace left, now.
+    pub async fn assert_clean_now(&self) {
+        let left = self.leftovers().await;
         assert_eq!(
-            containers_of(&self.agent_id).await,
+            left.containers,
             Vec::<String>::new(),
             "containers left behind"
         );
+        assert_eq!(left.networks, Vec::<String>::new(), "networks left behind");
         assert_eq!(
-            self.workspaces(),
+            left.workspaces,
             Vec::<PathBuf>::new(),
             "workspaces left behind"
         );
     }
+
+    /// This agent's containers, networks and workspaces.
+    pub async fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            containers: containers_of(&self.agent_id).await,
+            networks: networks_of(&self.agent_id).await,
+            workspaces: self.workspaces(),
+        }
+    }
+}
+
+/// What an agent's jobs left: containers, networks and workspaces.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    pub containers: Vec<String>,
+    pub networks: Vec<String>,
+    pub workspaces: Vec<PathBuf>,
 }
 
 impl Drop for Agent {
