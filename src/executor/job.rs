@@ -1,6 +1,7 @@
 //! One job from spec to result, in the order it happens: plan (`plan.rs`), image, workspace and
-//! checkout, network, container, commands (`steps.rs`), and one exit that removes the
-//! container, the network and the workspace whatever happened before the result is assembled.
+//! checkout, network, container, commands (`steps.rs`), the services' ends, the result; and,
+//! once the workspace exists, one exit that hands the container, the network and the workspace
+//! to the cleanup (`cleanup.rs`) whatever happened, which removes them after the result.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use super::cleanup::{Cleaner, Leftovers, Made};
 use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
@@ -20,8 +22,8 @@ use super::services::{ServiceSetup, Services, await_ready, check_alive, not_star
 use super::steps::{
     Context, Outcome, cancelled, gryt_command, run_gryt, run_steps, single_command,
 };
-use super::warm::{LiveId, Starting};
-use super::workspace::{JobUserCleaner, Workspace};
+use super::warm::Starting;
+use super::workspace::Workspace;
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until};
 use crate::pipeline::Pipeline;
@@ -42,40 +44,31 @@ struct Job<'a> {
 /// A stage that ends the job early says how, as the error.
 type Stage<T = ()> = Result<T, Outcome>;
 
-/// What the job made in Docker, kept for the one cleanup exit, which removes the containers
-/// before the network they are attached to.
-struct Made {
-    container: Option<JobContainer>,
-    /// The job's service containers (those started so far).
-    services: Services,
-    /// The job's own network (`docker.network = "job"`).
-    network: Option<JobNetwork>,
-    /// A warm container's id (`warm.rs`), spared by the sweeps until the cleanup is over.
-    warm: Option<LiveId>,
-    /// Held until the first command: the warm pool refills only when no job is on its way to
-    /// one (`warm/refill.rs`).
-    starting: Option<Starting>,
-}
-
+/// Runs the job and returns its result with what it left for the cleanup (`None` when it ended
+/// before its workspace existed).
 pub(super) async fn run(
     executor: &Executor,
     job: &JobSpec,
     observer: &dyn JobObserver,
     control: &JobControl,
-) -> JobResult {
+) -> (JobResult, Option<Leftovers>) {
     let started_at = OffsetDateTime::now_utc();
     let clock = Instant::now();
     let agent_secrets = executor.settings.agent_secrets.iter();
     let masker = Masker::new(agent_secrets.map(|s| s.expose_secret()));
     let mut run = Run::new(observer, masker, executor.settings.job.output_cap_bytes);
-    let outcome = match job_timeout(&executor.settings, job) {
-        Ok(timeout) => prepare_and_run(executor, job, &mut run, control, clock + timeout, timeout)
-            .await
-            .unwrap_or_else(|early| early),
-        Err(message) => Outcome::Error(message),
+    let (outcome, leftovers) = match job_timeout(&executor.settings, job) {
+        Ok(timeout) => {
+            match prepare_and_run(executor, job, &mut run, control, clock + timeout, timeout).await
+            {
+                Ok((outcome, leftovers)) => (outcome, Some(leftovers)),
+                Err(early) => (early, None),
+            }
+        }
+        Err(message) => (Outcome::Error(message), None),
     };
     run.flush_masks();
-    result(job, run, outcome, started_at, clock)
+    (result(job, run, outcome, started_at, clock), leftovers)
 }
 
 /// The job's result from how it ended and what it printed; every text in it is masked.
@@ -127,9 +120,9 @@ fn result(
     }
 }
 
-/// Plans the job, gets its image, makes its workspace, runs it there, and cleans up: the one
-/// place the container, the network and the workspace are removed, on every path once the
-/// workspace exists.
+/// Plans the job, gets its image, makes its workspace, runs it there, and reads its services'
+/// ends. Once the workspace exists, every path comes out here with the container, the network
+/// and the workspace in the [`Leftovers`]: the one place they are handed to the cleanup.
 async fn prepare_and_run(
     executor: &Executor,
     job: &JobSpec,
@@ -137,7 +130,7 @@ async fn prepare_and_run(
     control: &JobControl,
     deadline: Instant,
     timeout: Duration,
-) -> Stage<Outcome> {
+) -> Stage<(Outcome, Leftovers)> {
     let starting = executor.warm.job_starting();
     let plan = plan(executor, job).map_err(Outcome::Error)?;
     run.set_masker(plan.masker.clone());
@@ -156,8 +149,9 @@ async fn prepare_and_run(
         timeout,
     };
     let settings = &executor.settings;
-    // Held until the containers are gone: the disk collector never removes them under the job.
-    let _image_holds: Vec<_> = std::iter::once(&plan.image)
+    // Held until the containers are gone (by the cleanup): the disk collector never removes
+    // them under the job.
+    let image_holds: Vec<_> = std::iter::once(&plan.image)
         .chain(plan.services.iter().map(|s| &s.image))
         .map(|image| settings.image_use.begin(image))
         .collect();
@@ -170,18 +164,24 @@ async fn prepare_and_run(
     let (workspace, mut made) = ctx.acquire(starting).await?;
     let outcome = ctx.in_workspace(&workspace, &mut made, run).await;
     made.starting = None;
-    // The one exit once the workspace exists, whatever `in_workspace` ended with.
-    let job_id = job.job_id.to_string();
-    let cleaner = JobUserCleaner {
-        docker: &docker,
-        image: &plan.image,
+    // The one exit once the workspace exists, whatever `in_workspace` ended with. The services'
+    // ends come from their containers: read now, before the result; the containers go after it.
+    run.services = made.services.report(&run.masker);
+    let cleaner = Cleaner {
+        docker: docker.clone(),
+        image: plan.image.clone(),
         user: plan.user,
-        agent_id: &settings.agent_id,
-        job_id: &job_id,
-        extra_labels: &settings.extra_labels,
+        agent_id: settings.agent_id.clone(),
+        job_id: job.job_id.to_string(),
+        extra_labels: settings.extra_labels.clone(),
     };
-    run.services = cleanup(made, workspace, &cleaner, &run.masker).await;
-    Ok(outcome.unwrap_or_else(|early| early))
+    let leftovers = Leftovers {
+        made,
+        workspace,
+        cleaner,
+        image_holds,
+    };
+    Ok((outcome.unwrap_or_else(|early| early), leftovers))
 }
 
 impl Job<'_> {
@@ -189,9 +189,9 @@ impl Job<'_> {
     /// pipeline, restore its caches, make its network, start its services and wait for them,
     /// start its container (network, services and container kept in `made` for the cleanup),
     /// run the commands, check that its services outlived them, upload its artifacts and
-    /// caches. Anything the job needs before its
-    /// first command goes before `run_commands`; anything taken from its workspace after its
-    /// last one goes after it: the cleanup comes later.
+    /// caches. Anything the job needs before its first command goes before `run_commands`;
+    /// anything taken from its workspace or its containers after its last one goes after it:
+    /// the cleanup comes after the result.
     async fn in_workspace(
         &self,
         workspace: &Workspace,
@@ -521,34 +521,4 @@ fn services_outlived_the_steps(services: &mut Services, outcome: Outcome) -> Out
         Some(failure) => Outcome::Error(services.fail(failure)),
         None => outcome,
     }
-}
-
-/// Removes the container and the services, then the network, then the workspace, and
-/// returns what became of each service. The container goes first: removing it kills every job
-/// process at once (a fork bomb at its pids limit included), so nothing writes into the
-/// workspace any more; with the services gone too the network has no endpoints left (Docker
-/// refuses to remove a network in use). What the agent may not delete (agent not root) the
-/// job's user empties from a short-lived container of its own, on no network (see
-/// `workspace::empty_as_job_user`).
-async fn cleanup(
-    mut made: Made,
-    workspace: Workspace,
-    cleaner: &JobUserCleaner<'_>,
-    masker: &Masker,
-) -> Vec<ServiceResult> {
-    // Together: the services never touch the workspace, and the network waits for both.
-    let container = async {
-        if let Some(mut container) = made.container {
-            container.remove().await;
-        }
-    };
-    let ((), services) = tokio::join!(container, made.services.remove_all(masker));
-    if let Some(mut network) = made.network {
-        network.remove().await;
-    }
-    let path = workspace.path().to_owned();
-    if let Err(e) = workspace.remove(Some(cleaner)).await {
-        tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");
-    }
-    services
 }

@@ -12,6 +12,8 @@ pub mod limits;
 pub use crate::config::pool;
 
 #[cfg(feature = "runtime")]
+mod cleanup;
+#[cfg(feature = "runtime")]
 pub mod command;
 #[cfg(feature = "runtime")]
 pub mod container;
@@ -48,6 +50,8 @@ pub mod warm;
 #[cfg(feature = "runtime")]
 pub mod workspace;
 
+#[cfg(feature = "runtime")]
+pub use cleanup::{CLEANUP_LIMIT, Cleanup};
 #[cfg(feature = "runtime")]
 pub use container::OutputStream;
 #[cfg(feature = "runtime")]
