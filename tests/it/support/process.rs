@@ -14,7 +14,37 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{containers_of, test_image, unique_agent_id};
+use super::{test_image, unique_agent_id};
+
+/// This agent's containers: job containers (anything but a running warm one), and the running
+/// warm containers (`io.gryt.warm=true`) of its pool: ready ones, or taken by a running job
+/// (none runs when a test checks for leftovers).
+pub async fn containers_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let filters =
+        std::collections::HashMap::from([("label", vec![format!("io.gryt.agent.id={agent_id}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let listed = super::docker()
+        .await
+        .list_containers(Some(options))
+        .await
+        .unwrap();
+    let (warm, jobs): (Vec<_>, Vec<_>) = listed.into_iter().partition(|c| {
+        let warm = c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("io.gryt.warm"))
+            .is_some_and(|v| v == "true");
+        warm && c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+    });
+    let ids = |list: Vec<bollard::models::ContainerSummary>| {
+        list.into_iter().filter_map(|c| c.id).collect()
+    };
+    (ids(jobs), ids(warm))
+}
 
 /// Push mode: the keys the endpoint accepts, and its command.
 pub mod push {
@@ -87,6 +117,9 @@ pub struct Agent {
     /// The agent's stderr: `agent-<port>.log` in its state dir, so that an agent restarted on
     /// the same state dir writes a new one.
     pub log: PathBuf,
+    /// The most warm containers the agent may keep (`GRYT_WARM_POOL` as given, 0 by default):
+    /// while it runs, [`Agent::assert_clean`] allows that many ready ones and no more.
+    pub warm_pool: usize,
     /// Temporary directories the agent was given to own: removed after the process is killed.
     _owned: Vec<TempDir>,
 }
@@ -184,7 +217,13 @@ impl Agent {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("cannot start gryt-agent");
+        let warm_pool = env
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == "GRYT_WARM_POOL")
+            .map_or(0, |(_, v)| v.parse().expect("GRYT_WARM_POOL"));
         Agent {
+            warm_pool,
             child,
             agent_id: agent_id.to_owned(),
             url: format!("http://127.0.0.1:{port}"),
@@ -324,23 +363,36 @@ impl Agent {
     }
 
     /// No container with this agent's label and no workspace left (containers are removed in
-    /// the background: up to 5 s of grace).
+    /// the background: up to 5 s of grace). With a warm pool, while the agent runs, only its
+    /// ready warm containers (running, `io.gryt.warm=true`) and their workspaces may be left, at
+    /// most `warm_pool` of them; nothing once it has exited.
     pub async fn assert_clean(&self) {
+        let running = Path::new(&format!("/proc/{}", self.child.id())).exists();
+        let allowed = if running { self.warm_pool } else { 0 };
+        let clean =
+            |(jobs, warm): &(Vec<String>, Vec<String>)| jobs.is_empty() && warm.len() <= allowed;
+        let mut left = containers_by_kind(&self.agent_id).await;
         for _ in 0..50 {
-            if containers_of(&self.agent_id).await.is_empty() {
+            if clean(&left) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            left = containers_by_kind(&self.agent_id).await;
         }
-        assert_eq!(
-            containers_of(&self.agent_id).await,
-            Vec::<String>::new(),
-            "containers left behind"
+        assert_eq!(left.0, Vec::<String>::new(), "containers left behind");
+        assert!(
+            left.1.len() <= allowed,
+            "warm containers left behind: {:?} (at most {allowed})",
+            left.1
         );
-        assert_eq!(
-            self.workspaces(),
-            Vec::<PathBuf>::new(),
-            "workspaces left behind"
+        let (warm, jobs): (Vec<PathBuf>, Vec<PathBuf>) = self
+            .workspaces()
+            .into_iter()
+            .partition(|p| p.to_string_lossy().contains("+warm-"));
+        assert_eq!(jobs, Vec::<PathBuf>::new(), "workspaces left behind");
+        assert!(
+            warm.len() <= allowed,
+            "warm workspaces left behind: {warm:?}"
         );
     }
 }
