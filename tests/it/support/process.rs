@@ -399,6 +399,15 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // An agent with a warm pool is stopped as an operator would (SIGTERM: it drains its
+        // pool); a SIGKILL would leave the pool to a next start this test never makes.
+        if self.warm_pool > 0 && matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("TERM");
+            let until = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
