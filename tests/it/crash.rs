@@ -74,9 +74,10 @@ async fn sigkill_with_jobs_running_then_restart_loses_and_repeats_nothing() {
             .to_string_lossy()
             .starts_with("job-5-")
     );
-    // The spooled job's container is gone (it finished); the 4 long jobs' are running, beside
-    // the ready containers of the warm pool (a job that took a warm one runs in it).
-    let until = Instant::now() + Duration::from_secs(10);
+    // The spooled job's container is gone (it finished: its cleanup does not wait for a refused
+    // result past `CLEANUP_WAITS_FOR_DELIVERY`, 5 s); the 4 long jobs' are running, beside the
+    // ready containers of the warm pool (a job that took a warm one runs in it).
+    let until = Instant::now() + Duration::from_secs(20);
     let before = loop {
         let ready = agent.health().await["warm_pool"]["ready"].as_u64().unwrap() as usize;
         let all = containers_of(&agent_id).await;

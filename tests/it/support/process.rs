@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{test_image, unique_agent_id};
+use super::{networks_of, test_image, unique_agent_id};
 
 /// This agent's containers: job containers (anything but a running warm one), and the running
 /// warm containers (`io.gryt.warm=true`) of its pool: ready ones, or taken by a running job
@@ -33,17 +33,35 @@ pub async fn containers_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
         .await
         .unwrap();
     let (warm, jobs): (Vec<_>, Vec<_>) = listed.into_iter().partition(|c| {
-        let warm = c
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("io.gryt.warm"))
-            .is_some_and(|v| v == "true");
-        warm && c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+        is_warm(c.labels.as_ref())
+            && c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
     });
     let ids = |list: Vec<bollard::models::ContainerSummary>| {
         list.into_iter().filter_map(|c| c.id).collect()
     };
     (ids(jobs), ids(warm))
+}
+
+/// This agent's networks: job networks, and its warm containers' (`io.gryt.warm=true`).
+pub async fn networks_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
+    let mut warm = Vec::new();
+    let mut jobs = Vec::new();
+    let docker = super::docker().await;
+    for id in networks_of(agent_id).await {
+        match docker.inspect_network(&id, None).await {
+            Ok(n) if is_warm(n.labels.as_ref()) => warm.push(id),
+            Ok(_) => jobs.push(id),
+            // Removed meanwhile.
+            Err(_) => {}
+        }
+    }
+    (jobs, warm)
+}
+
+fn is_warm(labels: Option<&std::collections::HashMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get("io.gryt.warm"))
+        .is_some_and(|v| v == "true")
 }
 
 /// Push mode: the keys the endpoint accepts, and its command.
@@ -362,39 +380,70 @@ impl Agent {
             .collect()
     }
 
-    /// No container with this agent's label and no workspace left (containers are removed in
-    /// the background: up to 5 s of grace). With a warm pool, while the agent runs, only its
-    /// ready warm containers (running, `io.gryt.warm=true`) and their workspaces may be left, at
-    /// most `warm_pool` of them; nothing once it has exited.
+    /// No container or network with this agent's label and no workspace left. A job's cleanup
+    /// follows its result (and a dropped container is removed in the background): up to 5 s
+    /// of grace for all three. With a warm pool, while the agent runs, its ready warm
+    /// containers (running, `io.gryt.warm=true`) with their networks and workspaces are no
+    /// leftovers, up to `warm_pool` of each; once it has exited, they are.
     pub async fn assert_clean(&self) {
-        let running = Path::new(&format!("/proc/{}", self.child.id())).exists();
-        let allowed = if running { self.warm_pool } else { 0 };
-        let clean =
-            |(jobs, warm): &(Vec<String>, Vec<String>)| jobs.is_empty() && warm.len() <= allowed;
-        let mut left = containers_by_kind(&self.agent_id).await;
         for _ in 0..50 {
-            if clean(&left) {
+            if self.leftovers().await == Leftovers::default() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            left = containers_by_kind(&self.agent_id).await;
         }
-        assert_eq!(left.0, Vec::<String>::new(), "containers left behind");
-        assert!(
-            left.1.len() <= allowed,
-            "warm containers left behind: {:?} (at most {allowed})",
-            left.1
+        self.assert_clean_now().await;
+    }
+
+    /// No container or network with this agent's label and no workspace left, now (see
+    /// [`Agent::assert_clean`] for the warm pool's).
+    pub async fn assert_clean_now(&self) {
+        let left = self.leftovers().await;
+        assert_eq!(
+            left.containers,
+            Vec::<String>::new(),
+            "containers left behind"
         );
-        let (warm, jobs): (Vec<PathBuf>, Vec<PathBuf>) = self
+        assert_eq!(left.networks, Vec::<String>::new(), "networks left behind");
+        assert_eq!(
+            left.workspaces,
+            Vec::<PathBuf>::new(),
+            "workspaces left behind"
+        );
+    }
+
+    /// This agent's containers, networks and workspaces, but for what its warm pool may keep
+    /// while it runs (see [`Agent::assert_clean`]).
+    pub async fn leftovers(&self) -> Leftovers {
+        let running = Path::new(&format!("/proc/{}", self.child.id())).exists();
+        let allowed = if running { self.warm_pool } else { 0 };
+        let keep = |(mut jobs, warm): (Vec<String>, Vec<String>)| {
+            if warm.len() > allowed {
+                jobs.extend(warm);
+            }
+            jobs
+        };
+        let (warm, mut workspaces): (Vec<PathBuf>, Vec<PathBuf>) = self
             .workspaces()
             .into_iter()
             .partition(|p| p.to_string_lossy().contains("+warm-"));
-        assert_eq!(jobs, Vec::<PathBuf>::new(), "workspaces left behind");
-        assert!(
-            warm.len() <= allowed,
-            "warm workspaces left behind: {warm:?}"
-        );
+        if warm.len() > allowed {
+            workspaces.extend(warm);
+        }
+        Leftovers {
+            containers: keep(containers_by_kind(&self.agent_id).await),
+            networks: keep(networks_by_kind(&self.agent_id).await),
+            workspaces,
+        }
     }
+}
+
+/// What an agent's jobs left: containers, networks and workspaces.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    pub containers: Vec<String>,
+    pub networks: Vec<String>,
+    pub workspaces: Vec<PathBuf>,
 }
 
 impl Drop for Agent {
