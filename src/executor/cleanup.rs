@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::container::JobContainer;
 use super::network::JobNetwork;
 use super::services::Services;
+use super::warm::{LiveId, Starting};
 use super::workspace::{JobUserCleaner, Workspace};
 use crate::gc::ImageHold;
 
@@ -37,6 +38,12 @@ pub(super) struct Made {
     pub services: Services,
     /// The job's own network (`docker.network = "job"`).
     pub network: Option<JobNetwork>,
+    /// A warm container's id (`warm/`), spared by the sweeps until the cleanup is over (dropped
+    /// with `made`, after the workspace).
+    pub warm: Option<LiveId>,
+    /// Held until the first command: the warm pool refills only when no job is on its way to
+    /// one (`warm/refill.rs`).
+    pub starting: Option<Starting>,
 }
 
 /// Everything a job leaves once its result is made, owned by its cleanup's task.
@@ -187,7 +194,7 @@ mod tests {
     /// Docker request is made (the client connects lazily, and the agent may remove the tree).
     async fn workspace_only(work_dir: &std::path::Path) -> (Leftovers, std::path::PathBuf) {
         let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
-        let workspace = Workspace::create(work_dir, "agent", 7, uid.as_raw(), gid.as_raw());
+        let workspace = Workspace::create(work_dir, "agent", "7", uid.as_raw(), gid.as_raw());
         let workspace = workspace.await.unwrap();
         let path = workspace.path().to_owned();
         let docker = super::super::connect(Some("http://127.0.0.1:9")).unwrap();
@@ -196,6 +203,8 @@ mod tests {
                 container: None,
                 services: Services::new(Vec::new()),
                 network: None,
+                warm: None,
+                starting: None,
             },
             workspace,
             cleaner: Cleaner {

@@ -4,9 +4,11 @@
 //! cleanup runs after its result, in a task the executor tracks (`cleanup.rs`).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bollard::Docker;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use secrecy::SecretString;
 use tokio_util::task::TaskTracker;
 
@@ -19,6 +21,7 @@ use crate::wire::{JobResult, JobSpec};
 use super::docker::check_address;
 use super::metadata_guard;
 use super::network::Pool;
+use super::warm::{WarmPool, WarmStatus};
 use super::{Cleanup, JobControl, JobObserver, job};
 
 /// What the executor needs from the settings.
@@ -133,6 +136,9 @@ pub struct Executor {
     pub(super) negotiated: Mutex<Option<Docker>>,
     /// Set once the metadata rules were seen to or tried (see [`Executor::guard_metadata`]).
     metadata_guarded: tokio::sync::OnceCell<()>,
+    /// Containers started ahead of jobs (`docker.warm_pool`); off unless the long-running agent
+    /// starts it ([`Executor::start_warm_pool`]).
+    pub(super) warm: WarmPool,
     /// Every job's cleanup task. Closed from the start: closing only means that `wait` ends
     /// whenever no cleanup is left, and new ones are still tracked.
     cleanups: TaskTracker,
@@ -150,9 +156,11 @@ impl Executor {
         let secret_names = SecretNames::new(&settings.secret_env_patterns)
             .map_err(|e| ExecutorError::SecretPatterns(e.to_string()))?;
         let allowed_images = crate::config::image_globs(&settings.docker.allowed_images)?;
+        let warm = WarmPool::new(settings.docker.image.clone());
         let cleanups = TaskTracker::new();
         cleanups.close();
         Ok(Executor {
+            warm,
             settings,
             token_keys,
             secret_names,
@@ -210,6 +218,33 @@ impl Executor {
     /// How many jobs' cleanups have not ended yet (running or waiting for their start).
     pub fn pending_cleanups(&self) -> usize {
         self.cleanups.len()
+    }
+
+    /// Turns the warm pool on (`docker.warm_pool`, at most `slots`): only the long-running
+    /// agent does, after its first sweep removed an earlier process's pool; `exec` never does.
+    pub fn start_warm_pool(self: &Arc<Self>, slots: usize) {
+        self.warm.start(self.clone(), slots);
+    }
+
+    /// The pool's target and ready count (`/health`).
+    pub fn warm_status(&self) -> WarmStatus {
+        self.warm.status()
+    }
+
+    /// The job ids (`warm-<hex>`) of the pool's containers not yet removed, ready or taken:
+    /// the sweeps spare them like running jobs' (read after the listings, like those).
+    pub fn warm_ids(&self) -> Vec<String> {
+        self.warm.live_ids()
+    }
+
+    /// The pool's metrics (ready containers, jobs run warm), for the agent's registry.
+    pub fn warm_metrics(&self) -> (Gauge, Counter) {
+        self.warm.metrics()
+    }
+
+    /// Stops the pool and removes its ready containers (the agent's exit, after its jobs).
+    pub async fn drain_warm_pool(&self) {
+        self.warm.drain().await;
     }
 
     /// Installs the rules that keep job networks from the cloud metadata address (see

@@ -22,6 +22,7 @@ use super::services::{ServiceSetup, Services, await_ready, check_alive, not_star
 use super::steps::{
     Context, Outcome, cancelled, gryt_command, run_gryt, run_steps, single_command,
 };
+use super::warm::Starting;
 use super::workspace::Workspace;
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until};
@@ -130,6 +131,7 @@ async fn prepare_and_run(
     deadline: Instant,
     timeout: Duration,
 ) -> Stage<(Outcome, Leftovers)> {
+    let starting = executor.warm.job_starting();
     let plan = plan(executor, job).map_err(Outcome::Error)?;
     run.set_masker(plan.masker.clone());
     if let Pipeline::Gryt { .. } = plan.pipeline {
@@ -159,13 +161,9 @@ async fn prepare_and_run(
         let got = ctx.get_image(&service.image, run.observer).await;
         got.map_err(|early| service_image_failed(&mut run.services[i], early))?;
     }
-    let workspace = ctx.create_workspace().await?;
-    let mut made = Made {
-        container: None,
-        network: None,
-        services: Services::new(plan.services.clone()),
-    };
+    let (workspace, mut made) = ctx.acquire(starting).await?;
     let outcome = ctx.in_workspace(&workspace, &mut made, run).await;
+    made.starting = None;
     // The one exit once the workspace exists, whatever `in_workspace` ended with. The services'
     // ends come from their containers: read now, before the result; the containers go after it.
     run.services = made.services.report(&run.masker);
@@ -210,11 +208,14 @@ impl Job<'_> {
         let network = self.network(workspace, &mut made.network).await?;
         self.start_services(&mut made.services, workspace, &network)
             .await?;
-        let spec = self.container_spec(workspace, network);
-        let started = JobContainer::start(self.docker, spec).await;
+        let started = match made.container.take() {
+            Some(warm) => Ok(warm),
+            None => JobContainer::start(self.docker, self.container_spec(workspace, network)).await,
+        };
         let container = &*made
             .container
             .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
+        made.starting = None;
         let outcome = self.run_commands(container, run).await;
         let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
@@ -348,16 +349,43 @@ impl Job<'_> {
         Ok(())
     }
 
+    /// The job's workspace, and what the job starts with: a warm container with its workspace
+    /// and network when one fits (the pool's image, no services: those start cold, see
+    /// `warm/`), its environment given to every exec and its limits applied; else a fresh
+    /// workspace and nothing yet made.
+    async fn acquire(&self, starting: Starting) -> Stage<(Workspace, Made)> {
+        let plan = self.plan;
+        let mut made = Made {
+            container: None,
+            network: None,
+            services: Services::new(plan.services.clone()),
+            warm: None,
+            starting: Some(starting),
+        };
+        if plan.services.is_empty() {
+            let warm = self.executor.warm.take(
+                self.docker,
+                &plan.image,
+                plan.memory_bytes,
+                plan.nano_cpus,
+            );
+            if let Some(taken) = warm.await {
+                let mut container = taken.container;
+                container.set_exec_env(plan.env.clone());
+                made.container = Some(container);
+                made.network = taken.network;
+                made.warm = Some(taken.live);
+                return Ok((taken.workspace, made));
+            }
+        }
+        Ok((self.create_workspace().await?, made))
+    }
+
     async fn create_workspace(&self) -> Stage<Workspace> {
         let settings = &self.executor.settings;
         let (uid, gid) = self.plan.user;
-        let created = Workspace::create(
-            &settings.work_dir,
-            &settings.agent_id,
-            self.job.job_id,
-            uid,
-            gid,
-        );
+        let job_id = self.job.job_id.to_string();
+        let created = Workspace::create(&settings.work_dir, &settings.agent_id, &job_id, uid, gid);
         created.await.map_err(|e| {
             Outcome::Error(format!(
                 "cannot create the job workspace under {}: {e}",
@@ -428,10 +456,13 @@ impl Job<'_> {
         format!("gryt-{}", workspace.unique_name())
     }
 
-    /// The network the job's containers join: with `docker.network = "job"` a new one of its
-    /// own, kept in `made` for the cleanup (the metadata rules are installed before the first);
-    /// otherwise the one configured.
+    /// The network the job's containers join: a warm container's own when it came with one;
+    /// with `docker.network = "job"` a new one of its own, kept in `made` for the cleanup (the
+    /// metadata rules are installed before the first); otherwise the one configured.
     async fn network(&self, workspace: &Workspace, made: &mut Option<JobNetwork>) -> Stage<String> {
+        if let Some(warm) = made {
+            return Ok(warm.name().to_owned());
+        }
         let settings = &self.executor.settings;
         if settings.docker.network != network::MODE_JOB {
             return Ok(settings.docker.network.clone());

@@ -46,6 +46,8 @@ mod services;
 #[cfg(feature = "runtime")]
 mod steps;
 #[cfg(feature = "runtime")]
+pub mod warm;
+#[cfg(feature = "runtime")]
 pub mod workspace;
 
 #[cfg(feature = "runtime")]

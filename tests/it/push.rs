@@ -18,7 +18,8 @@ fn hello_body() -> String {
 
 #[tokio::test]
 async fn the_documented_manual_test_passes() {
-    let agent = Agent::push("push-hello", &[]).await;
+    // With the warm pool on: one push flow runs its jobs in warm containers.
+    let agent = Agent::push("push-hello", &[("GRYT_WARM_POOL", "1")]).await;
     let root: Value = agent.get("/").await.json().await.unwrap();
     assert_eq!(
         root,
