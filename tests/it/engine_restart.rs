@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use serde_json::{Value, json};
-use support::process::Agent;
 use support::process::push::KEY;
+use support::process::{Agent, containers_by_kind_in};
+
+const POOL_ON: (&str, &str) = ("GRYT_WARM_POOL", "1");
 
 struct PrivateEngine {
     dir: tempfile::TempDir,
@@ -160,10 +162,11 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
     let address = engine.address();
     let agent = Agent::push(
         "engine-restart",
-        &[("DOCKER_HOST", &address), ("GRYT_NETWORK", "none")],
+        &[("DOCKER_HOST", &address), ("GRYT_NETWORK", "none"), POOL_ON],
     )
     .await;
     assert_eq!(agent.health().await["status"], "healthy");
+    wait_pool(&agent, &docker).await;
 
     let slow = json!({"job_id": 70, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo started; sleep 60\n")});
     let running = {
@@ -178,13 +181,8 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
                 .unwrap()
         })
     };
-    // Wait until the job's container runs in the private engine, then restart the engine.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while containers(&docker, &agent.agent_id).await.is_empty() {
-        assert!(Instant::now() < deadline, "the job never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the job runs in the warm container, then restart the engine.
+    wait_warm_job_started(&agent, &docker, 1).await;
     engine.stop();
 
     let response = tokio::time::timeout(Duration::from_secs(60), running)
@@ -224,7 +222,10 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
 
     let docker = engine.start().await;
     wait_health(&agent, "healthy", Duration::from_secs(30)).await;
-    let hello = json!({"job_id": 71, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo back\n")});
+    // The restart killed the pool's ready container: it is removed and replaced, and the next
+    // job runs warm, in the fresh one.
+    let fresh = wait_pool(&agent, &docker).await;
+    let hello = json!({"job_id": 71, "pipeline_b64": support::b64("version: 1\nsteps:\n  - run: echo back; hostname\n")});
     let result: Value = agent
         .execute(Some(KEY), hello.to_string())
         .await
@@ -232,22 +233,16 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
         .await
         .unwrap();
     assert_eq!(result["status"], "success", "{result}");
-    assert_eq!(result["stdout"], "back\n");
-
-    // The container stranded by the restart is removed once the engine answers again.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !containers(&docker, &agent.agent_id).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the stranded job container was never removed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!(result["stdout"], format!("back\n{}\n", &fresh[..12]));
     assert_eq!(
-        std::fs::read_dir(&agent.work).unwrap().count(),
-        0,
-        "workspace left behind"
+        agent.warm_jobs().await,
+        2,
+        "the job after the restart ran cold"
     );
+
+    // The container stranded by the restart is removed once the engine answers again, and the
+    // dead ready one is gone: only the pool's ready container is left while the agent runs.
+    assert_only_the_pool_left(&agent, &docker).await;
     assert!(
         agent
             .log_text()
@@ -255,6 +250,87 @@ async fn an_engine_restart_fails_the_running_job_and_the_agent_recovers() {
         "{}",
         agent.log_text()
     );
+    assert_nothing_left_after_stop(agent, &docker).await;
+}
+
+/// Waits (up to 30 s) until the pool has its one ready container running on the private engine
+/// and nothing else of the agent is there (a dead warm container included); returns its id.
+async fn wait_pool(agent: &Agent, docker: &Docker) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (others, warm) = containers_by_kind_in(docker, &agent.agent_id)
+            .await
+            .unwrap_or_default();
+        if agent.health().await["warm_pool"]["ready"] == 1 && warm.len() == 1 && others.is_empty() {
+            return warm[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never had one live ready container alone: warm {warm:?}, others {others:?}; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the `warm`-th job that ran warm has its first command running: it took the ready
+/// container (the counter), and the pool, which refills only once no job is on its way to its
+/// first command, made the next one.
+async fn wait_warm_job_started(agent: &Agent, docker: &Docker, warm: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, running_warm) = containers_by_kind_in(docker, &agent.agent_id)
+            .await
+            .unwrap_or_default();
+        if agent.warm_jobs().await == warm && running_warm.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never started in a warm container; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Waits (up to 30 s) until the agent has nothing on the private engine and in its work dir but
+/// the pool's: one running ready container and its workspace.
+async fn assert_only_the_pool_left(agent: &Agent, docker: &Docker) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (others, warm) = containers_by_kind_in(docker, &agent.agent_id)
+            .await
+            .unwrap_or_default();
+        let (warm_dirs, dirs): (Vec<_>, Vec<_>) = agent
+            .workspaces()
+            .into_iter()
+            .partition(|p| p.to_string_lossy().contains("+warm-"));
+        if others.is_empty() && warm.len() <= 1 && dirs.is_empty() && warm_dirs.len() <= 1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: containers {others:?} (warm {warm:?}), workspaces {dirs:?} (warm {warm_dirs:?}); log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops the agent (SIGTERM, which drains its pool) and asserts that nothing of it is left on
+/// the private engine or in its work dir.
+async fn assert_nothing_left_after_stop(mut agent: Agent, docker: &Docker) {
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(60)).await, 0);
+    assert_eq!(
+        containers(docker, &agent.agent_id).await,
+        Vec::<String>::new(),
+        "containers left after the agent stopped; log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.workspaces(), Vec::<std::path::PathBuf>::new());
 }
 
 /// The agent's containers on the private engine; none while it is down.
@@ -273,20 +349,20 @@ async fn a_pull_job_the_engine_failed_is_given_back_and_leasing_waits_for_it() {
     let docker = engine.start().await;
     support::import_test_image(&docker).await;
     let api = fake_api::FakeApi::start(support::process::pull::KEY, 30).await;
-    api.push_job(support::shell_job(80, "echo started; sleep 60"));
     let agent = Agent::pull(
         "engine-restart-pull",
         &api.url,
         &[],
-        &[("DOCKER_HOST", &engine.address()), ("GRYT_NETWORK", "none")],
+        &[
+            ("DOCKER_HOST", &engine.address()),
+            ("GRYT_NETWORK", "none"),
+            POOL_ON,
+        ],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while containers(&docker, &agent.agent_id).await.is_empty() {
-        assert!(Instant::now() < deadline, "the job never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_pool(&agent, &docker).await;
+    api.push_job(support::shell_job(80, "echo started; sleep 60"));
+    wait_warm_job_started(&agent, &docker, 1).await;
     engine.stop();
     api.wait_for("the completion", Duration::from_secs(60), |a| {
         a.job(80).completion.is_some()
@@ -303,11 +379,13 @@ async fn a_pull_job_the_engine_failed_is_given_back_and_leasing_waits_for_it() {
     api.push_job(support::shell_job(81, "echo back"));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(api.job(81).leases, 0, "leased while the engine was down");
-    engine.start().await;
+    let docker = engine.start().await;
     api.wait_for("job 81", Duration::from_secs(60), |a| {
         a.job(81).completion.is_some()
     })
     .await;
     assert_eq!(api.job(81).completion.unwrap()["status"], "success");
     assert_eq!(api.job(81).log, "back\n");
+    assert_only_the_pool_left(&agent, &docker).await;
+    assert_nothing_left_after_stop(agent, &docker).await;
 }

@@ -62,16 +62,6 @@ async fn wait_ready(agent: &Agent, ready: u64) -> Value {
     }
 }
 
-/// `gryt_agent_warm_jobs_total` from `/metrics`.
-async fn warm_jobs(agent: &Agent) -> u64 {
-    let text = agent.get("/metrics").await.text().await.unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("gryt_agent_warm_jobs_total "))
-        .unwrap_or_else(|| panic!("no warm jobs counter in {text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
-}
-
 /// Runs a one-step job printing its hostname (the short container id) and more; returns the
 /// result.
 async fn run(agent: &Agent, body: Value) -> Value {
@@ -162,7 +152,7 @@ async fn a_job_runs_in_the_warm_container_with_its_env_limits_and_workspace() {
         "the job's memory limit"
     );
     assert!(lines.contains(&"pipeline.yml"), "{lines:?}");
-    assert_eq!(warm_jobs(&agent).await, 1);
+    assert_eq!(agent.warm_jobs().await, 1);
     // And the pool refilled, with a fresh container.
     wait_ready(&agent, 1).await;
     let fresh = warm_containers(&agent.agent_id).await;
@@ -175,6 +165,35 @@ async fn a_job_runs_in_the_warm_container_with_its_env_limits_and_workspace() {
     stop_and_assert_nothing_left(agent).await;
 }
 
+/// A job asking for more than the defaults (512m, 1.5 CPUs) gets it in a warm container, made
+/// with the defaults, before its first command: memory (with no swap) and CPUs.
+#[tokio::test]
+async fn a_job_asking_for_more_memory_than_the_default_gets_it_in_a_warm_container() {
+    let agent = Agent::push("warm-limits", &[POOL_ON, ("GRYT_MAX_MEMORY", "2g")]).await;
+    wait_ready(&agent, 1).await;
+    let (id, _) = warm_containers(&agent.agent_id).await.remove(0);
+    let script = "hostname; m=/sys/fs/cgroup/memory; \
+                  if [ -d $m ]; then cat $m/memory.limit_in_bytes $m/memory.memsw.limit_in_bytes; \
+                  cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us; \
+                  else cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory.swap.max; \
+                  cut -d' ' -f1 /sys/fs/cgroup/cpu.max; fi";
+    let body = json!({
+        "job_id": 42,
+        "memory_limit": "1g",
+        "cpu_limit": "0.5",
+        "pipeline_b64": support::b64(&format!("version: 1\nsteps:\n  - run: {}\n", json!(script))),
+    });
+    let result = run(&agent, body).await;
+    assert_eq!(result["status"], "success", "{result}");
+    let lines: Vec<&str> = result["stdout"].as_str().unwrap().lines().collect();
+    assert_eq!(lines[0], &id[..12], "not run warm: {result}");
+    let gib = (1024 * 1024 * 1024).to_string();
+    // cgroup v1: memory+swap equals memory; v2: no swap at all.
+    let swap = if lines[2] == "0" { "0" } else { gib.as_str() };
+    assert_eq!(lines[1..], [gib.as_str(), swap, "50000"], "{result}");
+    stop_and_assert_nothing_left(agent).await;
+}
+
 #[tokio::test]
 async fn two_jobs_never_share_a_container() {
     let agent = Agent::push("warm-two", &[POOL_ON]).await;
@@ -183,13 +202,13 @@ async fn two_jobs_never_share_a_container() {
     wait_ready(&agent, 1).await;
     let second = hostname_of(&run(&agent, hostname_job(2)).await);
     assert_ne!(first, second, "two jobs ran in one container");
-    assert_eq!(warm_jobs(&agent).await, 2);
+    assert_eq!(agent.warm_jobs().await, 2);
     // A gryt job (one command, the main process of a cold container) runs as an exec here.
     wait_ready(&agent, 1).await;
     let gryt = json!({"job_id": 3, "pipeline_b64": support::b64("print('x')\n")});
     let result = run(&agent, gryt).await;
     assert_eq!(result["status"], "success", "{result}");
-    assert_eq!(warm_jobs(&agent).await, 3);
+    assert_eq!(agent.warm_jobs().await, 3);
     stop_and_assert_nothing_left(agent).await;
 }
 
@@ -217,7 +236,7 @@ async fn jobs_on_another_image_or_with_services_start_cold() {
     });
     let result = run(&agent, services).await;
     assert_ne!(hostname_of(&result), &warm_id[..12]);
-    assert_eq!(warm_jobs(&agent).await, 0);
+    assert_eq!(agent.warm_jobs().await, 0);
     let still = warm_containers(&agent.agent_id).await;
     assert_eq!(still.len(), 1, "{still:?}");
     assert_eq!(still[0].0, warm_id, "the ready container stays ready");
@@ -225,7 +244,7 @@ async fn jobs_on_another_image_or_with_services_start_cold() {
 }
 
 #[tokio::test]
-async fn a_warm_container_killed_behind_the_agents_back_is_replaced() {
+async fn a_warm_container_killed_behind_the_agents_back_is_replaced_before_a_job_comes() {
     let agent = Agent::push("warm-killed", &[POOL_ON]).await;
     wait_ready(&agent, 1).await;
     let (killed, _) = warm_containers(&agent.agent_id).await.remove(0);
@@ -234,24 +253,40 @@ async fn a_warm_container_killed_behind_the_agents_back_is_replaced() {
         .kill_container(&killed, None::<KillContainerOptions>)
         .await
         .unwrap();
+    // The pool sees it die: the dead one is removed and a fresh one made, with no job asking.
+    let fresh = wait_replaced(&agent, &killed).await;
     let host = hostname_of(&run(&agent, hostname_job(1)).await);
-    assert_ne!(host, &killed[..12]);
-    // The dead one was removed and a fresh one made.
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let warm = warm_containers(&agent.agent_id).await;
-        if warm.len() == 1 && warm[0].0 != killed {
-            break;
-        }
-        assert!(Instant::now() < until, "no fresh warm container: {warm:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_eq!(
+        host,
+        &fresh[..12],
+        "the job did not run in the fresh container"
+    );
+    assert_eq!(agent.warm_jobs().await, 1);
     assert!(
-        agent.log_text().contains("not running"),
+        agent.log_text().contains("stopped running"),
         "{}",
         agent.log_text()
     );
     stop_and_assert_nothing_left(agent).await;
+}
+
+/// Waits (up to 30 s) until the agent's only warm container is a running one other than `dead`,
+/// with `dead` gone, and returns its id.
+async fn wait_replaced(agent: &Agent, dead: &str) -> String {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let warm = warm_containers(&agent.agent_id).await;
+        let (_, running) = support::process::containers_by_kind(&agent.agent_id).await;
+        if warm.len() == 1 && warm[0].0 != dead && running == [warm[0].0.clone()] {
+            return warm[0].0.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "the dead warm container was not replaced: {warm:?}; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -301,6 +336,6 @@ async fn the_pool_is_off_at_zero_and_never_larger_than_the_slots() {
         json!({"target": 0, "ready": 0})
     );
     hostname_of(&run(&agent, hostname_job(1)).await);
-    assert_eq!(warm_jobs(&agent).await, 0);
+    assert_eq!(agent.warm_jobs().await, 0);
     agent.assert_clean().await;
 }

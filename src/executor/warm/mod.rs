@@ -12,14 +12,16 @@
 //!
 //! Files: this one is the face ([`WarmPool`]: status, ids, start, drain, and the job's
 //! [`Starting`] mark); `make.rs` makes and discards one warm container; `refill.rs` the
-//! background loop that keeps the pool full; `take.rs` how a job takes one.
+//! background loop that keeps the pool full; `dead.rs` removes a ready container that stopped
+//! running (killed, or the engine restarted); `take.rs` how a job takes one.
 
+mod dead;
 mod make;
 mod refill;
 mod take;
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -68,9 +70,12 @@ struct Shared {
     /// Jobs between their start in the executor and their first command: a refill waits for
     /// none to be left, so it never delays a job on its way to its first command.
     starting: AtomicUsize,
+    /// Ready containers found dead by the watch (`dead.rs`); the refill backs off on them.
+    deaths: AtomicU64,
     ready_gauge: Gauge,
     warm_jobs: Counter,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The refill loop and the watch, once started.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -147,25 +152,28 @@ impl WarmPool {
                 changed,
                 live: Arc::default(),
                 starting: AtomicUsize::new(0),
+                deaths: AtomicU64::new(0),
                 ready_gauge: Gauge::default(),
                 warm_jobs: Counter::default(),
-                task: Mutex::new(None),
+                tasks: Mutex::new(Vec::new()),
             }),
         }
     }
 
     /// Turns the pool on with `min(docker.warm_pool, slots)` containers and starts its refill
-    /// loop. Called once by the long-running agent after its first sweep (which removes an
+    /// loop and its watch. Called once by the long-running agent after its first sweep (which removes an
     /// earlier process's pool); a second call, or a target of 0, does nothing.
     pub(super) fn start(&self, executor: Arc<Executor>, slots: usize) {
         let target = executor.settings.docker.warm_pool.min(slots);
-        let mut task = lock(&self.shared.task);
-        if target == 0 || task.is_some() || lock(&self.shared.inner).stopped {
+        let mut tasks = lock(&self.shared.tasks);
+        if target == 0 || !tasks.is_empty() || lock(&self.shared.inner).stopped {
             return;
         }
         self.shared.target.store(target, Ordering::SeqCst);
         tracing::info!(target, image = %self.shared.image, "warm pool on");
-        *task = Some(tokio::spawn(refill::run(self.shared.clone(), executor)));
+        let watch = dead::run(self.shared.clone(), executor.clone());
+        tasks.push(tokio::spawn(refill::run(self.shared.clone(), executor)));
+        tasks.push(tokio::spawn(watch));
     }
 
     /// Target and ready count, from memory.
@@ -198,20 +206,22 @@ impl WarmPool {
     }
 
     /// Stops the pool and removes its ready containers, networks and workspaces. A refill under
-    /// way finishes (bounded by [`DRAIN_LIMIT`]) and removes what it made. Called when the agent
-    /// stops, after its jobs: a taken container goes with its job.
+    /// way finishes (bounded by [`DRAIN_LIMIT`]) and removes what it made, as does the watch a
+    /// dead container it is removing. Called when the agent stops, after its jobs: a taken
+    /// container goes with its job.
     pub(super) async fn drain(&self) {
         lock(&self.shared.inner).stopped = true;
         self.shared.target.store(0, Ordering::SeqCst);
         self.shared.changed.send_replace(());
-        let task = lock(&self.shared.task).take();
-        if let Some(mut task) = task
-            && tokio::time::timeout(DRAIN_LIMIT, &mut task).await.is_err()
-        {
-            tracing::warn!(
-                "warm pool: a refill did not end in time; the next start's sweep removes what it made"
-            );
-            task.abort();
+        let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
+        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(
+                    "warm pool: a refill did not end in time; the next start's sweep removes what it made"
+                );
+                task.abort();
+            }
         }
         let ready: Vec<Warm> = lock(&self.shared.inner).ready.drain(..).collect();
         self.shared.ready_gauge.set(0);

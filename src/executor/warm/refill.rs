@@ -12,8 +12,14 @@
 //! Failures: the first one of a streak is a warning, the others are debug lines, the recovery
 //! an info line; the retries wait 1 s, doubling up to [`MAX_BACKOFF`]. An engine that is down
 //! for an hour costs a request a minute and a few log lines, no spinning.
+//!
+//! Deaths: a ready container the watch found dead (`dead.rs`) is replaced after a wait of its
+//! own, 1 s doubling up to [`MAX_BACKOFF`] while deaths follow each other with no job served in
+//! between: a container that dies as soon as it is made (or something outside that kills each
+//! one) costs a container a minute, not a loop. Logged like failures.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
@@ -29,10 +35,13 @@ pub(super) async fn run(shared: Arc<Shared>, executor: Arc<Executor>) {
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
     let mut retry_at = Instant::now();
+    let mut deaths = Deaths::new(&shared);
     loop {
         changed.borrow_and_update();
-        let due =
-            shared.wanted() > 0 && shared.starting.load(std::sync::atomic::Ordering::SeqCst) == 0;
+        if let Some(wait) = deaths.wait_for_new(&shared) {
+            retry_at = retry_at.max(Instant::now() + wait);
+        }
+        let due = shared.wanted() > 0 && shared.starting.load(Ordering::SeqCst) == 0;
         if !due {
             if lock(&shared.inner).stopped || changed.changed().await.is_err() {
                 return;
@@ -91,5 +100,46 @@ pub(super) async fn run(shared: Arc<Shared>, executor: Arc<Executor>) {
         if stopped {
             return;
         }
+    }
+}
+
+/// The refill's view of the ready containers that died (see the module doc).
+struct Deaths {
+    /// `Shared::deaths` when last looked at.
+    seen: u64,
+    /// `Shared::warm_jobs` at the last death: a job served since ends the streak.
+    jobs: u64,
+    backoff: Duration,
+}
+
+impl Deaths {
+    fn new(shared: &Shared) -> Self {
+        Deaths {
+            seen: shared.deaths.load(Ordering::SeqCst),
+            jobs: shared.warm_jobs.get(),
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// How long to wait before the next refill when ready containers died since the last look.
+    fn wait_for_new(&mut self, shared: &Shared) -> Option<Duration> {
+        let deaths = shared.deaths.load(Ordering::SeqCst);
+        if deaths == self.seen {
+            return None;
+        }
+        let dead = deaths - self.seen;
+        self.seen = deaths;
+        let jobs = shared.warm_jobs.get();
+        if jobs != self.jobs {
+            (self.jobs, self.backoff) = (jobs, FIRST_BACKOFF);
+        }
+        let wait = self.backoff;
+        if wait == FIRST_BACKOFF {
+            tracing::warn!(dead, replace_in = ?wait, "warm pool: ready containers stopped running (killed, or the engine restarted): removed, and replaced");
+        } else {
+            tracing::debug!(dead, replace_in = ?wait, "warm pool: ready containers stopped running again");
+        }
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        Some(wait)
     }
 }

@@ -20,6 +20,16 @@ use super::{networks_of, test_image, unique_agent_id};
 /// warm containers (`io.gryt.warm=true`) of its pool: ready ones, or taken by a running job
 /// (none runs when a test checks for leftovers).
 pub async fn containers_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
+    containers_by_kind_in(&super::docker().await, agent_id)
+        .await
+        .unwrap()
+}
+
+/// [`containers_by_kind`] on the engine `docker` speaks to (a test's private one).
+pub async fn containers_by_kind_in(
+    docker: &bollard::Docker,
+    agent_id: &str,
+) -> Result<(Vec<String>, Vec<String>), bollard::errors::Error> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let filters =
         std::collections::HashMap::from([("label", vec![format!("io.gryt.agent.id={agent_id}")])]);
@@ -27,11 +37,7 @@ pub async fn containers_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
         .all(true)
         .filters(&filters)
         .build();
-    let listed = super::docker()
-        .await
-        .list_containers(Some(options))
-        .await
-        .unwrap();
+    let listed = docker.list_containers(Some(options)).await?;
     let (warm, jobs): (Vec<_>, Vec<_>) = listed.into_iter().partition(|c| {
         is_warm(c.labels.as_ref())
             && c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
@@ -39,7 +45,7 @@ pub async fn containers_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
     let ids = |list: Vec<bollard::models::ContainerSummary>| {
         list.into_iter().filter_map(|c| c.id).collect()
     };
-    (ids(jobs), ids(warm))
+    Ok((ids(jobs), ids(warm)))
 }
 
 /// This agent's networks: job networks, and its warm containers' (`io.gryt.warm=true`).
@@ -335,6 +341,16 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("no /health; log:\n{}", self.log_text());
+    }
+
+    /// `gryt_agent_warm_jobs_total` from `/metrics`: the jobs that ran in a warm container.
+    pub async fn warm_jobs(&self) -> u64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("gryt_agent_warm_jobs_total "))
+            .unwrap_or_else(|| panic!("no warm jobs counter in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
     /// `POST /jobs/execute` (push mode) with `key` as `X-API-Key`, if any.
