@@ -30,7 +30,7 @@ pub(crate) struct Opts {
     pub(crate) store_env: PathBuf,
 }
 
-pub(crate) const FIGURES: [&str; 7] = [
+pub(crate) const FIGURES: [&str; 8] = [
     "overhead",
     "throughput",
     "pickup",
@@ -38,6 +38,7 @@ pub(crate) const FIGURES: [&str; 7] = [
     "store",
     "network",
     "services",
+    "warm",
 ];
 
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
