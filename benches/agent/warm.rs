@@ -82,7 +82,7 @@ impl Bench {
     async fn warm_measure(&self, on: &Subject, off: &Subject) -> anyhow::Result<Measured> {
         let before = on.warm_jobs().await?;
         let per_job = self.warm_per_job(on, off).await?;
-        let on_jobs = 2 * (self.sizes.m as u64 + 1);
+        let on_jobs = 2 * (self.sizes.w as u64 + 1);
         let warm = on.warm_jobs().await? - before;
         if warm != on_jobs {
             bail!(
@@ -107,7 +107,7 @@ impl Bench {
         }
         let warm_share = (on.warm_jobs().await? - before, 2 * quarter);
         let rate = |t: Duration| (2 * quarter) as f64 / t.as_secs_f64();
-        let refills = self.refills(on, off, self.sizes.m.min(20)).await?;
+        let refills = self.refills(on, off, self.sizes.w).await?;
         let idle = self.warm_idle(on, off).await?;
         Ok(Measured {
             per_job,
@@ -128,7 +128,7 @@ impl Bench {
     ) -> anyhow::Result<[Vec<Duration>; 6]> {
         let work = self.work.path().to_owned();
         let mut times: [Vec<Duration>; 6] = Default::default();
-        for round in 0..=self.sizes.m {
+        for round in 0..=self.sizes.w {
             for (variant, slot) in times.iter_mut().enumerate() {
                 self.settle(on, off).await?;
                 let took = match variant {
