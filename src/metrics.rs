@@ -266,6 +266,18 @@ impl Metrics {
         self.gc.disk_low.set(i64::from(still_low));
     }
 
+    /// The warm pool's gauge of ready containers and counter of jobs run in a warm container
+    /// (the pool updates them: `executor::warm`).
+    pub fn register_warm(&mut self, ready: Gauge, jobs: Counter) {
+        self.registry.register(
+            "warm_containers",
+            "Warm containers ready for the next jobs",
+            ready,
+        );
+        self.registry
+            .register("warm_jobs", "Jobs that ran in a warm container", jobs);
+    }
+
     pub fn set_slots(&self, slots: usize) {
         self.slots.set(slots as i64);
     }
@@ -341,5 +353,17 @@ mod tests {
             assert!(text.contains(line), "{line} missing in {text}");
         }
         assert!(!text.contains("gryt_agent_disk_collection_last_run_timestamp_seconds 0\n"));
+    }
+
+    #[test]
+    fn the_warm_pool_metrics_show_in_the_exposition() {
+        let mut m = Metrics::new(2);
+        let (ready, jobs) = (Gauge::default(), Counter::default());
+        m.register_warm(ready.clone(), jobs.clone());
+        ready.set(1);
+        jobs.inc_by(3);
+        let text = m.encode();
+        assert!(text.contains("gryt_agent_warm_containers 1"), "{text}");
+        assert!(text.contains("gryt_agent_warm_jobs_total 3"), "{text}");
     }
 }

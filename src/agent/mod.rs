@@ -65,6 +65,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     // The first check before any job can arrive; then one every few seconds.
     readiness::check_once(&state, &mut Vec::new()).await;
     let monitor = readiness::start_monitor(state.clone());
+    // After the first sweep, which removed an earlier process's pool: never the other way round.
+    state.executor.start_warm_pool(state.slots.total());
     tracing::info!(
         agent_id = %state.agent_id,
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or(address),
@@ -106,6 +108,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         // Returns at once: draining ended leasing, and drain waited for the jobs.
         let _ = task.await;
     }
+    // After the jobs (a taken container goes with its job): nothing of the pool outlives the agent.
+    state.executor.drain_warm_pool().await;
     collector.stop().await;
     state.shutdown.stop();
     sweeper.abort();

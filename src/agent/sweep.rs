@@ -85,11 +85,14 @@ pub async fn sweep(state: &AgentState) -> Swept {
     // so whatever was listed for a job that is running now has its id in this set; a set read
     // before the listings would miss a job that started during them, and its fresh container
     // and workspace would be removed under it.
+    // The warm pool's containers (ready or taken) are spared the same way: the pool adds a
+    // warm id before it makes anything under it and removes it after all is gone.
     let running: HashSet<String> = state
         .jobs
         .job_ids()
         .iter()
         .map(|id| id.to_string())
+        .chain(state.executor.warm_ids())
         .collect();
     let containers: Vec<_> = containers
         .into_iter()

@@ -31,7 +31,8 @@ pub use sections::{
     PushSettings, Settings, StoreConfig,
 };
 pub use validate::{
-    MAX_DISK_MARK_MB, MAX_PART_SIZE, MAX_PUSH_QUEUE, MAX_SERVICES_SETTING, MIN_PART_SIZE,
+    MAX_DISK_MARK_MB, MAX_PART_SIZE, MAX_PUSH_QUEUE, MAX_SERVICES_SETTING, MAX_WARM_POOL,
+    MIN_PART_SIZE,
 };
 pub use values::{DEFAULT_SECRET_ENV_PATTERNS, image_globs, secret_name_glob, valid_agent_id};
 

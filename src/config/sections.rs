@@ -126,6 +126,9 @@ settings! {
         max_cpus: Option<String> = None, env "GRYT_MAX_CPUS";
         /// Globs an image name must match to run (`ghcr.io/acme/*`); `*` allows any.
         allowed_images: Vec<String> = vec!["*".into()], env "GRYT_ALLOWED_IMAGES";
+        /// Containers of `image` kept created, started and idle for the next jobs (`run` only,
+        /// at most the slots, at most 64); 0 turns the pool off.
+        warm_pool: usize = 1, env "GRYT_WARM_POOL";
     }
     derived {
         /// `user` as numbers, read by the loader (a `Settings` changed after loading keeps the

@@ -398,3 +398,20 @@ fn the_job_user_is_read_once_at_load() {
         "invalid setting `docker.user`: `ci` is not numeric `uid[:gid]`"
     );
 }
+
+#[test]
+fn the_warm_pool_defaults_to_one_turns_off_at_zero_and_is_bounded() {
+    let s = Settings::load_from(None, &[], &[]).unwrap();
+    assert_eq!(s.docker.warm_pool, 1);
+    let s = Settings::load_from(None, &env(&[("GRYT_WARM_POOL", "0")]), &[]).unwrap();
+    assert_eq!(s.docker.warm_pool, 0);
+    let s = Settings::load_from(None, &env(&[("GRYT_WARM_POOL", "64")]), &[]).unwrap();
+    assert_eq!(s.docker.warm_pool, crate::config::MAX_WARM_POOL);
+    let error = Settings::load_from(None, &env(&[("GRYT_WARM_POOL", "65")]), &[])
+        .expect_err("a pool above 64 must be refused")
+        .to_string();
+    assert!(
+        error.contains("docker.warm_pool") && error.contains("64"),
+        "{error}"
+    );
+}

@@ -15,6 +15,10 @@ pub const MAX_PUSH_QUEUE: usize = 256;
 /// The largest `job.max_services` accepted: each service is a container with limits of its own.
 pub const MAX_SERVICES_SETTING: usize = 64;
 
+/// The largest `docker.warm_pool`: each ready container is a started container, a workspace and
+/// (with `job` networks) a /24 of the pool, kept while the agent runs.
+pub const MAX_WARM_POOL: usize = 64;
+
 /// The largest free-space mark accepted (MiB): 1 EiB, far beyond any disk, and its bytes fit a u64.
 pub const MAX_DISK_MARK_MB: u64 = 1 << 40;
 
@@ -74,6 +78,12 @@ impl Settings {
             ));
         }
         d.network_pool()?;
+        if d.warm_pool > MAX_WARM_POOL {
+            return Err(key_error(
+                "docker.warm_pool",
+                format!("must be at most {MAX_WARM_POOL} (0 turns the pool off)"),
+            ));
+        }
         let j = &self.job;
         if j.max_services > MAX_SERVICES_SETTING {
             return Err(key_error(

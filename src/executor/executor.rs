@@ -1,12 +1,16 @@
 //! The executor's public type: [`Executor`] and its settings. It turns a job spec into a result
 //! in a hardened, ephemeral container (see `job.rs`); it knows nothing of HTTP or the API, and
-//! it never fails as a function: every failure comes back as a result with a status.
+//! it never fails as a function: every failure comes back as a result with a status. The job's
+//! cleanup runs after its result, in a task the executor tracks (`cleanup.rs`).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bollard::Docker;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use secrecy::SecretString;
+use tokio_util::task::TaskTracker;
 
 use crate::checkout::CheckoutSettings;
 use crate::config::{ConfigError, DockerSettings, JobSettings, Settings};
@@ -17,7 +21,8 @@ use crate::wire::{JobResult, JobSpec};
 use super::docker::check_address;
 use super::metadata_guard;
 use super::network::Pool;
-use super::{JobControl, JobObserver, job};
+use super::warm::{WarmPool, WarmStatus};
+use super::{Cleanup, JobControl, JobObserver, job};
 
 /// What the executor needs from the settings.
 #[derive(Debug, Clone)]
@@ -131,6 +136,12 @@ pub struct Executor {
     pub(super) negotiated: Mutex<Option<Docker>>,
     /// Set once the metadata rules were seen to or tried (see [`Executor::guard_metadata`]).
     metadata_guarded: tokio::sync::OnceCell<()>,
+    /// Containers started ahead of jobs (`docker.warm_pool`); off unless the long-running agent
+    /// starts it ([`Executor::start_warm_pool`]).
+    pub(super) warm: WarmPool,
+    /// Every job's cleanup task. Closed from the start: closing only means that `wait` ends
+    /// whenever no cleanup is left, and new ones are still tracked.
+    cleanups: TaskTracker,
 }
 
 impl Executor {
@@ -145,13 +156,18 @@ impl Executor {
         let secret_names = SecretNames::new(&settings.secret_env_patterns)
             .map_err(|e| ExecutorError::SecretPatterns(e.to_string()))?;
         let allowed_images = crate::config::image_globs(&settings.docker.allowed_images)?;
+        let warm = WarmPool::new(settings.docker.image.clone());
+        let cleanups = TaskTracker::new();
+        cleanups.close();
         Ok(Executor {
+            warm,
             settings,
             token_keys,
             secret_names,
             allowed_images,
             negotiated: Mutex::new(None),
             metadata_guarded: tokio::sync::OnceCell::new(),
+            cleanups,
         })
     }
 
@@ -159,15 +175,76 @@ impl Executor {
         &self.settings
     }
 
-    /// Runs one job to its end and returns its result. Never panics on job input, never leaves
-    /// a container or workspace behind.
+    /// Runs one job to its end and returns its result once its container, network and
+    /// workspace are removed. Never panics on job input, never leaves a container or workspace
+    /// behind.
     pub async fn run(
         &self,
         job: &JobSpec,
         observer: &dyn JobObserver,
         control: &JobControl,
     ) -> JobResult {
-        job::run(self, job, observer, control).await
+        let (result, cleanup) = self.run_then_clean(job, observer, control).await;
+        cleanup.finish().await;
+        result
+    }
+
+    /// Runs one job and returns its result as soon as its last command ended and its output is
+    /// complete (artifacts and caches uploaded, the services' ends read), with the handle of
+    /// its cleanup: the removal of its containers, network and workspace, in a task this
+    /// executor tracks. The removal starts when the handle is finished, started or dropped, so
+    /// the caller can send the result first; [`Executor::cleanups_done`] waits for it.
+    pub async fn run_then_clean(
+        &self,
+        job: &JobSpec,
+        observer: &dyn JobObserver,
+        control: &JobControl,
+    ) -> (JobResult, Cleanup) {
+        let (result, leftovers) = job::run(self, job, observer, control).await;
+        let cleanup = match leftovers {
+            Some(leftovers) => Cleanup::spawn(&self.cleanups, job.job_id, leftovers),
+            None => Cleanup::nothing(job.job_id),
+        };
+        (result, cleanup)
+    }
+
+    /// Waits until no job's cleanup is left: those running and those whose handle has not
+    /// started them yet (finish, start or drop those handles first, or this waits for them).
+    /// Each cleanup is bounded once started (`CLEANUP_LIMIT`).
+    pub async fn cleanups_done(&self) {
+        self.cleanups.wait().await;
+    }
+
+    /// How many jobs' cleanups have not ended yet (running or waiting for their start).
+    pub fn pending_cleanups(&self) -> usize {
+        self.cleanups.len()
+    }
+
+    /// Turns the warm pool on (`docker.warm_pool`, at most `slots`): only the long-running
+    /// agent does, after its first sweep removed an earlier process's pool; `exec` never does.
+    pub fn start_warm_pool(self: &Arc<Self>, slots: usize) {
+        self.warm.start(self.clone(), slots);
+    }
+
+    /// The pool's target and ready count (`/health`).
+    pub fn warm_status(&self) -> WarmStatus {
+        self.warm.status()
+    }
+
+    /// The job ids (`warm-<hex>`) of the pool's containers not yet removed, ready or taken:
+    /// the sweeps spare them like running jobs' (read after the listings, like those).
+    pub fn warm_ids(&self) -> Vec<String> {
+        self.warm.live_ids()
+    }
+
+    /// The pool's metrics (ready containers, jobs run warm), for the agent's registry.
+    pub fn warm_metrics(&self) -> (Gauge, Counter) {
+        self.warm.metrics()
+    }
+
+    /// Stops the pool and removes its ready containers (the agent's exit, after its jobs).
+    pub async fn drain_warm_pool(&self) {
+        self.warm.drain().await;
     }
 
     /// Installs the rules that keep job networks from the cloud metadata address (see

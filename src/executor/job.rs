@@ -1,6 +1,7 @@
 //! One job from spec to result, in the order it happens: plan (`plan.rs`), image, workspace and
-//! checkout, network, container, commands (`steps.rs`), and one exit that removes the
-//! container, the network and the workspace whatever happened before the result is assembled.
+//! checkout, network, container, commands (`steps.rs`), the services' ends, the result; and,
+//! once the workspace exists, one exit that hands the container, the network and the workspace
+//! to the cleanup (`cleanup.rs`) whatever happened, which removes them after the result.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use super::cleanup::{Cleaner, Leftovers, Made};
 use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
@@ -20,7 +22,8 @@ use super::services::{ServiceSetup, Services, await_ready, check_alive, not_star
 use super::steps::{
     Context, Outcome, cancelled, gryt_command, run_gryt, run_steps, single_command,
 };
-use super::workspace::{JobUserCleaner, Workspace};
+use super::warm::Starting;
+use super::workspace::Workspace;
 use super::{Executor, JobEvent, JobObserver};
 use crate::checkout::{CheckoutError, CheckoutRequest, checkout_until};
 use crate::pipeline::Pipeline;
@@ -41,35 +44,31 @@ struct Job<'a> {
 /// A stage that ends the job early says how, as the error.
 type Stage<T = ()> = Result<T, Outcome>;
 
-/// What the job made in Docker, kept for the one cleanup exit, which removes the containers
-/// before the network they are attached to.
-struct Made {
-    container: Option<JobContainer>,
-    /// The job's service containers (those started so far).
-    services: Services,
-    /// The job's own network (`docker.network = "job"`).
-    network: Option<JobNetwork>,
-}
-
+/// Runs the job and returns its result with what it left for the cleanup (`None` when it ended
+/// before its workspace existed).
 pub(super) async fn run(
     executor: &Executor,
     job: &JobSpec,
     observer: &dyn JobObserver,
     control: &JobControl,
-) -> JobResult {
+) -> (JobResult, Option<Leftovers>) {
     let started_at = OffsetDateTime::now_utc();
     let clock = Instant::now();
     let agent_secrets = executor.settings.agent_secrets.iter();
     let masker = Masker::new(agent_secrets.map(|s| s.expose_secret()));
     let mut run = Run::new(observer, masker, executor.settings.job.output_cap_bytes);
-    let outcome = match job_timeout(&executor.settings, job) {
-        Ok(timeout) => prepare_and_run(executor, job, &mut run, control, clock + timeout, timeout)
-            .await
-            .unwrap_or_else(|early| early),
-        Err(message) => Outcome::Error(message),
+    let (outcome, leftovers) = match job_timeout(&executor.settings, job) {
+        Ok(timeout) => {
+            match prepare_and_run(executor, job, &mut run, control, clock + timeout, timeout).await
+            {
+                Ok((outcome, leftovers)) => (outcome, Some(leftovers)),
+                Err(early) => (early, None),
+            }
+        }
+        Err(message) => (Outcome::Error(message), None),
     };
     run.flush_masks();
-    result(job, run, outcome, started_at, clock)
+    (result(job, run, outcome, started_at, clock), leftovers)
 }
 
 /// The job's result from how it ended and what it printed; every text in it is masked.
@@ -121,9 +120,9 @@ fn result(
     }
 }
 
-/// Plans the job, gets its image, makes its workspace, runs it there, and cleans up: the one
-/// place the container, the network and the workspace are removed, on every path once the
-/// workspace exists.
+/// Plans the job, gets its image, makes its workspace, runs it there, and reads its services'
+/// ends. Once the workspace exists, every path comes out here with the container, the network
+/// and the workspace in the [`Leftovers`]: the one place they are handed to the cleanup.
 async fn prepare_and_run(
     executor: &Executor,
     job: &JobSpec,
@@ -131,7 +130,8 @@ async fn prepare_and_run(
     control: &JobControl,
     deadline: Instant,
     timeout: Duration,
-) -> Stage<Outcome> {
+) -> Stage<(Outcome, Leftovers)> {
+    let starting = executor.warm.job_starting();
     let plan = plan(executor, job).map_err(Outcome::Error)?;
     run.set_masker(plan.masker.clone());
     if let Pipeline::Gryt { .. } = plan.pipeline {
@@ -149,8 +149,9 @@ async fn prepare_and_run(
         timeout,
     };
     let settings = &executor.settings;
-    // Held until the containers are gone: the disk collector never removes them under the job.
-    let _image_holds: Vec<_> = std::iter::once(&plan.image)
+    // Held until the containers are gone (by the cleanup): the disk collector never removes
+    // them under the job.
+    let image_holds: Vec<_> = std::iter::once(&plan.image)
         .chain(plan.services.iter().map(|s| &s.image))
         .map(|image| settings.image_use.begin(image))
         .collect();
@@ -160,25 +161,27 @@ async fn prepare_and_run(
         let got = ctx.get_image(&service.image, run.observer).await;
         got.map_err(|early| service_image_failed(&mut run.services[i], early))?;
     }
-    let workspace = ctx.create_workspace().await?;
-    let mut made = Made {
-        container: None,
-        network: None,
-        services: Services::new(plan.services.clone()),
-    };
+    let (workspace, mut made) = ctx.acquire(starting).await?;
     let outcome = ctx.in_workspace(&workspace, &mut made, run).await;
-    // The one exit once the workspace exists, whatever `in_workspace` ended with.
-    let job_id = job.job_id.to_string();
-    let cleaner = JobUserCleaner {
-        docker: &docker,
-        image: &plan.image,
+    made.starting = None;
+    // The one exit once the workspace exists, whatever `in_workspace` ended with. The services'
+    // ends come from their containers: read now, before the result; the containers go after it.
+    run.services = made.services.report(&run.masker);
+    let cleaner = Cleaner {
+        docker: docker.clone(),
+        image: plan.image.clone(),
         user: plan.user,
-        agent_id: &settings.agent_id,
-        job_id: &job_id,
-        extra_labels: &settings.extra_labels,
+        agent_id: settings.agent_id.clone(),
+        job_id: job.job_id.to_string(),
+        extra_labels: settings.extra_labels.clone(),
     };
-    run.services = cleanup(made, workspace, &cleaner, &run.masker).await;
-    Ok(outcome.unwrap_or_else(|early| early))
+    let leftovers = Leftovers {
+        made,
+        workspace,
+        cleaner,
+        image_holds,
+    };
+    Ok((outcome.unwrap_or_else(|early| early), leftovers))
 }
 
 impl Job<'_> {
@@ -186,9 +189,9 @@ impl Job<'_> {
     /// pipeline, restore its caches, make its network, start its services and wait for them,
     /// start its container (network, services and container kept in `made` for the cleanup),
     /// run the commands, check that its services outlived them, upload its artifacts and
-    /// caches. Anything the job needs before its
-    /// first command goes before `run_commands`; anything taken from its workspace after its
-    /// last one goes after it: the cleanup comes later.
+    /// caches. Anything the job needs before its first command goes before `run_commands`;
+    /// anything taken from its workspace or its containers after its last one goes after it:
+    /// the cleanup comes after the result.
     async fn in_workspace(
         &self,
         workspace: &Workspace,
@@ -205,11 +208,14 @@ impl Job<'_> {
         let network = self.network(workspace, &mut made.network).await?;
         self.start_services(&mut made.services, workspace, &network)
             .await?;
-        let spec = self.container_spec(workspace, network);
-        let started = JobContainer::start(self.docker, spec).await;
+        let started = match made.container.take() {
+            Some(warm) => Ok(warm),
+            None => JobContainer::start(self.docker, self.container_spec(workspace, network)).await,
+        };
         let container = &*made
             .container
             .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
+        made.starting = None;
         let outcome = self.run_commands(container, run).await;
         let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
@@ -343,16 +349,43 @@ impl Job<'_> {
         Ok(())
     }
 
+    /// The job's workspace, and what the job starts with: a warm container with its workspace
+    /// and network when one fits (the pool's image, no services: those start cold, see
+    /// `warm/`), its environment given to every exec and its limits applied; else a fresh
+    /// workspace and nothing yet made.
+    async fn acquire(&self, starting: Starting) -> Stage<(Workspace, Made)> {
+        let plan = self.plan;
+        let mut made = Made {
+            container: None,
+            network: None,
+            services: Services::new(plan.services.clone()),
+            warm: None,
+            starting: Some(starting),
+        };
+        if plan.services.is_empty() {
+            let warm = self.executor.warm.take(
+                self.docker,
+                &plan.image,
+                plan.memory_bytes,
+                plan.nano_cpus,
+            );
+            if let Some(taken) = warm.await {
+                let mut container = taken.container;
+                container.set_exec_env(plan.env.clone());
+                made.container = Some(container);
+                made.network = taken.network;
+                made.warm = Some(taken.live);
+                return Ok((taken.workspace, made));
+            }
+        }
+        Ok((self.create_workspace().await?, made))
+    }
+
     async fn create_workspace(&self) -> Stage<Workspace> {
         let settings = &self.executor.settings;
         let (uid, gid) = self.plan.user;
-        let created = Workspace::create(
-            &settings.work_dir,
-            &settings.agent_id,
-            self.job.job_id,
-            uid,
-            gid,
-        );
+        let job_id = self.job.job_id.to_string();
+        let created = Workspace::create(&settings.work_dir, &settings.agent_id, &job_id, uid, gid);
         created.await.map_err(|e| {
             Outcome::Error(format!(
                 "cannot create the job workspace under {}: {e}",
@@ -423,10 +456,13 @@ impl Job<'_> {
         format!("gryt-{}", workspace.unique_name())
     }
 
-    /// The network the job's containers join: with `docker.network = "job"` a new one of its
-    /// own, kept in `made` for the cleanup (the metadata rules are installed before the first);
-    /// otherwise the one configured.
+    /// The network the job's containers join: a warm container's own when it came with one;
+    /// with `docker.network = "job"` a new one of its own, kept in `made` for the cleanup (the
+    /// metadata rules are installed before the first); otherwise the one configured.
     async fn network(&self, workspace: &Workspace, made: &mut Option<JobNetwork>) -> Stage<String> {
+        if let Some(warm) = made {
+            return Ok(warm.name().to_owned());
+        }
         let settings = &self.executor.settings;
         if settings.docker.network != network::MODE_JOB {
             return Ok(settings.docker.network.clone());
@@ -485,34 +521,4 @@ fn services_outlived_the_steps(services: &mut Services, outcome: Outcome) -> Out
         Some(failure) => Outcome::Error(services.fail(failure)),
         None => outcome,
     }
-}
-
-/// Removes the container and the services, then the network, then the workspace, and
-/// returns what became of each service. The container goes first: removing it kills every job
-/// process at once (a fork bomb at its pids limit included), so nothing writes into the
-/// workspace any more; with the services gone too the network has no endpoints left (Docker
-/// refuses to remove a network in use). What the agent may not delete (agent not root) the
-/// job's user empties from a short-lived container of its own, on no network (see
-/// `workspace::empty_as_job_user`).
-async fn cleanup(
-    mut made: Made,
-    workspace: Workspace,
-    cleaner: &JobUserCleaner<'_>,
-    masker: &Masker,
-) -> Vec<ServiceResult> {
-    // Together: the services never touch the workspace, and the network waits for both.
-    let container = async {
-        if let Some(mut container) = made.container {
-            container.remove().await;
-        }
-    };
-    let ((), services) = tokio::join!(container, made.services.remove_all(masker));
-    if let Some(mut network) = made.network {
-        network.remove().await;
-    }
-    let path = workspace.path().to_owned();
-    if let Err(e) = workspace.remove(Some(cleaner)).await {
-        tracing::error!(workspace = %path.display(), error = %e, "cannot remove the job workspace");
-    }
-    services
 }

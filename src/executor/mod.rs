@@ -12,6 +12,8 @@ pub mod limits;
 pub use crate::config::pool;
 
 #[cfg(feature = "runtime")]
+mod cleanup;
+#[cfg(feature = "runtime")]
 pub mod command;
 #[cfg(feature = "runtime")]
 pub mod container;
@@ -44,8 +46,12 @@ mod services;
 #[cfg(feature = "runtime")]
 mod steps;
 #[cfg(feature = "runtime")]
+pub mod warm;
+#[cfg(feature = "runtime")]
 pub mod workspace;
 
+#[cfg(feature = "runtime")]
+pub use cleanup::{CLEANUP_LIMIT, Cleanup};
 #[cfg(feature = "runtime")]
 pub use container::OutputStream;
 #[cfg(feature = "runtime")]

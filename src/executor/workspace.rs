@@ -34,11 +34,12 @@ pub struct Workspace {
 
 impl Workspace {
     /// Creates `<work_dir>/job+<agent>+<job>+<random>/`, owned by (or writable for) the job's
-    /// `uid:gid`. Off the runtime: it is file I/O.
+    /// `uid:gid`. `job_id` is a job's number or a warm container's id (`warm-<hex>`, see
+    /// `executor::warm`): [`owner_of`] reads both. Off the runtime: it is file I/O.
     pub async fn create(
         work_dir: &Path,
         agent_id: &str,
-        job_id: i64,
+        job_id: &str,
         uid: u32,
         gid: u32,
     ) -> io::Result<Self> {
@@ -257,6 +258,10 @@ mod tests {
             Some(("agent-1.x", "42"))
         );
         assert_eq!(owner_of("job+a+-7+r"), Some(("a", "-7")));
+        assert_eq!(
+            owner_of("job+a+warm-0123abcd+r"),
+            Some(("a", "warm-0123abcd"))
+        );
         for other in [
             "job-42-abc",
             "job+a+1",

@@ -96,9 +96,11 @@ impl Collector {
         let docker = self.executor.docker().await.ok();
         let root = match &docker {
             Some(docker) => {
-                let jobs = self.jobs.clone();
+                let (jobs, executor) = (self.jobs.clone(), self.executor.clone());
+                // Running jobs' and the warm pool's live containers (see the orphan sweep).
                 done.leftovers = engine::remove_leftovers(docker, &settings.agent_id, move || {
-                    jobs.job_ids().iter().map(|id| id.to_string()).collect()
+                    let running = jobs.job_ids().into_iter().map(|id| id.to_string());
+                    running.chain(executor.warm_ids()).collect()
                 })
                 .await;
                 let host = settings.docker.host.as_deref();

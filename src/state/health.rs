@@ -30,6 +30,8 @@ pub struct Health {
     /// Pull mode's view of the API; absent without pull mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiStatusReport>,
+    /// The warm pool: how many ready containers it keeps (0: off) and how many are ready.
+    pub warm_pool: crate::executor::warm::WarmStatus,
     /// The last disk collection (free space, marks, what it removed); absent before the first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_collection: Option<GcReport>,
@@ -68,6 +70,7 @@ impl AgentState {
                 .map(|_| self.settings.push.max_queue),
             reasons,
             api,
+            warm_pool: self.executor.warm_status(),
             disk_collection,
         }
     }

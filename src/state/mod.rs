@@ -138,7 +138,9 @@ impl AgentState {
         executor_settings.register_secrets_for_logs();
         let executor = Arc::new(Executor::new(executor_settings)?);
         let slots = Slots::new(settings.concurrency);
-        let metrics = Metrics::new(settings.concurrency);
+        let mut metrics = Metrics::new(settings.concurrency);
+        let (warm_ready, warm_jobs) = executor.warm_metrics();
+        metrics.register_warm(warm_ready, warm_jobs);
         Ok(Arc::new(AgentState {
             settings,
             modes,

@@ -988,3 +988,75 @@ async fn a_cancel_while_the_job_floods_its_output_ends_it() {
         assert_eq!(result.error.as_deref(), Some("job cancelled: disk full"));
     }
 }
+
+/// The result comes before the cleanup: `run_then_clean` returns while the job's container, its
+/// network and its workspace still exist (the handle has not let the cleanup start), the
+/// executor counts the cleanup as pending, and once the cleanup is finished nothing is left,
+/// at once.
+#[tokio::test]
+async fn the_result_comes_before_the_cleanup_which_then_leaves_nothing() {
+    let agent = test_agent("early-result", |_| {}).await;
+    let spec = job("version: 1\nsteps:\n  - run: echo early\n  - run: echo done\n");
+    let (result, cleanup) = agent
+        .executor
+        .run_then_clean(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "early\ndone\n");
+    assert_eq!(agent.containers().await.len(), 1, "the job's container");
+    assert_eq!(support::networks_of(&agent.agent_id).await.len(), 1);
+    assert_eq!(std::fs::read_dir(agent.work_dir.path()).unwrap().count(), 1);
+    assert_eq!(agent.executor.pending_cleanups(), 1);
+    assert!(!cleanup.is_finished());
+
+    cleanup.finish().await;
+    assert_eq!(agent.executor.pending_cleanups(), 0);
+    assert_eq!(agent.containers().await, Vec::<String>::new());
+    assert_eq!(
+        support::networks_of(&agent.agent_id).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(std::fs::read_dir(agent.work_dir.path()).unwrap().count(), 0);
+}
+
+/// A cleanup handle dropped unfinished starts the cleanup, which the executor tracks:
+/// `cleanups_done` returns once it ended, with nothing left.
+#[tokio::test]
+async fn a_dropped_cleanup_runs_and_the_executor_waits_for_it() {
+    let agent = test_agent("early-dropped", |_| {}).await;
+    let spec = job("version: 1\nsteps:\n  - run: echo dropped\n");
+    let (result, cleanup) = agent
+        .executor
+        .run_then_clean(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Success, "{result:?}");
+    drop(cleanup);
+    tokio::time::timeout(Duration::from_secs(60), agent.executor.cleanups_done())
+        .await
+        .expect("the dropped cleanup never ended");
+    assert_eq!(agent.executor.pending_cleanups(), 0);
+    assert_eq!(agent.containers().await, Vec::<String>::new());
+    assert_eq!(
+        support::networks_of(&agent.agent_id).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(std::fs::read_dir(agent.work_dir.path()).unwrap().count(), 0);
+}
+
+/// A job that ended before its workspace existed (its image is missing) leaves nothing to clean: its handle is finished
+/// at once.
+#[tokio::test]
+async fn a_job_that_ended_before_its_workspace_has_nothing_to_clean() {
+    let agent = test_agent("early-refused", |_| {}).await;
+    let mut spec = job("version: 1\nsteps:\n  - run: true\n");
+    spec.docker_image = Some("gryt-agent-test/does-not-exist:1".into());
+    let (result, cleanup) = agent
+        .executor
+        .run_then_clean(&spec, &Discard, &JobControl::new())
+        .await;
+    assert_eq!(result.status, JobStatus::Error, "{result:?}");
+    assert!(cleanup.is_finished());
+    assert_eq!(agent.executor.pending_cleanups(), 0);
+    cleanup.finish().await;
+    agent.assert_clean().await;
+}

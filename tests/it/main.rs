@@ -29,3 +29,4 @@ mod soak;
 mod store;
 mod token_cli;
 mod token_crypto;
+mod warm;

@@ -45,12 +45,18 @@ impl JobContainer {
         Ok(attached.output)
     }
 
-    /// Starts `cmd` in the container as its user, in the workspace, with `env` added.
+    /// Starts `cmd` in the container as its user, in the workspace, with `env` added (over the
+    /// container's exec environment, see `JobContainer::set_exec_env`).
     pub async fn run(
         &self,
         cmd: Vec<String>,
         env: Vec<String>,
     ) -> Result<RunningCommand, DockerError> {
+        let env = if self.exec_env.is_empty() {
+            env
+        } else {
+            super::merge_env(&self.exec_env, &env)
+        };
         let exec = self
             .docker
             .create_exec(

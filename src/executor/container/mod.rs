@@ -77,6 +77,10 @@ pub struct JobContainer {
     /// A single-command container's main process (and the command it runs), started with the
     /// container and not yet handed to [`JobContainer::take_main`].
     main: std::sync::Mutex<Option<(JobCommand, RunningCommand)>>,
+    /// Given to every exec beneath the command's own variables: the job's environment in a
+    /// container made before the job was known (a warm one, see `executor::warm`), whose own
+    /// environment is only its image's. Empty for a container made for its job.
+    exec_env: Vec<String>,
 }
 
 impl JobContainer {
@@ -140,6 +144,7 @@ impl JobContainer {
             removed: false,
             oom_watch,
             main: std::sync::Mutex::new(None),
+            exec_env: Vec::new(),
         };
         let attached = match spec.main_command {
             None => None,
@@ -184,6 +189,13 @@ impl JobContainer {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Gives every later exec `env` beneath its own variables (merged as [`merge_env`] does):
+    /// how a warm container, made before its job, runs the job's commands with the job's
+    /// environment.
+    pub fn set_exec_env(&mut self, env: Vec<String>) {
+        self.exec_env = env;
     }
 
     /// Kills and removes the container with its anonymous volumes.

@@ -9,9 +9,10 @@
 //! socket), never the host network, and limits of its own: the job's memory and CPU limits and
 //! `docker.pids_limit`, per service. It carries the job container's labels (and
 //! [`LABEL_SERVICE`]), so the orphan sweep and the disk collector treat it as the job's.
-//! Invariant: every service container is removed by [`Services::remove_all`], or, when it is
-//! dropped without it (abort, panic, a stop while services start), by a removal spawned from
-//! `Drop` (`Created`), from the moment it is created.
+//! Invariant: what the result says of a service is read before its container is removed
+//! ([`Services::report`]); every service container is removed by [`Services::remove_all`], or,
+//! when it is dropped without it (abort, panic, a stop while services start), by a removal
+//! spawned from `Drop` (`Created`), from the moment it is created.
 
 pub(super) mod plan;
 mod ready;
@@ -134,29 +135,35 @@ impl Services {
         }
     }
 
-    /// Removes every service container (concurrently) and returns what became of each, in the
-    /// order they were asked for, masked.
-    pub async fn remove_all(&mut self, masker: &Masker) -> Vec<ServiceResult> {
-        let removals = self.started.iter_mut().map(|slot| async move {
-            let service = slot.as_mut()?;
-            // Its state before the removal ends it: did it end on its own?
-            let ended = service.watch.ended();
-            let tail = service.watch.stop_and_tail();
-            service.container.remove().await;
-            Some((ended, tail))
-        });
-        let ends = join_all(removals).await;
-        self.started.iter_mut().for_each(|s| *s = None);
+    /// What became of each service, in the order they were asked for, masked: for a started
+    /// one, whether it ended on its own and its output's tail, read from its watch (which stops
+    /// here). Called once the steps ended, before the job's result is made; the containers are
+    /// removed later, by [`Services::remove_all`].
+    pub fn report(&mut self, masker: &Masker) -> Vec<ServiceResult> {
         let failure = self.failure.as_ref();
         self.plans
             .iter()
-            .zip(ends)
+            .zip(self.started.iter_mut())
             .enumerate()
-            .map(|(i, (plan, end))| {
+            .map(|(i, (plan, started))| {
+                let end = started
+                    .as_mut()
+                    .map(|service| (service.watch.ended(), service.watch.stop_and_tail()));
                 let failed = failure.filter(|f| f.index == i);
                 service_result(plan, end, failed, masker)
             })
             .collect()
+    }
+
+    /// Removes every service container (concurrently).
+    pub async fn remove_all(&mut self) {
+        let removals = self
+            .started
+            .iter_mut()
+            .filter_map(Option::as_mut)
+            .map(|service| service.container.remove());
+        join_all(removals).await;
+        self.started.iter_mut().for_each(|s| *s = None);
     }
 
     fn started(&self) -> impl Iterator<Item = (usize, &Service)> {

@@ -62,6 +62,9 @@ pub fn command(image: &str, agent_id: &str, work: &Path, state: &Path, port: u16
         .env("GRYT_AGENT_ID", agent_id)
         .env("GRYT_STATE_DIR", state)
         .env("GRYT_WORK_DIR", work)
+        // Off unless a test turns it on: the exact "no container of this agent" checks of the
+        // suites stay meaningful. The `warm` suite and the reliability suites turn it on.
+        .env("GRYT_WARM_POOL", "0")
         .env("AGENT_HOST", "127.0.0.1")
         .env("AGENT_PORT", port.to_string())
         .stdin(Stdio::null())
@@ -110,6 +113,17 @@ impl Agent {
         cmd.env("RUST_LOG", "debug");
         let mut agent = Self::spawn(cmd, agent_id, work.path(), state.path(), port, env);
         agent._owned = vec![work, state];
+        agent.wait_ready().await;
+        agent
+    }
+
+    /// Like [`Agent::push_in`] with a state and a work dir the caller keeps (to start the
+    /// agent again on them).
+    pub async fn push_at(agent_id: &str, state: &Path, work: &Path, env: &[(&str, &str)]) -> Agent {
+        let port = free_port();
+        let mut cmd = push::command(&test_image().await, agent_id, work, state, port);
+        cmd.env("RUST_LOG", "debug");
+        let agent = Self::spawn(cmd, agent_id, work, state, port, env);
         agent.wait_ready().await;
         agent
     }
