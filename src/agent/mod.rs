@@ -5,7 +5,8 @@
 //! Shutdown: the first SIGTERM, SIGINT, SIGHUP or SIGQUIT stops taking jobs at once (a drain);
 //! running jobs get `shutdown_timeout_seconds` to finish, then they are cancelled (status
 //! `cancelled`); a second one of any of them kills them at once. Either way every job is cleaned
-//! up and reported, and the agent exits 0. SIGHUP (a closed terminal, or a reload by habit) and
+//! up and reported, and the agent exits 0: it waits for the jobs' cleanups, which come after
+//! their results, too. SIGHUP (a closed terminal, or a reload by habit) and
 //! SIGQUIT (Ctrl-\) would otherwise kill the process without cleanup.
 
 pub mod sweep;
@@ -38,6 +39,9 @@ pub enum AgentError {
     )]
     Undelivered(usize),
 }
+
+/// How long the agent waits at its exit for the cleanups still running: their own limit.
+const CLEANUPS_AT_EXIT: Duration = crate::executor::CLEANUP_LIMIT;
 
 /// Runs the agent until it is told to stop (or, ephemeral, has done its work).
 pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentError> {
@@ -117,6 +121,18 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "local endpoint failed");
     }
+    // A job task ended by the pull task's end (or a panic) dropped its cleanup's handle, which
+    // started it: nothing of a job is left when the agent exits.
+    let cleanups = state.executor.cleanups_done();
+    if tokio::time::timeout(CLEANUPS_AT_EXIT, cleanups)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            left = state.executor.pending_cleanups(),
+            "jobs' cleanups did not end before the exit: the orphan sweep removes what is left"
+        );
+    }
     match pull_ended {
         Some(Err(e)) => Err(AgentError::PullTask(e)),
         Some(Ok(undelivered)) if undelivered > 0 => Err(AgentError::Undelivered(undelivered)),
@@ -161,8 +177,13 @@ fn abort_all(state: &AgentState) {
         .abort_all("the agent was stopped (second signal)");
 }
 
+/// Until no job runs, no slot is taken and no job's cleanup is left (each is bounded by
+/// `executor::CLEANUP_LIMIT` once started; the modes start theirs before freeing the slot).
 async fn wait_until_idle(state: &AgentState) {
-    while state.jobs.count() > 0 || state.slots.running() > 0 {
+    while state.jobs.count() > 0
+        || state.slots.running() > 0
+        || state.executor.pending_cleanups() > 0
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

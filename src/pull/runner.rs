@@ -1,13 +1,18 @@
 //! One leased job: slot → start → run (with heartbeats and live logs) → result spooled → log
-//! flushed → complete. It decides what is sent for the job and when to stop sending; the run
-//! itself is the path it shares with push mode (`crate::state::run`), and the result goes out
-//! through `delivery`.
+//! flushed → complete → the job's container, network and workspace removed → slot freed. It
+//! decides what is sent for the job and when to stop sending; the run itself is the path it
+//! shares with push mode (`crate::state::run`), and the result goes out through `delivery`.
+//! The cleanup starts once the delivery ended (or [`CLEANUP_WAITS_FOR_DELIVERY`] after the
+//! result was spooled, whichever comes first): the result does not compete with it for the
+//! engine and the CPUs, and the slot stays taken until the job's resources are free.
 //!
 //! The job's helpers (heartbeat, log streamer, watchers) are owned by the job's task through
 //! abort-on-drop handles: whatever ends the task — its end, an early return, a panic — ends
 //! them too, so no lease is kept alive for a job nobody runs.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -21,13 +26,19 @@ use super::spool::{LeaseRecord, SpoolEntry};
 use super::streamer::{StreamEnd, Streamer};
 use super::{AwaitingSlot, Ctx};
 use crate::api::StartOutcome;
-use crate::executor::{JobControl, JobEvent, JobObserver, OutputStream};
+use crate::executor::{Cleanup, JobControl, JobEvent, JobObserver, OutputStream};
 use crate::metrics::Mode;
 use crate::state::admit::{Refusal, SlotWait};
-use crate::state::run::{Output, run, settle};
+use crate::state::run::{Output, Ran, run, settle};
 use crate::state::slots::Slot;
 use crate::wire::pull::{CompleteRequest, Lease, StartRequest, lease_ttl};
 use crate::wire::{JobResult, JobStatus, rfc3339};
+
+/// How long a job's cleanup waits for its log and result to be sent. Sending them takes
+/// milliseconds when the API is well, and the cleanup would only compete with them for the
+/// engine and the CPUs; an API slow to take them (retries, `Retry-After`) must not keep a
+/// finished job's containers running.
+pub const CLEANUP_WAITS_FOR_DELIVERY: Duration = Duration::from_secs(5);
 
 /// What became of a leased job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,9 +98,12 @@ pub async fn run_job(
         watch.lost.clone(),
         stop_heartbeat.clone(),
     )));
-    run_and_report(&ctx, &lease, &name, &watch).await;
+    let cleanup = run_and_report(&ctx, &lease, &name, &watch).await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
+    // The result is out: the job's leftovers go now, and its slot and registration (dropped on
+    // return) only after them.
+    cleanup.finish().await;
     JobEnd::Ran
 }
 
@@ -150,8 +164,9 @@ async fn start(ctx: &Ctx, job_id: i64, lease_id: &str, deadline: Instant) -> boo
 }
 
 /// Runs the job with its log streaming, spools the result the moment the job ends (before the
-/// rest of the log is delivered), then delivers log and result.
-async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch) {
+/// rest of the log is delivered), then delivers log and result. Returns the job's cleanup, not
+/// started yet.
+async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch) -> Cleanup {
     let job_id = lease.job.job_id;
     let (lost, give_up, control) = (&watch.lost, &watch.give_up, &watch.control);
     let log_path = ctx.spool.log_path(name);
@@ -183,13 +198,18 @@ async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch
             }
         };
 
+    let Ran {
+        result,
+        mut cleanup,
+        ..
+    } = ran;
     let entry = SpoolEntry {
         job_id,
         log_file: log.as_ref().map(|_| format!("{name}.log")),
         request: CompleteRequest {
             lease_id: lease.lease_id.clone(),
             log_bytes: log.as_ref().map(|l| l.len()).unwrap_or(0),
-            result: ran.result,
+            result,
         },
     };
     // The result first: durable before the log's last chunks are sent.
@@ -198,14 +218,35 @@ async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch
     {
         tracing::error!(job_id, error = %e, "cannot spool the result; sending it anyway");
     }
-    if let Some((streamer, done)) = streamer {
-        done.cancel();
-        let end = streamer.await.unwrap_or(StreamEnd::Stopped);
-        tracing::debug!(job_id, ?end, "log streaming ended");
+    let send = async {
+        if let Some((streamer, done)) = streamer {
+            done.cancel();
+            let end = streamer.await.unwrap_or(StreamEnd::Stopped);
+            tracing::debug!(job_id, ?end, "log streaming ended");
+        }
+        // With the lease lost, the server may have given the job to another agent: nothing
+        // more is sent, and the spool forgets the job.
+        deliver(ctx, name, &entry, watch).await;
+    };
+    send_then_clean(send, &mut cleanup, job_id).await;
+    cleanup
+}
+
+/// Runs `send` (the rest of the log, then the result) before `cleanup` starts, unless sending
+/// takes longer than [`CLEANUP_WAITS_FOR_DELIVERY`]: then the cleanup starts meanwhile.
+async fn send_then_clean(send: impl Future<Output = ()>, cleanup: &mut Cleanup, job_id: i64) {
+    tokio::pin!(send);
+    if tokio::time::timeout(CLEANUP_WAITS_FOR_DELIVERY, &mut send)
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            job_id,
+            "the result is not delivered yet: removing the job's container meanwhile"
+        );
+        cleanup.start();
+        send.await;
     }
-    // With the lease lost, the server may have given the job to another agent: nothing more
-    // is sent, and the spool forgets the job.
-    deliver(ctx, name, &entry, watch).await;
 }
 
 /// A pulled job's output: its buffered log, which the streamer sends as it grows.

@@ -102,6 +102,7 @@ async fn execute(
         .and_then(|v| v.to_str().ok())
         .map(|v| SecretString::from(v.to_owned()))
         .unwrap_or_else(|| SecretString::from(String::new()));
+    // Answered once the result is made: the job's task removes its container after.
     let ran = crate::push::run_job(state, job, slot, presented).await;
     if ran.given_back.is_some() {
         // Not the job's failure: 503, so the API falls back as it does for an unable agent.

@@ -1,6 +1,9 @@
 //! Running one admitted job, the same for pull and push: the metrics, the counting observer,
 //! the executor, the output's end, and, after an `error`, the check whether the agent (not the
-//! job) was at fault, in which case the job is given back.
+//! job) was at fault, in which case the job is given back. The result comes back before the
+//! job's container, network and workspace are removed: the mode gets the handle of that
+//! cleanup in [`Ran`], sends the result, then finishes the cleanup before it frees the job's
+//! slot (the job's resources are in use until its container is gone).
 //!
 //! The mode keeps what is its own: pull mode its lease, log and delivery; push mode its
 //! answer and callback. Registering the job in [`super::jobs::RunningJobs`] stays with the
@@ -10,7 +13,7 @@ use std::future::Future;
 
 use super::AgentState;
 use super::readiness::give_back;
-use crate::executor::{JobControl, JobObserver};
+use crate::executor::{Cleanup, JobControl, JobObserver};
 use crate::metrics::{CountingObserver, Mode};
 use crate::wire::{JobResult, JobSpec, JobStatus};
 
@@ -21,6 +24,9 @@ pub struct Ran {
     /// The job failed because the agent could not run jobs (the reasons): it is given back,
     /// so the API runs it again elsewhere.
     pub given_back: Option<String>,
+    /// The removal of what the job left (container, network, workspace): not started until
+    /// the mode finishes, starts or drops it.
+    pub cleanup: Cleanup,
 }
 
 /// Where a job's output goes, and what the end of it says about the result.
@@ -40,7 +46,8 @@ pub trait Output: JobObserver {
 
 impl Output for crate::executor::Discard {}
 
-/// Runs `job` with `output` and settles its result (see [`settle`]).
+/// Runs `job` with `output` and settles its result (see [`settle`]); its cleanup waits in
+/// [`Ran::cleanup`].
 pub async fn run(
     state: &AgentState,
     mode: Mode,
@@ -53,14 +60,16 @@ pub async fn run(
         inner: output,
         metrics: &state.metrics,
     };
-    let result = state.executor.run(job, &observer, control).await;
+    let (result, cleanup) = state.executor.run_then_clean(job, &observer, control).await;
     let result = output.finish(result).await;
-    settle(state, mode, result, output.answered()).await
+    let settled = settle(state, mode, result, output.answered()).await;
+    Ran { cleanup, ..settled }
 }
 
 /// The end of a job that [`AgentState::metrics`] counted as started (whether it ran or not):
 /// an `error` is checked against the agent's health when `answered` (and given back when the
-/// agent was at fault), the metrics count it as finished.
+/// agent was at fault), the metrics count it as finished. Its cleanup is
+/// [`Cleanup::nothing`]: the caller that has one puts it in.
 pub async fn settle(state: &AgentState, mode: Mode, mut result: JobResult, answered: bool) -> Ran {
     let job_id = result.job_id;
     let mut given_back = None;
@@ -86,5 +95,9 @@ pub async fn settle(state: &AgentState, mode: Mode, mut result: JobResult, answe
         exit_code = result.exit_code,
         "{what}"
     );
-    Ran { result, given_back }
+    Ran {
+        result,
+        given_back,
+        cleanup: Cleanup::nothing(job_id),
+    }
 }

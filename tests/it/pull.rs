@@ -775,3 +775,80 @@ async fn a_leased_job_whose_slot_push_took_waits_for_it() {
     assert_eq!(agent.wait_exit(Duration::from_secs(30)).await, 0);
     agent.assert_clean().await;
 }
+
+/// `/health`'s free slots, once it reports it as `want` (bounded: a slot is freed right after
+/// the job's cleanup ends).
+async fn wait_free_slots(agent: &Agent, want: u64) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = agent.health().await;
+        if health["free_slots"] == want {
+            return;
+        }
+        assert!(Instant::now() < until, "free slots stay at {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The result reaches the API before the job's container is gone: the cleanup starts once the
+/// delivery ended (or `CLEANUP_WAITS_FOR_DELIVERY`, 5 s, after the result was spooled, far
+/// beyond this check), so while the API refuses the completion (503, retried) the result has
+/// been sent and the job's container and workspace are still there, its slot still taken.
+/// Once the API takes the result, nothing is left and the slot is free again.
+#[tokio::test]
+async fn the_result_reaches_the_api_before_the_jobs_container_is_removed() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.faults(|f| {
+        f.refuse_complete.insert(1);
+    });
+    api.push_job(shell_job(1, "echo early"));
+    let mut agent = Agent::pull("early-pull", &api.url, &[], &[]).await;
+    api.wait_for("the result", Duration::from_secs(60), |a| {
+        a.count("complete") >= 1
+    })
+    .await;
+    let sent = api.requests().into_iter().find(|r| r.call == "complete");
+    let sent = sent.expect("no complete recorded").body;
+    assert_eq!(sent["status"], "success", "{sent}");
+    assert_eq!(sent["stdout"], "early\n", "{sent}");
+    assert_eq!(
+        containers_of(&agent.agent_id).await.len(),
+        1,
+        "the job's container went before its result was delivered; log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.workspaces().len(), 1, "{:?}", agent.workspaces());
+    assert_eq!(agent.health().await["free_slots"], 0);
+
+    api.faults(|f| f.refuse_complete.clear());
+    api.wait_for("the completion", Duration::from_secs(60), |a| {
+        a.job(1).completion.is_some()
+    })
+    .await;
+    agent.assert_clean().await;
+    wait_free_slots(&agent, 1).await;
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
+}
+
+/// An agent told to stop right after the API took a job's result exits with nothing left: the
+/// drain waits for the job's cleanup, which follows its result.
+#[tokio::test]
+async fn an_agent_stopped_right_after_a_result_exits_with_nothing_left() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.push_job(shell_job(1, "echo stop-after"));
+    let mut agent = Agent::pull("early-term", &api.url, &[], &[]).await;
+    api.wait_for("the completion", Duration::from_secs(60), |a| {
+        a.job(1).completion.is_some()
+    })
+    .await;
+    agent.signal("TERM");
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    // No grace: the agent itself waited for the cleanup before it exited.
+    agent.assert_clean_now().await;
+}

@@ -18,7 +18,8 @@ fn hello_body() -> String {
 
 #[tokio::test]
 async fn the_documented_manual_test_passes() {
-    let agent = Agent::push("push-hello", &[]).await;
+    // With the warm pool on: one push flow runs its jobs in warm containers.
+    let agent = Agent::push("push-hello", &[("GRYT_WARM_POOL", "1")]).await;
     let root: Value = agent.get("/").await.json().await.unwrap();
     assert_eq!(
         root,
@@ -499,4 +500,44 @@ async fn too_little_free_disk_is_a_503_and_a_degraded_health() {
     assert_eq!(response.status(), 503);
     assert!(response.headers().get("retry-after").is_some());
     agent.assert_clean().await;
+}
+
+/// Push mode answers as soon as the result is made; the job's container, network and workspace
+/// go right after, with its slot held until they are gone: nothing is left shortly after, and
+/// the slot is free again.
+#[tokio::test]
+async fn push_answers_then_nothing_is_left() {
+    let agent = Agent::push("early-push", &[]).await;
+    let response = agent.execute(Some(KEY), hello_body()).await;
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    agent.assert_clean().await;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = agent.health().await;
+        if health["free_slots"] == health["capacity"] {
+            break;
+        }
+        assert!(Instant::now() < until, "the slot stays taken: {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A push agent stopped right after it answered exits with nothing left: the drain waits for
+/// the job's cleanup, which follows the answer.
+#[tokio::test]
+async fn a_push_agent_stopped_right_after_an_answer_leaves_nothing() {
+    let mut agent = Agent::push("early-push-term", &[]).await;
+    let response = agent.execute(Some(KEY), hello_body()).await;
+    assert_eq!(response.status(), 200);
+    agent.signal("TERM");
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)).await,
+        0,
+        "{}",
+        agent.log_text()
+    );
+    // No grace: the agent itself waited for the cleanup before it exited.
+    agent.assert_clean_now().await;
 }

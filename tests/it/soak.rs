@@ -125,7 +125,8 @@ async fn soak_jobs_through_pull_mode_with_api_faults() {
         work.path(),
         &api.url,
         &[],
-        &[("GRYT_CONCURRENCY", &concurrency)],
+        // With the warm pool on: its leftover check allows only ready warm containers.
+        &[("GRYT_CONCURRENCY", &concurrency), ("GRYT_WARM_POOL", "1")],
     )
     .await;
 

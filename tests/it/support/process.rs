@@ -14,7 +14,55 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{containers_of, test_image, unique_agent_id};
+use super::{networks_of, test_image, unique_agent_id};
+
+/// This agent's containers: job containers (anything but a running warm one), and the running
+/// warm containers (`io.gryt.warm=true`) of its pool: ready ones, or taken by a running job
+/// (none runs when a test checks for leftovers).
+pub async fn containers_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let filters =
+        std::collections::HashMap::from([("label", vec![format!("io.gryt.agent.id={agent_id}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let listed = super::docker()
+        .await
+        .list_containers(Some(options))
+        .await
+        .unwrap();
+    let (warm, jobs): (Vec<_>, Vec<_>) = listed.into_iter().partition(|c| {
+        is_warm(c.labels.as_ref())
+            && c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+    });
+    let ids = |list: Vec<bollard::models::ContainerSummary>| {
+        list.into_iter().filter_map(|c| c.id).collect()
+    };
+    (ids(jobs), ids(warm))
+}
+
+/// This agent's networks: job networks, and its warm containers' (`io.gryt.warm=true`).
+pub async fn networks_by_kind(agent_id: &str) -> (Vec<String>, Vec<String>) {
+    let mut warm = Vec::new();
+    let mut jobs = Vec::new();
+    let docker = super::docker().await;
+    for id in networks_of(agent_id).await {
+        match docker.inspect_network(&id, None).await {
+            Ok(n) if is_warm(n.labels.as_ref()) => warm.push(id),
+            Ok(_) => jobs.push(id),
+            // Removed meanwhile.
+            Err(_) => {}
+        }
+    }
+    (jobs, warm)
+}
+
+fn is_warm(labels: Option<&std::collections::HashMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get("io.gryt.warm"))
+        .is_some_and(|v| v == "true")
+}
 
 /// Push mode: the keys the endpoint accepts, and its command.
 pub mod push {
@@ -87,6 +135,9 @@ pub struct Agent {
     /// The agent's stderr: `agent-<port>.log` in its state dir, so that an agent restarted on
     /// the same state dir writes a new one.
     pub log: PathBuf,
+    /// The most warm containers the agent may keep (`GRYT_WARM_POOL` as given, 0 by default):
+    /// while it runs, [`Agent::assert_clean`] allows that many ready ones and no more.
+    pub warm_pool: usize,
     /// Temporary directories the agent was given to own: removed after the process is killed.
     _owned: Vec<TempDir>,
 }
@@ -184,7 +235,13 @@ impl Agent {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("cannot start gryt-agent");
+        let warm_pool = env
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == "GRYT_WARM_POOL")
+            .map_or(0, |(_, v)| v.parse().expect("GRYT_WARM_POOL"));
         Agent {
+            warm_pool,
             child,
             agent_id: agent_id.to_owned(),
             url: format!("http://127.0.0.1:{port}"),
@@ -323,30 +380,83 @@ impl Agent {
             .collect()
     }
 
-    /// No container with this agent's label and no workspace left (containers are removed in
-    /// the background: up to 5 s of grace).
+    /// No container or network with this agent's label and no workspace left. A job's cleanup
+    /// follows its result (and a dropped container is removed in the background): up to 5 s
+    /// of grace for all three. With a warm pool, while the agent runs, its ready warm
+    /// containers (running, `io.gryt.warm=true`) with their networks and workspaces are no
+    /// leftovers, up to `warm_pool` of each; once it has exited, they are.
     pub async fn assert_clean(&self) {
         for _ in 0..50 {
-            if containers_of(&self.agent_id).await.is_empty() {
+            if self.leftovers().await == Leftovers::default() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        self.assert_clean_now().await;
+    }
+
+    /// No container or network with this agent's label and no workspace left, now (see
+    /// [`Agent::assert_clean`] for the warm pool's).
+    pub async fn assert_clean_now(&self) {
+        let left = self.leftovers().await;
         assert_eq!(
-            containers_of(&self.agent_id).await,
+            left.containers,
             Vec::<String>::new(),
             "containers left behind"
         );
+        assert_eq!(left.networks, Vec::<String>::new(), "networks left behind");
         assert_eq!(
-            self.workspaces(),
+            left.workspaces,
             Vec::<PathBuf>::new(),
             "workspaces left behind"
         );
     }
+
+    /// This agent's containers, networks and workspaces, but for what its warm pool may keep
+    /// while it runs (see [`Agent::assert_clean`]).
+    pub async fn leftovers(&self) -> Leftovers {
+        let running = Path::new(&format!("/proc/{}", self.child.id())).exists();
+        let allowed = if running { self.warm_pool } else { 0 };
+        let keep = |(mut jobs, warm): (Vec<String>, Vec<String>)| {
+            if warm.len() > allowed {
+                jobs.extend(warm);
+            }
+            jobs
+        };
+        let (warm, mut workspaces): (Vec<PathBuf>, Vec<PathBuf>) = self
+            .workspaces()
+            .into_iter()
+            .partition(|p| p.to_string_lossy().contains("+warm-"));
+        if warm.len() > allowed {
+            workspaces.extend(warm);
+        }
+        Leftovers {
+            containers: keep(containers_by_kind(&self.agent_id).await),
+            networks: keep(networks_by_kind(&self.agent_id).await),
+            workspaces,
+        }
+    }
+}
+
+/// What an agent's jobs left: containers, networks and workspaces.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    pub containers: Vec<String>,
+    pub networks: Vec<String>,
+    pub workspaces: Vec<PathBuf>,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // An agent with a warm pool is stopped as an operator would (SIGTERM: it drains its
+        // pool); a SIGKILL would leave the pool to a next start this test never makes.
+        if self.warm_pool > 0 && matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("TERM");
+            let until = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
