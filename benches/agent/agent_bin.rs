@@ -52,6 +52,9 @@ impl AgentBinary {
             .env("GRYT_PULL_POLICY", "never")
             .env("GRYT_NETWORK", &hard.network)
             .env("GRYT_WORK_DIR", work)
+            // Off unless a figure asks for it (figure 8): the figures measured before the warm
+            // pool existed stay comparable with their history.
+            .env("GRYT_WARM_POOL", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Ok(host) = std::env::var("DOCKER_HOST") {
@@ -80,12 +83,15 @@ impl AgentBinary {
     }
 }
 
-/// A `gryt-agent run` in pull mode against the fake; killed when dropped.
+/// A `gryt-agent run` in pull mode against the fake (push mode too when asked); stopped when
+/// dropped.
 pub(crate) struct PullAgent {
     pub(crate) child: Child,
     pub(crate) agent_id: String,
     pub(crate) _state: tempfile::TempDir,
     pub(crate) log: PathBuf,
+    /// Its local endpoint: `http://127.0.0.1:<port>` (`/health`, `/metrics`, push).
+    pub(crate) url: String,
 }
 
 impl PullAgent {
@@ -95,6 +101,18 @@ impl PullAgent {
         work: &Path,
         fake: &FakeApi,
         concurrency: usize,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(bin, hard, work, fake, concurrency, &[]).await
+    }
+
+    /// As [`PullAgent::start`], with more environment (overriding the bench's own).
+    pub(crate) async fn start_with(
+        bin: &AgentBinary,
+        hard: &Hardening,
+        work: &Path,
+        fake: &FakeApi,
+        concurrency: usize,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let state = tempfile::tempdir()?;
         let agent_id = format!("bench-{}-{}", std::process::id(), next_id());
@@ -117,6 +135,7 @@ impl PullAgent {
             .env("GRYT_CONCURRENCY", concurrency.to_string())
             .env("AGENT_HOST", "127.0.0.1")
             .env("AGENT_PORT", port.to_string())
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("cannot start gryt-agent run")?;
@@ -125,6 +144,7 @@ impl PullAgent {
             agent_id,
             _state: state,
             log,
+            url: format!("http://127.0.0.1:{port}"),
         };
         // Ready when its first long poll is parked on the fake.
         fake.wait(
@@ -151,8 +171,21 @@ impl PullAgent {
     }
 }
 
+/// How long a stopped agent may take to drain before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
 impl Drop for PullAgent {
+    /// SIGTERM first, so the agent drains what it holds (a warm pool's containers) as in
+    /// production; SIGKILL only when it has not exited within [`STOP_GRACE`].
     fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::env::var_os("GRYT_BENCH_KEEP_LOGS").is_some() {

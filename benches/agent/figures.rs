@@ -41,7 +41,8 @@ impl Bench {
     }
 
     /// Figure 1, per-job overhead: the variants run round-robin, one job each per round, so drift on a
-    /// shared machine hits them all alike. Medians of M jobs each.
+    /// shared machine hits them all alike. Medians of M jobs each. The agent's warm pool is off
+    /// (`AgentBinary::command`): this is the cold path, comparable with the figure's history.
     pub(crate) async fn overhead(&mut self) -> anyhow::Result<Vec<Row>> {
         let m = self.sizes.m;
         let fake = FakeApi::start().await?;
@@ -132,7 +133,10 @@ impl Bench {
         for (name, t) in [
             ("1. per job: library executor", lib),
             ("1. per job: `gryt-agent exec`", exec),
-            ("1. per job: pull mode (`gryt-agent run`)", pull),
+            (
+                "1. per job: pull mode (`gryt-agent run`, warm pool off)",
+                pull,
+            ),
         ] {
             let r = ratio(t.as_secs_f64(), floor);
             rows.push(
@@ -177,7 +181,7 @@ impl Bench {
         let r = ratio(pull_rate, direct_rate);
         Ok(vec![
             row(
-                "2. throughput, concurrency 4: pull mode",
+                "2. throughput, concurrency 4: pull mode (warm pool off)",
                 format!("{pull_rate:.2} jobs/s"),
                 format!("{direct_rate:.2} jobs/s (4 direct runners)"),
                 format!("{r:.2}×"),

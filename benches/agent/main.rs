@@ -66,6 +66,7 @@ mod options;
 mod report;
 mod services;
 mod store;
+mod warm;
 
 use agent_bin::*;
 use baseline::*;
@@ -127,6 +128,7 @@ async fn run() -> anyhow::Result<()> {
             "store" => bench.store().await,
             "network" => bench.job_network().await,
             "services" => bench.services().await,
+            "warm" => bench.warm().await,
             _ => bench.footprint().await,
         }
         .with_context(|| format!("figure `{figure}`"))?;

@@ -18,6 +18,8 @@ pub(crate) struct Sizes {
     pub(crate) a: u64,
     /// Files in the cache of many small files.
     pub(crate) c: usize,
+    /// Rounds of the warm-start figure (per job, each variant once) and its refills.
+    pub(crate) w: usize,
 }
 
 pub(crate) struct Opts {
@@ -30,7 +32,7 @@ pub(crate) struct Opts {
     pub(crate) store_env: PathBuf,
 }
 
-pub(crate) const FIGURES: [&str; 7] = [
+pub(crate) const FIGURES: [&str; 8] = [
     "overhead",
     "throughput",
     "pickup",
@@ -38,6 +40,7 @@ pub(crate) const FIGURES: [&str; 7] = [
     "store",
     "network",
     "services",
+    "warm",
 ];
 
 pub(crate) fn parse_args() -> anyhow::Result<Opts> {
@@ -54,6 +57,7 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             g: 32 * MIB,
             a: 20 * MIB,
             c: 256,
+            w: 2,
         }
     } else {
         Sizes {
@@ -64,6 +68,7 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             g: 1024 * MIB,
             a: 256 * MIB,
             c: 4096,
+            w: 30,
         }
     };
     let mut opts = Opts {
@@ -100,12 +105,13 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
             "--g-mib" => sizes.g = number(value("--g-mib")?)? * MIB,
             "--a-mib" => sizes.a = number(value("--a-mib")?)? * MIB,
             "--c" => sizes.c = number(value("--c")?)? as usize,
+            "--w" => sizes.w = number(value("--w")?)? as usize,
             "--store-env" => opts.store_env = value("--store-env")?.into(),
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench agent -- [--quick] [--only {}] [--agent PATH] \
                      [--network bridge|none] [--m N] [--k N] [--j N] [--s SECS] [--g-mib MIB] \
-                     [--a-mib MIB] [--c N] [--store-env FILE]",
+                     [--a-mib MIB] [--c N] [--w N] [--store-env FILE]",
                     FIGURES.join("|")
                 );
                 std::process::exit(0);
@@ -119,6 +125,7 @@ pub(crate) fn parse_args() -> anyhow::Result<Opts> {
     sizes.g = (sizes.g / MIB).max(1) * MIB;
     sizes.a = sizes.a.clamp(MIB, 4096 * MIB);
     sizes.c = sizes.c.clamp(1, 100_000);
+    sizes.w = sizes.w.clamp(1, 1000);
     opts.sizes = sizes;
     Ok(opts)
 }

@@ -118,7 +118,7 @@ pub(crate) async fn machine_info(docker: &Docker, agent: &AgentBinary, opts: &Op
             }
         ),
         format!(
-            "- sizes{}: M={} K={} J={} S={}s G={} MiB A={} MiB C={}",
+            "- sizes{}: M={} K={} J={} S={}s G={} MiB A={} MiB C={} W={}",
             if opts.quick { " (--quick)" } else { "" },
             s.m,
             s.k,
@@ -126,7 +126,8 @@ pub(crate) async fn machine_info(docker: &Docker, agent: &AgentBinary, opts: &Op
             s.s,
             s.g / MIB,
             s.a / MIB,
-            s.c
+            s.c,
+            s.w
         ),
     ]
 }
