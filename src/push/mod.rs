@@ -72,7 +72,7 @@ async fn run_in_slot(
     presented_key: SecretString,
     answer: oneshot::Sender<Answer>,
 ) {
-    let _slot = slot;
+    let mut slot = slot;
     let _registered = state.jobs.register(job.job_id, control.clone());
     tracing::info!(job_id = job.job_id, "push job started");
     let Ran {
@@ -85,6 +85,9 @@ async fn run_in_slot(
     }
     // The answer first (a client gone meanwhile is no reason to keep the container); the slot
     // and the job's registration are held until its container, network and workspace are gone.
+    // Marked before the answer: the client's next request may wait for this slot even when the
+    // queue is full (`state::slots`), as it could when the answer came after the cleanup.
+    slot.cleaning_up();
     let _ = answer.send(Answer { result, given_back });
     cleanup.finish().await;
 }

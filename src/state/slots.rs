@@ -1,5 +1,12 @@
 //! Job slots: how many jobs this agent runs at once, shared by pull and push mode, and the
 //! bounded queue of push requests waiting for one.
+//!
+//! A slot stays taken until its job's cleanup ended, which comes after the job's answer (see
+//! `state::run`). A push request that finds every slot taken, some of them by answered jobs
+//! only being cleaned up, may wait for one of those without a place in the queue: a client
+//! that sends its next job as soon as it has the previous answer is served as it was when the
+//! answer came after the cleanup, also with `push.max_queue` 0. At most one such request waits
+//! per slot being cleaned up, so the waiting stays bounded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +18,10 @@ pub struct Slots {
     semaphore: Arc<Semaphore>,
     total: usize,
     queued: Arc<AtomicUsize>,
+    /// Taken slots whose job has answered and is only being cleaned up.
+    cleaning: Arc<AtomicUsize>,
+    /// Requests waiting for one of those, beside the queue.
+    after_cleanup: Arc<AtomicUsize>,
 }
 
 /// A place in the queue for a slot; dropping it (the slot came, or the request went away)
@@ -30,6 +41,28 @@ impl Drop for QueuePlace {
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    cleaning: Arc<AtomicUsize>,
+    /// Counted in `cleaning` (see [`Slot::cleaning_up`]).
+    marked: bool,
+}
+
+impl Slot {
+    /// Marks the slot's job as answered, only its cleanup left: a push request may wait for
+    /// this slot without a place in the queue (see the module doc). Counted until dropped.
+    pub fn cleaning_up(&mut self) {
+        if !self.marked {
+            self.marked = true;
+            self.cleaning.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.marked {
+            self.cleaning.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Slots {
@@ -38,6 +71,8 @@ impl Slots {
             semaphore: Arc::new(Semaphore::new(total)),
             total,
             queued: Arc::default(),
+            cleaning: Arc::default(),
+            after_cleanup: Arc::default(),
         }
     }
 
@@ -58,17 +93,23 @@ impl Slots {
         self.queued.load(Ordering::Acquire)
     }
 
-    /// A place in the queue, unless `max` requests wait already. Hold it while waiting in
-    /// [`Slots::take`] (the semaphore serves waiters in order).
+    /// A place in the queue, unless `max` requests wait already; then, while fewer requests
+    /// wait beside the queue than slots are only being cleaned up, a place beside it (see the
+    /// module doc). Hold it while waiting in [`Slots::take`] (the semaphore serves waiters in
+    /// order).
     pub fn join_queue(&self, max: usize) -> Option<QueuePlace> {
-        self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| QueuePlace {
-                queued: self.queued.clone(),
-            })
+        let place = |counter: &Arc<AtomicUsize>, max: usize| {
+            counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .ok()
+                .map(|_| QueuePlace {
+                    queued: counter.clone(),
+                })
+        };
+        place(&self.queued, max)
+            .or_else(|| place(&self.after_cleanup, self.cleaning.load(Ordering::Acquire)))
     }
 
     /// Takes a slot if one is free now.
@@ -77,15 +118,23 @@ impl Slots {
             .clone()
             .try_acquire_owned()
             .ok()
-            .map(|p| Slot { _permit: p })
+            .map(|p| self.slot(p))
     }
 
     /// Waits for a free slot.
     pub async fn take(&self) -> Slot {
         match self.semaphore.clone().acquire_owned().await {
-            Ok(permit) => Slot { _permit: permit },
+            Ok(permit) => self.slot(permit),
             // The semaphore is never closed; a closed one would be a bug, not an input.
             Err(_) => unreachable!("job slots are never closed"),
+        }
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            _permit: permit,
+            cleaning: self.cleaning.clone(),
+            marked: false,
         }
     }
 
@@ -125,5 +174,23 @@ mod tests {
         assert_eq!(slots.queued(), 1);
         assert!(slots.join_queue(2).is_some());
         assert!(Slots::new(1).join_queue(0).is_none());
+    }
+
+    #[test]
+    fn a_slot_only_being_cleaned_up_lets_one_request_wait_beside_the_queue() {
+        let slots = Slots::new(1);
+        let mut slot = slots.try_take().unwrap();
+        assert!(slots.join_queue(0).is_none(), "a running job's slot");
+        slot.cleaning_up();
+        slot.cleaning_up();
+        let beside = slots.join_queue(0).expect("a slot being cleaned up");
+        assert!(slots.join_queue(0).is_none(), "one request per such slot");
+        assert_eq!(slots.queued(), 0, "not a place of the queue");
+        drop(beside);
+        drop(slot);
+        assert!(
+            slots.join_queue(0).is_none(),
+            "nothing is cleaned up any more"
+        );
     }
 }

@@ -852,3 +852,41 @@ async fn an_agent_stopped_right_after_a_result_exits_with_nothing_left() {
     // No grace: the agent itself waited for the cleanup before it exited.
     agent.assert_clean_now().await;
 }
+
+/// A result the API keeps refusing does not keep the job's container: once delivering took
+/// `CLEANUP_WAITS_FOR_DELIVERY` (5 s) the cleanup starts meanwhile, and the slot stays taken
+/// until the delivery ended too.
+#[tokio::test]
+async fn a_result_slow_to_deliver_does_not_keep_the_jobs_container() {
+    let api = FakeApi::start(KEY, 30).await;
+    api.faults(|f| {
+        f.refuse_complete.insert(1);
+    });
+    api.push_job(shell_job(1, "echo slow"));
+    let mut agent = Agent::pull("slow-deliver", &api.url, &[], &[]).await;
+    api.wait_for("the result", Duration::from_secs(60), |a| {
+        a.count("complete") >= 1
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(30);
+    while !containers_of(&agent.agent_id).await.is_empty() || !agent.workspaces().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "the container waits for the delivery; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(api.job(1).completion.is_none(), "the API took the result");
+    assert_eq!(agent.health().await["free_slots"], 0, "the slot went first");
+
+    api.faults(|f| f.refuse_complete.clear());
+    api.wait_for("the completion", Duration::from_secs(60), |a| {
+        a.job(1).completion.is_some()
+    })
+    .await;
+    wait_free_slots(&agent, 1).await;
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await, 0);
+    agent.assert_clean_now().await;
+}

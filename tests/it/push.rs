@@ -541,3 +541,18 @@ async fn a_push_agent_stopped_right_after_an_answer_leaves_nothing() {
     // No grace: the agent itself waited for the cleanup before it exited.
     agent.assert_clean_now().await;
 }
+
+/// A client that sends its next job as soon as it has the previous answer is served, also with
+/// `push.max_queue` 0: the answer comes before the job's cleanup, and a request may wait for a
+/// slot that is only being cleaned up without a place in the queue (before, the answer came
+/// after the cleanup and such a request found the slot free).
+#[tokio::test]
+async fn a_request_right_after_an_answer_waits_for_the_cleanup_not_429() {
+    let agent = Agent::push("push-after-answer", &[("GRYT_PUSH_MAX_QUEUE", "0")]).await;
+    for i in 0..3 {
+        let response = agent.execute(Some(KEY), hello_body()).await;
+        assert_eq!(response.status(), 200, "request {i}");
+    }
+    assert_eq!(agent.health().await["push_queue"], 0);
+    agent.assert_clean().await;
+}
