@@ -242,10 +242,10 @@ async fn check_metadata(settings: &Settings, list: &mut Checklist) {
     };
     match v4_state(pool).await {
         RuleState::Present => list.ok(format!(
-            "metadata protection: active (iptables DOCKER-USER drops {pool} -> 169.254.169.254)"
+            "metadata protection: active (iptables -t mangle FORWARD drops {pool} -> 169.254.169.254 and between job networks)"
         )),
         RuleState::Absent => list.warn(
-            format!("metadata protection: inactive (no DOCKER-USER rule drops {pool} -> 169.254.169.254)"),
+            format!("metadata protection: inactive (no rule in iptables -t mangle FORWARD drops {pool} -> 169.254.169.254, or none keeps job networks apart)"),
             "run `gryt-agent guard-metadata` as root (the packaged service does at start), or run the agent as root",
         ),
         RuleState::Unknown(why) => list.warn(

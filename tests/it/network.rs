@@ -82,6 +82,58 @@ async fn probe_from(network: &str, script: &str) -> i64 {
 #[tokio::test]
 async fn concurrent_jobs_cannot_reach_each_other() {
     let agent = test_agent("isolation", |_| {}).await;
+    assert_jobs_apart(&agent, "10.213.", None).await;
+}
+
+/// Docker keeps job networks apart with rules it deletes and re-inserts whenever it makes a
+/// network, so for moments they are not consulted (a connection got through on this machine
+/// under the parallel suites); the agent's own rule in `mangle FORWARD` holds then too. The test
+/// stands in for such a moment with an ACCEPT first in the `filter` table's `FORWARD`, for its
+/// own pool only.
+#[tokio::test]
+async fn as_root_job_networks_stay_apart_while_dockers_rules_are_away() {
+    // Two /24s: one network for each job.
+    let pool_text = "10.214.10.0/23";
+    let agent = test_agent("apart", |s| s.docker.network_pool = pool_text.into()).await;
+    assert_jobs_apart(&agent, "10.214.1", Some(pool_text)).await;
+    delete_rule(pool_text.parse().unwrap());
+}
+
+/// An ACCEPT of `pool` to `pool` first in the `filter` table's `FORWARD`, deleted when dropped.
+struct ForwardAccept(String);
+
+impl ForwardAccept {
+    fn rule(pool: &str) -> [&str; 6] {
+        ["-s", pool, "-d", pool, "-j", "ACCEPT"]
+    }
+
+    fn insert(pool: &str) -> Self {
+        let status = std::process::Command::new("iptables")
+            .args(["-w", "5", "-I", "FORWARD", "1"])
+            .args(Self::rule(pool))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot insert the stand-in ACCEPT");
+        ForwardAccept(pool.to_owned())
+    }
+}
+
+impl Drop for ForwardAccept {
+    fn drop(&mut self) {
+        while std::process::Command::new("iptables")
+            .args(["-w", "5", "-D", "FORWARD"])
+            .args(Self::rule(&self.0))
+            .status()
+            .is_ok_and(|s| s.success())
+        {}
+    }
+}
+
+/// Job 2 cannot reach a server job 1 runs on its network, while a probe on job 1's network can.
+/// `pool_prefix`: how the pool's addresses begin. `stand_in`: the pool to ACCEPT first in
+/// `filter FORWARD` once job 2's network exists (Docker puts its jumps back above anything
+/// inserted before it makes a network), while job 2 waits 3 s before it connects.
+async fn assert_jobs_apart(agent: &support::TestAgent, pool_prefix: &str, stand_in: Option<&str>) {
     // Job 1 serves a page on its network for as long as it runs.
     let server = job(
         "version: 1\nsteps:\n  - run: echo served > index.html && exec httpd -f -p 8080 -h .\n",
@@ -91,7 +143,7 @@ async fn concurrent_jobs_cannot_reach_each_other() {
     let client = async {
         let (address, server_network) = address_of_job(&agent.agent_id).await;
         assert!(
-            address.starts_with("10.213."),
+            address.starts_with(pool_prefix),
             "{address}: not from the pool"
         );
         assert_ne!(server_network, "bridge", "the job is on the default bridge");
@@ -107,12 +159,29 @@ async fn concurrent_jobs_cannot_reach_each_other() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Job 2, at the same time, on a network of its own: cannot connect.
+        let wait = if stand_in.is_some() {
+            "sleep 3 && "
+        } else {
+            ""
+        };
         let mut other = job(&format!(
-            "version: 1\nsteps:\n  - run: {}\n",
+            "version: 1\nsteps:\n  - run: {wait}{}\n",
             get(&address, 8080)
         ));
         other.job_id = 2;
-        let result = agent.run(&other).await;
+        let accept = async {
+            let pool = stand_in?;
+            let started = Instant::now();
+            while support::networks_of(&agent.agent_id).await.len() < 2 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "job 2 got no network"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Some(ForwardAccept::insert(pool))
+        };
+        let (result, _accept) = tokio::join!(agent.run(&other), accept);
         // The default bridge does not reach it either.
         let from_bridge = probe_from("bridge", &fetch).await;
         stop_server.cancel("the test is done");
@@ -408,17 +477,19 @@ impl Drop for FakeMetadata {
     }
 }
 
-/// Deletes every copy of the metadata rule for `pool` (the test's own pool).
+/// Deletes every copy of the IPv4 rules for `pool` (the test's own pool).
 fn delete_rule(pool: network::Pool) {
-    let rule = gryt_agent::executor::metadata_guard::v4_rule(pool);
-    while std::process::Command::new("iptables")
-        .args(["-w", "5", "-D", "DOCKER-USER"])
-        .args(&rule)
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {}
+    use gryt_agent::executor::metadata_guard::{CHAIN, TABLE, v4_rules};
+    for rule in v4_rules(pool) {
+        while std::process::Command::new("iptables")
+            .args(["-w", "5", "-t", TABLE, "-D", CHAIN])
+            .args(&rule)
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {}
+    }
 }
 
 /// `gryt-agent <args>` with the test's pool; its exit status and stdout.
@@ -506,14 +577,14 @@ async fn as_root_job_networks_cannot_reach_the_metadata_address_and_bridge_jobs_
     }
     assert_eq!(v4_state(pool).await, RuleState::Present);
     let listed = std::process::Command::new("iptables")
-        .args(["-w", "5", "-S", "DOCKER-USER"])
+        .args(["-w", "5", "-t", "mangle", "-S", "FORWARD"])
         .output()
         .unwrap();
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert_eq!(
-        listed.matches(pool_text).count(),
-        1,
-        "the rule is installed once: {listed}"
+        listed.lines().filter(|l| l.contains(pool_text)).count(),
+        2,
+        "the two rules are installed once each: {listed}"
     );
     delete_rule(pool);
     bridge.assert_clean().await;
