@@ -475,5 +475,41 @@ impl Drop for Agent {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        remove_what_is_labelled(&self.agent_id);
+    }
+}
+
+/// Removes the containers and networks labelled with `agent_id` from the machine's engine: what
+/// a test agent killed in the middle of a job's cleanup (which now follows the result) left.
+/// The next start's sweep would remove them; a test that never starts one leaves them, and job
+/// networks hold /24s of the pool every test shares.
+fn remove_what_is_labelled(agent_id: &str) {
+    let label = format!("label=io.gryt.agent.id={agent_id}");
+    let list = |args: &[&str]| -> Vec<String> {
+        Command::new("docker")
+            .args(args)
+            .args(["--filter", &label])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let containers = list(&["ps", "-aq"]);
+    if !containers.is_empty() {
+        let _ = Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&containers)
+            .output();
+    }
+    let networks = list(&["network", "ls", "-q"]);
+    if !networks.is_empty() {
+        let _ = Command::new("docker")
+            .args(["network", "rm"])
+            .args(&networks)
+            .output();
     }
 }
