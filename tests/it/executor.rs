@@ -1011,12 +1011,7 @@ async fn the_result_comes_before_the_cleanup_which_then_leaves_nothing() {
 
     cleanup.finish().await;
     assert_eq!(agent.executor.pending_cleanups(), 0);
-    assert_eq!(agent.containers().await, Vec::<String>::new());
-    assert_eq!(
-        support::networks_of(&agent.agent_id).await,
-        Vec::<String>::new()
-    );
-    assert_eq!(std::fs::read_dir(agent.work_dir.path()).unwrap().count(), 0);
+    agent.assert_clean_now().await;
 }
 
 /// A cleanup handle dropped unfinished starts the cleanup, which the executor tracks:
@@ -1035,12 +1030,7 @@ async fn a_dropped_cleanup_runs_and_the_executor_waits_for_it() {
         .await
         .expect("the dropped cleanup never ended");
     assert_eq!(agent.executor.pending_cleanups(), 0);
-    assert_eq!(agent.containers().await, Vec::<String>::new());
-    assert_eq!(
-        support::networks_of(&agent.agent_id).await,
-        Vec::<String>::new()
-    );
-    assert_eq!(std::fs::read_dir(agent.work_dir.path()).unwrap().count(), 0);
+    agent.assert_clean_now().await;
 }
 
 /// A job that ended before its workspace existed (its image is missing) leaves nothing to clean: its handle is finished

@@ -82,16 +82,7 @@ fn hostname_of(result: &Value) -> String {
 /// Stops the agent with SIGTERM and checks that nothing of it is left: no container, no
 /// network, no workspace.
 async fn stop_and_assert_nothing_left(mut agent: Agent) {
-    agent.signal("TERM");
-    assert_eq!(agent.wait_exit(Duration::from_secs(60)).await, 0);
-    assert_eq!(
-        containers_of(&agent.agent_id).await,
-        Vec::<String>::new(),
-        "containers left after the agent exited; log:\n{}",
-        agent.log_text()
-    );
-    assert_eq!(networks_of(&agent.agent_id).await, Vec::<String>::new());
-    assert_eq!(agent.workspaces(), Vec::<std::path::PathBuf>::new());
+    agent.stop_leaving_nothing().await;
 }
 
 #[tokio::test]

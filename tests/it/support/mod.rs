@@ -111,6 +111,11 @@ impl TestAgent {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+        self.assert_clean_now().await;
+    }
+
+    /// Asserts that no container, no network and no workspace of this agent is left now.
+    pub async fn assert_clean_now(&self) {
         assert_eq!(
             self.containers().await,
             Vec::<String>::new(),

@@ -413,6 +413,16 @@ impl Agent {
 
     /// No container or network with this agent's label and no workspace left, now (see
     /// [`Agent::assert_clean`] for the warm pool's).
+    /// Stops the agent with SIGTERM, asserts that it exited 0 and, with no grace (the agent
+    /// itself waits for its jobs' cleanups and drains its pool before it exits), that nothing
+    /// of it is left.
+    pub async fn stop_leaving_nothing(&mut self) {
+        self.signal("TERM");
+        let code = self.wait_exit(Duration::from_secs(60)).await;
+        assert_eq!(code, 0, "{}", self.log_text());
+        self.assert_clean_now().await;
+    }
+
     pub async fn assert_clean_now(&self) {
         let left = self.leftovers().await;
         assert_eq!(
