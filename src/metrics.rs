@@ -310,6 +310,13 @@ impl crate::executor::JobObserver for CountingObserver<'_> {
         }
         self.inner.event(event);
     }
+
+    fn progress<'b>(
+        &'b self,
+        resume: &'b crate::executor::Resume,
+    ) -> futures_util::future::BoxFuture<'b, ()> {
+        self.inner.progress(resume)
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::{Instant, sleep_until};
 
-use super::container::{JobCommand, JobContainer, OutputStream};
+use super::container::{JobCommand, JobContainer, MarkId, OutputStream};
 use super::control::{JobControl, StopKind, StopRequest};
 
 /// How a command ended.
@@ -29,7 +29,8 @@ enum Ending {
     Stop(StopRequest),
 }
 
-/// Runs `command` until it ends, feeding its output to `on_output`. A timeout or graceful stop sends
+/// Runs `command` until it ends, feeding its output to `on_output`; as an exec, `mark` ends its
+/// output (see `container::log`). A timeout or graceful stop sends
 /// SIGTERM to the job's processes, then SIGKILL after `grace`; an immediate stop kills the
 /// container at once.
 ///
@@ -38,9 +39,11 @@ enum Ending {
 /// the container) only once the attached output has been read to its end. A loop that waited
 /// for them without reading deadlocked with the engine whenever the job had more output
 /// queued than the pipes hold (a job printing fast when it was stopped).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_command(
     container: &JobContainer,
     command: JobCommand,
+    mark: MarkId,
     deadline: Instant,
     grace: Duration,
     control: &JobControl,
@@ -56,7 +59,7 @@ pub async fn run_command(
     // A single-command container's command is its main process, already started with it.
     let started = match container.take_main(&command) {
         Some(main) => Ok(main),
-        None => container.run(command.cmd, command.env).await,
+        None => container.run(mark, command.cmd, command.env).await,
     };
     let mut running = match started {
         Ok(r) => r,

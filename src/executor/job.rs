@@ -18,6 +18,7 @@ use super::limits::MAX_SECONDS_CEILING;
 use super::network::{self, JobNetwork};
 use super::output::Run;
 use super::plan::{Plan, git_url, job_timeout, plan};
+use super::resume::{Resume, unix_ms_of};
 use super::services::{ServiceSetup, Services, await_ready, check_alive, not_started};
 use super::steps::{
     Context, Outcome, cancelled, gryt_command, run_gryt, run_steps, single_command,
@@ -33,6 +34,7 @@ use crate::wire::{JobResult, JobSpec, JobStatus, ServiceResult, rfc3339};
 /// What the job's stages share: the executor, the job, its plan, how to stop it and its clock.
 struct Job<'a> {
     executor: &'a Executor,
+    started_at: OffsetDateTime,
     job: &'a JobSpec,
     plan: &'a Plan,
     docker: &'a Docker,
@@ -59,8 +61,8 @@ pub(super) async fn run(
     let mut run = Run::new(observer, masker, executor.settings.job.output_cap_bytes);
     let (outcome, leftovers) = match job_timeout(&executor.settings, job) {
         Ok(timeout) => {
-            match prepare_and_run(executor, job, &mut run, control, clock + timeout, timeout).await
-            {
+            let clock = (started_at, clock + timeout, timeout);
+            match prepare_and_run(executor, job, &mut run, control, clock).await {
                 Ok((outcome, leftovers)) => (outcome, Some(leftovers)),
                 Err(early) => (early, None),
             }
@@ -128,8 +130,7 @@ async fn prepare_and_run(
     job: &JobSpec,
     run: &mut Run<'_>,
     control: &JobControl,
-    deadline: Instant,
-    timeout: Duration,
+    (started_at, deadline, timeout): (OffsetDateTime, Instant, Duration),
 ) -> Stage<(Outcome, Leftovers)> {
     let starting = executor.warm.job_starting();
     let plan = plan(executor, job).map_err(Outcome::Error)?;
@@ -141,6 +142,7 @@ async fn prepare_and_run(
     let docker = docker.map_err(|e| Outcome::Error(e.to_string()))?;
     let ctx = Job {
         executor,
+        started_at,
         job,
         plan: &plan,
         docker: &docker,
@@ -212,10 +214,14 @@ impl Job<'_> {
             Some(warm) => Ok(warm),
             None => JobContainer::start(self.docker, self.container_spec(workspace, network)).await,
         };
+        let warm = made.warm.is_some();
         let container = &*made
             .container
             .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
         made.starting = None;
+        let network = made.network.as_ref().map(|n| n.name().to_owned());
+        run.begin_progress(self.resume(container, warm, network, workspace))
+            .await;
         let outcome = self.run_commands(container, run).await;
         let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
@@ -235,7 +241,7 @@ impl Job<'_> {
             workspace.path(),
             self.plan.user,
             self.control,
-            &mut |line| run.output(OutputStream::Stderr, line.as_bytes()),
+            &mut |line| run.agent_line(OutputStream::Stderr, line),
         )
         .await
         .map_err(Outcome::Error)
@@ -258,7 +264,7 @@ impl Job<'_> {
         };
         let stored = storage
             .after_steps(end, workspace.path(), self.control, &mut |line| {
-                run.output(OutputStream::Stderr, line.as_bytes())
+                run.agent_line(OutputStream::Stderr, line)
             })
             .await;
         match stored {
@@ -443,6 +449,31 @@ impl Job<'_> {
             .hand_over(uid, gid)
             .await
             .map_err(|e| Outcome::Error(format!("cannot give the checkout to the job's user: {e}")))
+    }
+
+    /// What an agent restarted under the job needs to carry it on, as its container starts.
+    fn resume(
+        &self,
+        container: &JobContainer,
+        warm: bool,
+        network: Option<String>,
+        workspace: &Workspace,
+    ) -> Resume {
+        Resume {
+            container: container.id().to_owned(),
+            head: container.head().clone(),
+            single: container.is_single(),
+            warm,
+            network,
+            workspace: workspace.path().to_owned(),
+            started_at: rfc3339(self.started_at),
+            started_unix_ms: (self.started_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            deadline_unix_ms: unix_ms_of(self.deadline),
+            preface: Vec::new(),
+            steps: Vec::new(),
+            commands: Vec::new(),
+            running_since_unix_ms: None,
+        }
     }
 
     /// The labels of every container of the job (its services' too).

@@ -42,6 +42,8 @@ mod output;
 #[cfg(feature = "runtime")]
 mod plan;
 #[cfg(feature = "runtime")]
+pub mod resume;
+#[cfg(feature = "runtime")]
 mod services;
 #[cfg(feature = "runtime")]
 mod steps;
@@ -62,3 +64,5 @@ pub use docker::connect;
 pub use executor::{Executor, ExecutorError, ExecutorSettings};
 #[cfg(feature = "runtime")]
 pub use observer::{Discard, JobEvent, JobObserver};
+#[cfg(feature = "runtime")]
+pub use resume::Resume;

@@ -2,8 +2,10 @@
 //! kept as a bounded tail for the result, and, for a gryt pipeline, is followed for the report.
 
 use super::capture::TailBuffer;
+use super::container::MarkId;
 use super::container::OutputStream;
 use super::observer::JobObserver;
+use super::resume::{PrefaceLine, Resume, now_unix_ms};
 use crate::pipeline::gryt_report::{ErrorLineCapture, ReportCapture};
 use crate::secrets::mask::{Masker, StreamMasker};
 use crate::wire::{ArtifactResult, ServiceResult, StepResult};
@@ -26,6 +28,10 @@ pub(super) struct Run<'a> {
     pub artifacts: Vec<ArtifactResult>,
     /// What became of the job's services (`services`), for the result.
     pub services: Vec<ServiceResult>,
+    /// What an agent restarted under the job needs (`resume.rs`), from its container's start.
+    pub progress: Option<Resume>,
+    /// The agent's own output lines before the container started, for `progress`.
+    preface: Vec<PrefaceLine>,
 }
 
 impl<'a> Run<'a> {
@@ -43,6 +49,52 @@ impl<'a> Run<'a> {
             oom_killed: false,
             artifacts: Vec::new(),
             services: Vec::new(),
+            progress: None,
+            preface: Vec::new(),
+        }
+    }
+
+    /// A line of the agent's own (cache restores and artifact uploads say how they went), as
+    /// output: before the container starts it is also kept for `progress`, since the
+    /// container's log will not hold it.
+    pub fn agent_line(&mut self, stream: OutputStream, text: &str) {
+        if self.progress.is_none() {
+            self.preface.push(PrefaceLine {
+                stderr: stream == OutputStream::Stderr,
+                text: text.to_owned(),
+            });
+        }
+        self.output(stream, text.as_bytes());
+    }
+
+    /// Starts keeping `resume` (the container has started) and hands it to the observer.
+    pub async fn begin_progress(&mut self, mut resume: Resume) {
+        resume.preface = std::mem::take(&mut self.preface);
+        self.progress = Some(resume);
+        self.save_progress().await;
+    }
+
+    /// A command with end marks `mark` is about to start.
+    pub async fn command_starting(&mut self, mark: &MarkId) {
+        if let Some(resume) = &mut self.progress {
+            resume.commands.push(mark.clone());
+            resume.running_since_unix_ms = Some(now_unix_ms());
+        }
+        self.save_progress().await;
+    }
+
+    /// The running command's step result is in `steps`.
+    pub async fn command_finished(&mut self) {
+        if let Some(resume) = &mut self.progress {
+            resume.steps.clone_from(&self.steps);
+            resume.running_since_unix_ms = None;
+        }
+        self.save_progress().await;
+    }
+
+    async fn save_progress(&self) {
+        if let Some(resume) = &self.progress {
+            self.observer.progress(resume).await;
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::command::{CommandEnd, run_command};
-use super::container::{JobCommand, JobContainer};
+use super::container::{JobCommand, JobContainer, MarkId};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::observer::JobEvent;
 use super::output::Run;
@@ -90,9 +90,12 @@ pub(super) async fn run_steps(
                 .min(step_clock + Duration::from_secs(t.min(super::limits::MAX_SECONDS_CEILING))),
             None => ctx.deadline,
         };
+        let mark = MarkId::random();
+        run.command_starting(&mark).await;
         let end = run_command(
             ctx.container,
             step_command(step),
+            mark,
             step_deadline,
             ctx.grace,
             ctx.control,
@@ -114,6 +117,7 @@ pub(super) async fn run_steps(
             step: &result,
         });
         run.steps.push(result);
+        run.command_finished().await;
     }
     outcome.unwrap_or(Outcome::Finished {
         success: true,
@@ -223,6 +227,7 @@ pub(super) async fn run_gryt(ctx: &Context<'_>, command: JobCommand, run: &mut R
     let end = run_command(
         ctx.container,
         command,
+        MarkId::random(),
         ctx.deadline,
         ctx.grace,
         ctx.control,

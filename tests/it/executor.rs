@@ -339,14 +339,17 @@ async fn docker_inspect_shows_a_hardened_labelled_container() {
     let host = inspect.host_config.unwrap();
     assert_eq!(config.user.as_deref(), Some("1000:1000"));
     // A job of one command runs it as the container's main process (no keepalive, no exec),
-    // and Docker keeps no copy of the output: the agent reads it itself.
+    // and Docker keeps its output (driver `local`, bounded) for an agent restarted under it.
     assert_eq!(
         config.cmd.as_deref(),
         Some(&["/bin/sh".to_string(), "-c".into(), "sleep 3".into()][..])
     );
+    let log = host.log_config.unwrap();
+    assert_eq!(log.typ.as_deref(), Some("local"));
+    let log = log.config.unwrap();
     assert_eq!(
-        host.log_config.as_ref().and_then(|l| l.typ.as_deref()),
-        Some("none")
+        (log["max-size"].as_str(), log["max-file"].as_str()),
+        ("64m", "4")
     );
     let labels = config.labels.unwrap();
     assert_eq!(labels["io.gryt.agent.managed"], "true");

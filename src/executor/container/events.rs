@@ -1,7 +1,7 @@
 //! How a job container ends: kills, OOM notices, the main process's exit, and removal (retried
 //! in the background when the engine is away).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -147,9 +147,50 @@ async fn settle_oom_flag(docker: &Docker, id: &str, oom: &AtomicBool) {
     }
 }
 
-/// Sets `flag` when Docker reports an OOM kill in the container. Runs until aborted.
-pub(super) async fn watch_oom(docker: Docker, id: String, flag: Arc<AtomicBool>) {
-    let filters = HashMap::from([("container", vec![id.as_str()]), ("event", vec!["oom"])]);
+/// The execs of a container that Docker reported ended (`exec_die` events), for the tasks that
+/// wait for one (`exec.rs`).
+#[derive(Clone, Default)]
+pub(super) struct ExecDeaths(Arc<(std::sync::Mutex<HashSet<String>>, tokio::sync::Notify)>);
+
+impl ExecDeaths {
+    fn record(&self, exec_id: String) {
+        let (ended, notify) = &*self.0;
+        ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(exec_id);
+        notify.notify_waiters();
+    }
+
+    /// Returns once the exec `exec_id` was reported ended.
+    pub(super) async fn wait_for(&self, exec_id: &str) {
+        let (ended, notify) = &*self.0;
+        loop {
+            let notified = notify.notified();
+            if ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(exec_id)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Sets `flag` when Docker reports an OOM kill in the container and records the execs that
+/// end in it. Runs until aborted.
+pub(super) async fn watch_events(
+    docker: Docker,
+    id: String,
+    flag: Arc<AtomicBool>,
+    deaths: ExecDeaths,
+) {
+    let filters = HashMap::from([
+        ("container", vec![id.as_str()]),
+        ("event", vec!["oom", "exec_die"]),
+    ]);
     // `since` replays events from before the subscription reached the engine: an OOM in the
     // first milliseconds of a command is not missed.
     let since = (std::time::SystemTime::now() - std::time::Duration::from_secs(5))
@@ -162,9 +203,17 @@ pub(super) async fn watch_oom(docker: Docker, id: String, flag: Arc<AtomicBool>)
         .build();
     let mut events = docker.events(Some(options));
     while let Some(event) = events.next().await {
-        match event {
-            Ok(_) => flag.store(true, Ordering::SeqCst),
-            Err(_) => return,
+        let Ok(event) = event else { return };
+        if event.action.as_deref() == Some("oom") {
+            flag.store(true, Ordering::SeqCst);
+            continue;
+        }
+        let exec_id = event
+            .actor
+            .and_then(|actor| actor.attributes)
+            .and_then(|mut attributes| attributes.remove("execID"));
+        if let Some(exec_id) = exec_id {
+            deaths.record(exec_id);
         }
     }
 }

@@ -16,6 +16,8 @@
 
 mod events;
 mod exec;
+mod log;
+mod marks;
 mod oneshot;
 mod spec;
 
@@ -27,10 +29,13 @@ use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::CreateContainerOptionsBuilder;
 use tokio_util::task::AbortOnDropHandle;
 
+use events::{ExecDeaths, wait_for_exit, watch_events};
 pub(crate) use events::{remove_container, try_remove};
-use events::{wait_for_exit, watch_oom};
 use exec::CommandHandle;
 pub use exec::{RunningCommand, SIGNAL_TIMEOUT};
+use log::{ContainerLog, main_output};
+pub use log::{LOG_DRIVER, log_config};
+pub use marks::MarkId;
 pub use oneshot::run_to_end;
 use spec::merge_env;
 pub use spec::{
@@ -38,14 +43,26 @@ pub use spec::{
     hardened_host_config, job_labels,
 };
 
-/// Keeps the container alive between commands. A loop, because `kill -TERM -1` from a stop
-/// request reaches this `sleep` too (it only spares PID 1, the shell).
-const KEEPALIVE: &str = "while :; do sleep 3600; done";
+/// Keeps the container alive between commands, after writing the head mark (see `marks.rs`).
+/// A loop, because `kill -TERM -1` from a stop request reaches this `sleep` too (it only
+/// spares PID 1, the shell).
+fn keepalive(head: &MarkId) -> String {
+    format!(
+        "{}; while :; do sleep 3600; done",
+        marks::printf(head, marks::Kind::Plain)
+    )
+}
 
-/// Runs a single-command job's command under a shell that stays PID 1 and only waits for it:
-/// `kill -TERM -1` from a stop request then reaches the command and everything it started
-/// (the kernel spares PID 1), exactly as with an exec, and the exit status is the command's.
-const MAIN_WRAPPER: &str = "\"$@\" & wait $!";
+/// Runs a single-command job's command under a shell that stays PID 1 and only waits for it,
+/// after writing the head mark: `kill -TERM -1` from a stop request then reaches the command
+/// and everything it started (the kernel spares PID 1), exactly as with an exec, and the exit
+/// status is the command's.
+fn main_wrapper(head: &MarkId) -> String {
+    format!(
+        "{}; \"$@\" & wait $!",
+        marks::printf(head, marks::Kind::Plain)
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputStream {
@@ -81,40 +98,57 @@ pub struct JobContainer {
     /// container made before the job was known (a warm one, see `executor::warm`), whose own
     /// environment is only its image's. Empty for a container made for its job.
     exec_env: Vec<String>,
+    /// Exec-shaped containers only: the container's output, read by one command at a time.
+    log: Option<Arc<tokio::sync::Mutex<ContainerLog>>>,
+    /// The execs Docker reported ended (filled by the events watch of an exec-shaped container).
+    exec_deaths: ExecDeaths,
+    /// The mark the main process wrote first.
+    head: MarkId,
+    /// The main process is the job's one command (else each command is an exec).
+    single: bool,
 }
 
 impl JobContainer {
     /// Creates and starts the container. On any failure nothing is left behind.
     /// A single-command container is attached before it starts, so no output is lost.
     pub async fn start(docker: &Docker, spec: ContainerSpec) -> Result<Self, DockerError> {
+        let head = MarkId::random();
         let (entrypoint, cmd, env) = match &spec.main_command {
             None => (
-                vec!["/bin/sh", "-c"],
-                vec![KEEPALIVE.into()],
+                vec!["/bin/sh".to_owned(), "-c".to_owned()],
+                vec![keepalive(&head)],
                 spec.env.clone(),
             ),
             Some(main) => (
-                vec!["/bin/sh", "-c", MAIN_WRAPPER, "gryt-job"],
+                vec![
+                    "/bin/sh".to_owned(),
+                    "-c".to_owned(),
+                    main_wrapper(&head),
+                    "gryt-job".to_owned(),
+                ],
                 main.cmd.clone(),
                 merge_env(&spec.env, &main.env),
             ),
         };
+        let mut host_config = hardened_host_config(
+            &spec.workspace_host_path,
+            &spec.network,
+            spec.pids_limit,
+            spec.memory_bytes,
+            spec.nano_cpus,
+        );
+        // Kept by Docker while no agent reads it (`log.rs`).
+        host_config.log_config = Some(log_config());
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
-            entrypoint: Some(entrypoint.into_iter().map(String::from).collect()),
+            entrypoint: Some(entrypoint),
             cmd: Some(cmd),
             user: Some(spec.user.clone()),
             working_dir: Some(WORKSPACE.into()),
             env: Some(env),
             labels: Some(spec.labels.clone()),
             tty: Some(false),
-            host_config: Some(hardened_host_config(
-                &spec.workspace_host_path,
-                &spec.network,
-                spec.pids_limit,
-                spec.memory_bytes,
-                spec.nano_cpus,
-            )),
+            host_config: Some(host_config),
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::default()
@@ -129,11 +163,13 @@ impl JobContainer {
             )))?;
 
         let oom = Arc::new(AtomicBool::new(false));
+        let exec_deaths = ExecDeaths::default();
         let oom_watch = match spec.main_command {
-            None => Some(tokio::spawn(watch_oom(
+            None => Some(tokio::spawn(watch_events(
                 docker.clone(),
                 created.id.clone(),
                 oom.clone(),
+                exec_deaths.clone(),
             ))),
             Some(_) => None,
         };
@@ -145,35 +181,37 @@ impl JobContainer {
             oom_watch,
             main: std::sync::Mutex::new(None),
             exec_env: Vec::new(),
+            log: None,
+            exec_deaths,
+            head,
+            single: spec.main_command.is_some(),
         };
-        let attached = match spec.main_command {
-            None => None,
-            Some(_) => match container.attach().await {
-                Ok(output) => Some(output),
-                Err(e) => {
-                    container.remove().await;
-                    return Err(e);
-                }
-            },
+        // Attached before the start: nothing the container writes is missed.
+        let attached = match container.attach().await {
+            Ok(output) => ContainerLog::new(output),
+            Err(e) => {
+                container.remove().await;
+                return Err(e);
+            }
         };
         if let Err(e) = docker.start_container(&container.id, None).await {
             container.remove().await;
             return Err(docker_err("cannot start the job container")(e));
         }
-        if let Some(output) = attached {
-            let waiting = tokio::spawn(wait_for_exit(
-                docker.clone(),
-                container.id.clone(),
-                container.oom.clone(),
-            ));
-            let main = RunningCommand {
-                output,
-                ended: CommandHandle::Main(Some(AbortOnDropHandle::new(waiting))),
-            };
-            let command = spec
-                .main_command
-                .unwrap_or_else(|| unreachable!("attached"));
-            *container.main.lock().unwrap_or_else(|e| e.into_inner()) = Some((command, main));
+        match spec.main_command {
+            None => container.log = Some(Arc::new(tokio::sync::Mutex::new(attached))),
+            Some(command) => {
+                let waiting = tokio::spawn(wait_for_exit(
+                    docker.clone(),
+                    container.id.clone(),
+                    container.oom.clone(),
+                ));
+                let main = RunningCommand {
+                    output: main_output(attached),
+                    ended: CommandHandle::Main(Some(AbortOnDropHandle::new(waiting))),
+                };
+                *container.main.lock().unwrap_or_else(|e| e.into_inner()) = Some((command, main));
+            }
         }
         Ok(container)
     }
@@ -189,6 +227,17 @@ impl JobContainer {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The mark the container's main process wrote first: a replay of its log that does not
+    /// start with it lost its beginning.
+    pub fn head(&self) -> &MarkId {
+        &self.head
+    }
+
+    /// Whether the main process is the job's one command (else each command is an exec).
+    pub fn is_single(&self) -> bool {
+        self.single
     }
 
     /// Gives every later exec `env` beneath its own variables (merged as [`merge_env`] does):
@@ -207,13 +256,15 @@ impl JobContainer {
         if let Some(watch) = &self.oom_watch {
             watch.abort();
         }
-        // An unread main process's output would keep Docker from ending the container.
+        // An unread main process's output (or an exec-shaped container's attached output)
+        // would keep Docker from ending the container.
         drop(
             self.main
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner())
                 .take(),
         );
+        self.log = None;
         remove_container(&self.docker, &self.id).await;
     }
 }
