@@ -294,6 +294,25 @@ impl FakeApi {
                 .is_some_and(|info| Instant::now() > info.expires)
     }
 
+    /// Ends the job's current lease now, as if its TTL had run out unrenewed: every call with
+    /// it answers 410 (the job is then treated as any expired one).
+    pub fn expire_lease(&self, job_id: i64) {
+        let mut g = self.lock();
+        let lease = g.jobs.get(&job_id).and_then(|j| j.lease_id.clone());
+        if let Some(info) = lease.and_then(|l| g.leases.get_mut(&l)) {
+            info.expires = Instant::now() - Duration::from_millis(1);
+        }
+    }
+
+    /// Forgets the job's current lease (a server that lost it): every call with it answers 404
+    /// and the job is never leased again.
+    pub fn forget_lease(&self, job_id: i64) {
+        let mut g = self.lock();
+        if let Some(lease) = g.jobs.get(&job_id).and_then(|j| j.lease_id.clone()) {
+            g.leases.remove(&lease);
+        }
+    }
+
     /// When the job's current lease expires by the fake's clock.
     pub fn lease_expires(&self, job_id: i64) -> Option<Instant> {
         let g = self.lock();

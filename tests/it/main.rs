@@ -9,6 +9,7 @@
 mod fake_api;
 mod support;
 
+mod adopt;
 mod agent;
 mod bad_input;
 mod checkout;

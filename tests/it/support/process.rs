@@ -103,10 +103,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The agent binary cargo built for these tests.
+pub fn agent_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_gryt-agent"))
+}
+
 /// `gryt-agent run` with the environment common to both modes. stdin and stdout are null,
 /// stderr is piped (an [`Agent`] sends it to its log file instead).
 pub fn command(image: &str, agent_id: &str, work: &Path, state: &Path, port: u16) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gryt-agent"));
+    command_of(agent_binary(), image, agent_id, work, state, port)
+}
+
+/// [`command`] running `binary` (a copy of [`agent_binary`] elsewhere stands for a new version
+/// installed over a running one).
+pub fn command_of(
+    binary: &Path,
+    image: &str,
+    agent_id: &str,
+    work: &Path,
+    state: &Path,
+    port: u16,
+) -> Command {
+    let mut cmd = Command::new(binary);
     cmd.arg("run")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -212,8 +230,21 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        Self::pull_in_with(agent_binary(), agent_id, state, work, api_url, args, env).await
+    }
+
+    /// Like [`Agent::pull_in`] running `binary` instead of the one cargo built (an upgrade).
+    pub async fn pull_in_with(
+        binary: &Path,
+        agent_id: &str,
+        state: &Path,
+        work: &Path,
+        api_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let port = free_port();
-        let mut cmd = command(&test_image().await, agent_id, work, state, port);
+        let mut cmd = command_of(binary, &test_image().await, agent_id, work, state, port);
         cmd.args(args)
             .env("RUST_LOG", "gryt_agent=debug,info")
             // Plain log lines: the suites read fields out of them.
@@ -341,6 +372,38 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("no /health; log:\n{}", self.log_text());
+    }
+
+    /// The job ids of the log lines holding `message`, sorted (its `job_id` field, in the
+    /// human format `job_id=7` or the JSON one `"job_id":7`).
+    pub fn logged_jobs(&self, message: &str) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(message))
+            .filter_map(|l| {
+                let at = l
+                    .find("job_id=")
+                    .map(|i| i + 7)
+                    .or_else(|| l.find("\"job_id\":").map(|i| i + 9))?;
+                let digits: String = l[at..]
+                    .trim_start_matches('"')
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '-')
+                    .collect();
+                digits.parse().ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The value of the unlabelled metric `name` in `/metrics`, if there is one.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// `gryt_agent_warm_jobs_total` from `/metrics`: the jobs that ran in a warm container.
