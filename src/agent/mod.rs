@@ -55,6 +55,12 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         Some(_) => Some(crate::pull::Ctx::new(state.clone()).await?),
         None => None,
     };
+    // Jobs an earlier process left running are registered before the first sweep, which then
+    // spares their containers (`pull::adopt`).
+    let claimed = match &pull {
+        Some(ctx) => crate::pull::adopt::claim(ctx).await,
+        None => Vec::new(),
+    };
     let collector = crate::gc::start(state.clone()).await;
     let (host, port) = state.listen_address();
     let address = format!("{host}:{port}");
@@ -93,7 +99,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
             async move { shutdown.stopped().await },
         ))
     };
-    let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options)));
+    let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options, claimed)));
 
     let pull_ended = tokio::select! {
         _ = signals.next() => None,

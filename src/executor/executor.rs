@@ -21,8 +21,9 @@ use crate::wire::{JobResult, JobSpec};
 use super::docker::check_address;
 use super::metadata_guard;
 use super::network::Pool;
+use super::resume::Resume;
 use super::warm::{WarmPool, WarmStatus};
-use super::{Cleanup, JobControl, JobObserver, job};
+use super::{Cleanup, JobControl, JobObserver, adopt, job};
 
 /// What the executor needs from the settings.
 #[derive(Debug, Clone)]
@@ -206,6 +207,38 @@ impl Executor {
             None => Cleanup::nothing(job.job_id),
         };
         (result, cleanup)
+    }
+
+    /// Carries on `job`, which an earlier agent process started and left running, from
+    /// `resume` (what that process kept of it, see [`Resume`]): as [`Executor::run_then_clean`],
+    /// its output from its start (read again from its container's log), its result and the
+    /// handle of its cleanup. A job that cannot be carried on ends with `error` saying why, and
+    /// what it left is removed.
+    pub async fn adopt_then_clean(
+        &self,
+        job: &JobSpec,
+        resume: &Resume,
+        observer: &dyn JobObserver,
+        control: &JobControl,
+    ) -> (JobResult, Cleanup) {
+        let (result, leftovers) = adopt::adopt(self, job, resume, observer, control).await;
+        let cleanup = match leftovers {
+            Some(leftovers) => Cleanup::spawn(&self.cleanups, job.job_id, leftovers),
+            None => Cleanup::nothing(job.job_id),
+        };
+        (result, cleanup)
+    }
+
+    /// Whether the container of a job an earlier agent process started is there to carry it on;
+    /// else why not.
+    pub async fn can_carry_on(&self, resume: &Resume) -> Result<(), String> {
+        adopt::check_container(self, resume).await
+    }
+
+    /// Removes what a job of an earlier agent process left (container, network, workspace)
+    /// when it is not carried on (its lease is gone).
+    pub async fn give_up(&self, resume: &Resume) {
+        adopt::give_up_parts(self, resume).await;
     }
 
     /// Waits until no job's cleanup is left: those running and those whose handle has not

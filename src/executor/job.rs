@@ -21,7 +21,7 @@ use super::plan::{Plan, git_url, job_timeout, plan};
 use super::resume::{Resume, unix_ms_of};
 use super::services::{ServiceSetup, Services, await_ready, check_alive, not_started};
 use super::steps::{
-    Context, Outcome, cancelled, gryt_command, run_gryt, run_steps, single_command,
+    Context, Outcome, Resuming, cancelled, gryt_command, run_gryt, run_steps, single_command,
 };
 use super::warm::Starting;
 use super::workspace::Workspace;
@@ -32,15 +32,15 @@ use crate::secrets::mask::Masker;
 use crate::wire::{JobResult, JobSpec, JobStatus, ServiceResult, rfc3339};
 
 /// What the job's stages share: the executor, the job, its plan, how to stop it and its clock.
-struct Job<'a> {
-    executor: &'a Executor,
-    started_at: OffsetDateTime,
-    job: &'a JobSpec,
-    plan: &'a Plan,
-    docker: &'a Docker,
-    control: &'a JobControl,
-    deadline: Instant,
-    timeout: Duration,
+pub(super) struct Job<'a> {
+    pub(super) executor: &'a Executor,
+    pub(super) started_at: OffsetDateTime,
+    pub(super) job: &'a JobSpec,
+    pub(super) plan: &'a Plan,
+    pub(super) docker: &'a Docker,
+    pub(super) control: &'a JobControl,
+    pub(super) deadline: Instant,
+    pub(super) timeout: Duration,
 }
 
 /// A stage that ends the job early says how, as the error.
@@ -74,7 +74,7 @@ pub(super) async fn run(
 }
 
 /// The job's result from how it ended and what it printed; every text in it is masked.
-fn result(
+pub(super) fn result(
     job: &JobSpec,
     run: Run<'_>,
     outcome: Outcome,
@@ -222,7 +222,7 @@ impl Job<'_> {
         let network = made.network.as_ref().map(|n| n.name().to_owned());
         run.begin_progress(self.resume(container, warm, network, workspace))
             .await;
-        let outcome = self.run_commands(container, run).await;
+        let outcome = self.run_commands(container, run, None).await;
         let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
     }
@@ -250,7 +250,7 @@ impl Job<'_> {
     /// Uploads the artifacts and saves the caches the job's end calls for, from the workspace
     /// after the last command (the container still exists; the cleanup comes later). An upload
     /// that fails makes the job an error.
-    async fn upload(
+    pub(super) async fn upload(
         &self,
         storage: crate::store::JobStorage,
         outcome: Outcome,
@@ -276,8 +276,14 @@ impl Job<'_> {
         }
     }
 
-    /// The job's commands, bounded by its deadline and stopped by its control.
-    async fn run_commands(&self, container: &JobContainer, run: &mut Run<'_>) -> Outcome {
+    /// The job's commands, bounded by its deadline and stopped by its control; an adopted
+    /// job's from where they were (`resuming`, see `adopt.rs`).
+    pub(super) async fn run_commands(
+        &self,
+        container: &JobContainer,
+        run: &mut Run<'_>,
+        resuming: Option<Resuming>,
+    ) -> Outcome {
         let job_settings = &self.executor.settings.job;
         let grace = Duration::from_secs(job_settings.stop_grace_seconds.min(MAX_SECONDS_CEILING));
         let ctx = Context {
@@ -289,7 +295,7 @@ impl Job<'_> {
             memory: &self.plan.memory_text,
         };
         match &self.plan.pipeline {
-            Pipeline::Yaml(p) => run_steps(&ctx, p, run).await,
+            Pipeline::Yaml(p) => run_steps(&ctx, p, run, resuming).await,
             Pipeline::Gryt { .. } => {
                 run_gryt(&ctx, gryt_command(&job_settings.gryt_command), run).await
             }
@@ -466,7 +472,6 @@ impl Job<'_> {
             warm,
             network,
             workspace: workspace.path().to_owned(),
-            started_at: rfc3339(self.started_at),
             started_unix_ms: (self.started_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
             deadline_unix_ms: unix_ms_of(self.deadline),
             preface: Vec::new(),
@@ -477,7 +482,7 @@ impl Job<'_> {
     }
 
     /// The labels of every container of the job (its services' too).
-    fn labels(&self) -> std::collections::HashMap<String, String> {
+    pub(super) fn labels(&self) -> std::collections::HashMap<String, String> {
         let settings = &self.executor.settings;
         let job_id = self.job.job_id.to_string();
         job_labels(&settings.agent_id, &job_id, &settings.extra_labels)

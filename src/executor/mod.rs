@@ -12,6 +12,8 @@ pub mod limits;
 pub use crate::config::pool;
 
 #[cfg(feature = "runtime")]
+mod adopt;
+#[cfg(feature = "runtime")]
 mod cleanup;
 #[cfg(feature = "runtime")]
 pub mod command;

@@ -116,6 +116,39 @@ impl JobNetwork {
         })
     }
 
+    /// Takes over the network `name` an earlier agent process made for a job it ran (see
+    /// `executor::adopt`); removed like a new one.
+    pub async fn adopt(docker: &Docker, name: &str) -> Result<Self, NetworkError> {
+        let inspected = docker
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+            .map_err(|source| NetworkError::Docker {
+                action: format!("cannot find the job network {name}"),
+                source,
+            })?;
+        let subnet = inspected
+            .ipam
+            .and_then(|ipam| ipam.config)
+            .and_then(|configs| configs.into_iter().find_map(|c| c.subnet))
+            .and_then(|subnet| subnet.parse().ok());
+        let (Some(id), Some(subnet)) = (inspected.id, subnet) else {
+            return Err(NetworkError::Docker {
+                action: format!("the job network {name} has no id or subnet"),
+                source: bollard::errors::Error::RequestTimeoutError,
+            });
+        };
+        Ok(JobNetwork {
+            docker: docker.clone(),
+            id,
+            name: name.to_owned(),
+            subnet,
+            removed: false,
+        })
+    }
+
     /// The network's id.
     pub fn id(&self) -> &str {
         &self.id

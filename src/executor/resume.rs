@@ -31,8 +31,7 @@ pub struct Resume {
     /// The job's own network, when it has one.
     pub network: Option<String>,
     pub workspace: PathBuf,
-    /// RFC 3339, as the result reports it.
-    pub started_at: String,
+    /// When the job started (the result's `started_at`).
     pub started_unix_ms: u64,
     /// When the job's time limit runs out.
     pub deadline_unix_ms: u64,
@@ -131,7 +130,6 @@ mod tests {
             warm: false,
             network: None,
             workspace: "/w".into(),
-            started_at: String::new(),
             started_unix_ms: 0,
             deadline_unix_ms: 0,
             preface: Vec::new(),

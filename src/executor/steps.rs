@@ -59,13 +59,32 @@ pub(super) fn cancelled(request: StopRequest, exit_code: Option<i64>) -> Outcome
     Outcome::Cancelled { exit_code, reason }
 }
 
+/// Where an adopted job's steps go on (`adopt.rs`): the steps before `index` finished (their
+/// results are in `run.steps`), and step `index` started at `since` as the command with marks
+/// `mark` (its `RunningCommand` set in the container), or, with `since` `None`, is to start now
+/// under that mark.
+pub(super) struct Resuming {
+    pub index: usize,
+    pub mark: MarkId,
+    pub since: Option<Instant>,
+}
+
 pub(super) async fn run_steps(
     ctx: &Context<'_>,
     pipeline: &YamlPipeline,
     run: &mut Run<'_>,
+    mut resuming: Option<Resuming>,
 ) -> Outcome {
     let mut outcome: Option<Outcome> = None;
+    let first = resuming.as_ref().map_or(0, |r| r.index);
     for (index, step) in pipeline.steps.iter().enumerate() {
+        if index < first {
+            // Finished before the agent that ran it went away: its result is kept.
+            if outcome.is_none() {
+                outcome = run.steps.get(index).and_then(|r| ended_the_job(step, r));
+            }
+            continue;
+        }
         // Masked here, where it is made: observers see it before the result does (a name falls
         // back to the script's first line, which may hold a secret).
         let name = run.masker.mask_str(&step.display_name(index));
@@ -81,7 +100,22 @@ pub(super) async fn run_steps(
         }
         run.observer
             .event(JobEvent::StepStarted { index, name: &name });
-        let step_clock = Instant::now();
+        let (mark, step_clock) = match resuming.take() {
+            Some(Resuming {
+                mark,
+                since: Some(since),
+                ..
+            }) => (mark, since),
+            Some(Resuming { mark, .. }) => {
+                run.command_starting(&mark).await;
+                (mark, Instant::now())
+            }
+            None => {
+                let mark = MarkId::random();
+                run.command_starting(&mark).await;
+                (mark, Instant::now())
+            }
+        };
         let step_deadline = match step.timeout_seconds {
             // The plan refused a step timeout above the job maximum; clamped again here so
             // the clock never overflows whatever reaches it.
@@ -90,8 +124,6 @@ pub(super) async fn run_steps(
                 .min(step_clock + Duration::from_secs(t.min(super::limits::MAX_SECONDS_CEILING))),
             None => ctx.deadline,
         };
-        let mark = MarkId::random();
-        run.command_starting(&mark).await;
         let end = run_command(
             ctx.container,
             step_command(step),
@@ -124,6 +156,34 @@ pub(super) async fn run_steps(
         exit_code: 0,
         error: None,
     })
+}
+
+/// How a step that finished before an agent restart ended the job, if it did (as `judge_step`
+/// decided then).
+fn ended_the_job(step: &Step, result: &StepResult) -> Option<Outcome> {
+    let error = result.error.clone();
+    match result.status {
+        StepStatus::Success | StepStatus::Skipped => None,
+        StepStatus::Failed if step.continue_on_error => None,
+        StepStatus::Failed => Some(Outcome::Finished {
+            success: false,
+            exit_code: result.exit_code.unwrap_or(-1),
+            error,
+        }),
+        StepStatus::Timeout => {
+            let job = error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("job timed out"));
+            (job || !step.continue_on_error).then(|| Outcome::TimedOut {
+                exit_code: result.exit_code,
+                error: error.unwrap_or_default(),
+            })
+        }
+        StepStatus::Cancelled => Some(Outcome::Cancelled {
+            exit_code: result.exit_code,
+            reason: error.unwrap_or_default(),
+        }),
+    }
 }
 
 /// Records how one step ended in its result; returns the job's outcome when the step ends the
@@ -193,7 +253,7 @@ async fn judge_step(
 }
 
 /// The command of a YAML step: its script under `sh -c`, with the step's own variables.
-fn step_command(step: &Step) -> JobCommand {
+pub(super) fn step_command(step: &Step) -> JobCommand {
     JobCommand {
         cmd: vec!["/bin/sh".to_owned(), "-c".to_owned(), step.run.clone()],
         env: step

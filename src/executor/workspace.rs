@@ -30,6 +30,8 @@ pub struct Workspace {
     dir: Option<TempDir>,
     path: PathBuf,
     handed_over: bool,
+    /// Made by an earlier agent process (see [`Workspace::adopt`]): removed by path.
+    adopted: bool,
 }
 
 impl Workspace {
@@ -64,7 +66,20 @@ impl Workspace {
             dir: Some(dir),
             path,
             handed_over,
+            adopted: false,
         })
+    }
+
+    /// Takes over the workspace at `path` an earlier agent process made for a job it ran (see
+    /// `executor::adopt`): removed like a new one, by [`Workspace::remove`] or when dropped.
+    pub fn adopt(path: PathBuf) -> Self {
+        Workspace {
+            dir: None,
+            path,
+            // Only `hand_over` reads it, before the first command; an adopted job is past it.
+            handed_over: true,
+            adopted: true,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -109,11 +124,25 @@ impl Workspace {
     /// What the agent may not delete (a non-root agent, directories the job's user made) is
     /// emptied by the job's user in a short-lived container of `cleaner`, then removed.
     pub async fn remove(mut self, cleaner: Option<&JobUserCleaner<'_>>) -> io::Result<()> {
-        let Some(dir) = self.dir.take() else {
-            return Ok(());
+        let path = match self.dir.take() {
+            Some(dir) => dir.keep(),
+            None if self.adopted => {
+                self.adopted = false;
+                self.path.clone()
+            }
+            None => return Ok(()),
         };
-        let path = dir.keep();
         remove_tree(&path, cleaner).await
+    }
+}
+
+impl Drop for Workspace {
+    /// A new workspace's `TempDir` removes itself; an adopted one is removed here the same way
+    /// (an error path, a panic).
+    fn drop(&mut self) {
+        if self.adopted {
+            let _ = remove_all(&self.path);
+        }
     }
 }
 

@@ -3,10 +3,12 @@
 //!
 //! `worker` leases, `runner` carries one job through start/run/complete, `heartbeat` keeps its
 //! lease, `logs` and `streamer` buffer and send its output, `delivery` sends its result (also
-//! one an earlier run left), `spool` keeps results across restarts. Admission and the run itself
+//! one an earlier run left), `spool` keeps results across restarts, `adopt` carries on the jobs
+//! an earlier agent process left running. Admission and the run itself
 //! are shared with push mode (`crate::state::admit`, `crate::state::run`).
 //! Nothing here speaks HTTP directly: that is `crate::api`.
 
+pub mod adopt;
 pub mod delivery;
 pub mod heartbeat;
 pub mod logs;
@@ -145,8 +147,10 @@ pub struct PullEnd {
 
 /// Runs pull mode until shutdown begins or an ephemeral limit is reached; returns once every
 /// job it took has been reported (or given up on by a second signal).
-pub async fn run(ctx: Arc<Ctx>, options: AgentOptions) -> PullEnd {
+pub async fn run(ctx: Arc<Ctx>, options: AgentOptions, claimed: Vec<adopt::Claimed>) -> PullEnd {
     let mut tasks: JoinSet<JobEnd> = JoinSet::new();
+    // Claimed before the first sweep (`adopt::claim`): carried on or given up beside the leases.
+    adopt::spawn_all(&ctx, claimed, &mut tasks);
     // Read before the first lease: a job of this run writes its log, then its entry, into the
     // same directory, and must be neither taken for an orphan nor replayed beside its own
     // delivery. Jobs an earlier run left unfinished become `error` completions here.

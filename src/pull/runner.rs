@@ -26,7 +26,9 @@ use super::spool::{LeaseRecord, SpoolEntry};
 use super::streamer::{StreamEnd, Streamer};
 use super::{AwaitingSlot, Ctx};
 use crate::api::StartOutcome;
-use crate::executor::{Cleanup, JobControl, JobEvent, JobObserver, OutputStream};
+use futures_util::future::BoxFuture;
+
+use crate::executor::{Cleanup, JobControl, JobEvent, JobObserver, OutputStream, Resume};
 use crate::metrics::Mode;
 use crate::state::admit::{Refusal, SlotWait};
 use crate::state::run::{Output, Ran, run, settle};
@@ -82,23 +84,52 @@ pub async fn run_job(
     let record = LeaseRecord {
         job_id,
         lease_id: lease.lease_id.clone(),
+        job: Some(lease.job.clone()),
+        resume: None,
     };
     if let Err(e) = ctx.spool.write_lease_async(&name, &record).await {
         tracing::warn!(job_id, error = %e, "cannot record the lease: a crash now would leave the job to expire");
     }
+    let leased = Carried {
+        lease: &lease,
+        renewed: received,
+        ttl,
+        name: &name,
+        record,
+    };
+    carry(ctx, leased, &watch, None).await
+}
 
+/// A started job's lease, when it was last renewed, its spool name and its lease record.
+pub(super) struct Carried<'a> {
+    pub lease: &'a Lease,
+    pub renewed: Instant,
+    pub ttl: Duration,
+    pub name: &'a str,
+    pub record: LeaseRecord,
+}
+
+/// A started job from its first heartbeat to its cleanup; with `resume`, one an earlier agent
+/// process started, carried on from where it was (`pull::adopt`).
+pub(super) async fn carry(
+    ctx: Arc<Ctx>,
+    carried: Carried<'_>,
+    watch: &Watch,
+    resume: Option<&Resume>,
+) -> JobEnd {
+    let lease = carried.lease;
     let stop_heartbeat = CancellationToken::new();
     let heartbeat = AbortOnDropHandle::new(tokio::spawn(keep_alive(
         ctx.clone(),
-        job_id,
+        lease.job.job_id,
         lease.lease_id.clone(),
-        ttl,
-        received,
+        carried.ttl,
+        carried.renewed,
         watch.control.clone(),
         watch.lost.clone(),
         stop_heartbeat.clone(),
     )));
-    let cleanup = run_and_report(&ctx, &lease, &name, &watch).await;
+    let cleanup = run_and_report(&ctx, &carried, watch, resume).await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     // The result is out: the job's leftovers go now, and its slot and registration (dropped on
@@ -166,7 +197,13 @@ async fn start(ctx: &Ctx, job_id: i64, lease_id: &str, deadline: Instant) -> boo
 /// Runs the job with its log streaming, spools the result the moment the job ends (before the
 /// rest of the log is delivered), then delivers log and result. Returns the job's cleanup, not
 /// started yet.
-async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch) -> Cleanup {
+async fn run_and_report(
+    ctx: &Arc<Ctx>,
+    carried: &Carried<'_>,
+    watch: &Watch,
+    resume: Option<&Resume>,
+) -> Cleanup {
+    let (lease, name) = (carried.lease, carried.name);
     let job_id = lease.job.job_id;
     let (lost, give_up, control) = (&watch.lost, &watch.give_up, &watch.control);
     let log_path = ctx.spool.log_path(name);
@@ -176,7 +213,8 @@ async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch
             Ok(log) => {
                 let log = Arc::new(log);
                 let done = CancellationToken::new();
-                let streamer = stream(ctx, lease, &log, &done, lost, control, give_up);
+                let adopted = resume.is_some();
+                let streamer = stream(ctx, lease, &log, &done, lost, control, give_up, adopted);
                 // A full disk cuts the log: the job is stopped then, and ends with `error`.
                 let cut = log.cut_signal();
                 let stopper = control.clone();
@@ -185,8 +223,14 @@ async fn run_and_report(ctx: &Arc<Ctx>, lease: &Lease, name: &str, watch: &Watch
                     // Graceful: an abort would also stop the delivery of what was kept.
                     stopper.cancel("the job's log could not be written (disk full)");
                 }));
-                let output = LogOutput { log: &log, watch };
-                let ran = run(&ctx.state, Mode::Pull, &lease.job, control, &output).await;
+                let output = LogOutput {
+                    log: &log,
+                    watch,
+                    ctx,
+                    name,
+                    record: &carried.record,
+                };
+                let ran = run(&ctx.state, Mode::Pull, &lease.job, resume, control, &output).await;
                 (ran, Some(log), Some((streamer, done)))
             }
             Err(e) => {
@@ -249,10 +293,14 @@ async fn send_then_clean(send: impl Future<Output = ()>, cleanup: &mut Cleanup, 
     }
 }
 
-/// A pulled job's output: its buffered log, which the streamer sends as it grows.
+/// A pulled job's output: its buffered log, which the streamer sends as it grows; and its
+/// progress, kept in its lease record for an agent restarted under it.
 struct LogOutput<'a> {
     log: &'a LogFile,
     watch: &'a Watch,
+    ctx: &'a Ctx,
+    name: &'a str,
+    record: &'a LeaseRecord,
 }
 
 impl JobObserver for LogOutput<'_> {
@@ -262,6 +310,17 @@ impl JobObserver for LogOutput<'_> {
 
     fn event(&self, event: JobEvent<'_>) {
         self.log.event(event);
+    }
+
+    fn progress<'b>(&'b self, resume: &'b Resume) -> BoxFuture<'b, ()> {
+        Box::pin(async move {
+            let mut record = self.record.clone();
+            record.resume = Some(resume.clone());
+            let written = self.ctx.spool.write_lease_async(self.name, &record).await;
+            if let Err(e) = written {
+                tracing::warn!(job_id = record.job_id, error = %e, "cannot record the job's progress: an agent restarted now could not carry it on");
+            }
+        })
     }
 }
 
@@ -280,7 +339,9 @@ impl Output for LogOutput<'_> {
     }
 }
 
-/// Streams `log` while the job runs; a logs call that says the lease is gone kills the job.
+/// Streams `log` while the job runs; a logs call that says the lease is gone kills the job. An
+/// `adopted` job's log is made again from its start: the server's `committed` is asked first.
+#[allow(clippy::too_many_arguments)]
 fn stream(
     ctx: &Arc<Ctx>,
     lease: &Lease,
@@ -289,10 +350,11 @@ fn stream(
     lost: &CancellationToken,
     control: &JobControl,
     give_up: &CancellationToken,
+    adopted: bool,
 ) -> AbortOnDropHandle<StreamEnd> {
     let job_id = lease.job.job_id;
-    let stream = Streamer::new(ctx.clone(), job_id, lease.lease_id.clone(), log.clone())
-        .run(done.clone(), give_up.clone());
+    let streamer = Streamer::new(ctx.clone(), job_id, lease.lease_id.clone(), log.clone());
+    let stream = streamer.run_from_server(done.clone(), give_up.clone(), adopted);
     let (lost, abort) = (lost.clone(), control.clone());
     AbortOnDropHandle::new(tokio::spawn(async move {
         let end = stream.await;

@@ -13,19 +13,34 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::JobResult;
+use crate::executor::Resume;
 use crate::wire::pull::CompleteRequest;
+use crate::wire::{JobResult, JobSpec};
 
 /// Size of the room kept free in the spool (`.reserve`): deleted when a job's log fills the
 /// disk, so that job's result (whose stdout and stderr tails are at most
 /// `job.output_cap_bytes` each) can still be written.
 pub const RESERVE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// What the spool keeps of a running job's lease, for a restart to report it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the spool keeps of a running job's lease, for a restart to report it or, with the job
+/// and its progress, to carry it on (`pull::adopt`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseRecord {
     pub job_id: i64,
     pub lease_id: String,
+    /// The job as leased (its secrets included: the file is 0600 in the 0700 state dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSpec>,
+    /// What a restarted agent needs to carry the job on, once its container started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+impl LeaseRecord {
+    /// The job and its progress, when a restarted agent may carry it on.
+    pub fn adoptable(&self) -> Option<(&JobSpec, &Resume)> {
+        Some((self.job.as_ref()?, self.resume.as_ref()?))
+    }
 }
 
 /// The error a job left unfinished by an earlier run is completed with.
@@ -124,39 +139,66 @@ impl Spool {
     }
 
     /// Turns every lease record without an entry (a job an earlier run did not finish) into an
-    /// entry completing it with `error` ([`INTERRUPTED`]), with its buffered log if any.
+    /// entry completing it with `error` ([`INTERRUPTED`]), with its buffered log if any. Records
+    /// a restarted agent may carry on ([`LeaseRecord::adoptable`]) are left to `pull::adopt`.
     pub fn recover_interrupted(&self) {
-        for (name, path) in self.files_with("lease") {
-            if self.entry_path(&name).exists() {
+        for (name, record) in self.unfinished() {
+            if record.adoptable().is_some() {
                 continue;
             }
-            let record = match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "unreadable lease record removed");
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
-            };
-            let log = std::fs::metadata(self.log_path(&name)).ok();
             tracing::warn!(
                 job_id = record.job_id,
                 "a job of an earlier run was not finished: completing it with `error`"
             );
-            let entry = SpoolEntry {
-                job_id: record.job_id,
-                log_file: log.as_ref().map(|_| format!("{name}.log")),
-                request: CompleteRequest {
-                    lease_id: record.lease_id,
-                    log_bytes: log.map(|m| m.len()).unwrap_or(0),
-                    result: JobResult::agent_error(record.job_id, INTERRUPTED.to_owned()),
-                },
-            };
-            if let Err(e) = self.write(&name, &entry) {
+            self.write_interrupted(&name, &record, INTERRUPTED);
+        }
+    }
+
+    /// The lease records without an entry: jobs an earlier run did not finish. An unreadable
+    /// record is removed (and logged).
+    pub fn unfinished(&self) -> Vec<(String, LeaseRecord)> {
+        let mut records = Vec::new();
+        for (name, path) in self.files_with("lease") {
+            if self.entry_path(&name).exists() {
+                continue;
+            }
+            let read = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).map_err(|e| e.to_string()));
+            match read {
+                Ok(record) => records.push((name, record)),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable lease record removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        records
+    }
+
+    /// Writes the entry completing the unfinished job of `record` with `error` (`message`),
+    /// with its buffered log if any; the entry, or `None` when it could not be written.
+    pub fn write_interrupted(
+        &self,
+        name: &str,
+        record: &LeaseRecord,
+        message: &str,
+    ) -> Option<SpoolEntry> {
+        let log = std::fs::metadata(self.log_path(name)).ok();
+        let entry = SpoolEntry {
+            job_id: record.job_id,
+            log_file: log.as_ref().map(|_| format!("{name}.log")),
+            request: CompleteRequest {
+                lease_id: record.lease_id.clone(),
+                log_bytes: log.map(|m| m.len()).unwrap_or(0),
+                result: JobResult::agent_error(record.job_id, message.to_owned()),
+            },
+        };
+        match self.write(name, &entry) {
+            Ok(()) => Some(entry),
+            Err(e) => {
                 tracing::error!(job_id = record.job_id, error = %e, "cannot spool the interrupted job's result");
+                None
             }
         }
     }
@@ -375,6 +417,8 @@ mod tests {
         let record = LeaseRecord {
             job_id: 3,
             lease_id: "L3".into(),
+            job: None,
+            resume: None,
         };
         spool.write_lease(&name, &record).unwrap();
         std::fs::write(spool.log_path(&name), "partial").unwrap();
@@ -407,6 +451,8 @@ mod tests {
         let record = LeaseRecord {
             job_id: 4,
             lease_id: "L4".into(),
+            job: None,
+            resume: None,
         };
         spool.write_lease(&name, &record).unwrap();
         std::fs::write(spool.log_path(&name), "before the panic").unwrap();

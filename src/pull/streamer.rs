@@ -83,6 +83,48 @@ impl Streamer {
         }
     }
 
+    /// [`Streamer::run`]; for a job carried on after a restart (`from_server`), whose log is
+    /// made again from its start, the server is first asked what it holds, and only what lies
+    /// beyond is sent, as the log grows past it.
+    pub async fn run_from_server(
+        mut self,
+        done: CancellationToken,
+        give_up: CancellationToken,
+        from_server: bool,
+    ) -> StreamEnd {
+        if from_server {
+            let probe = LogChunk {
+                lease_id: self.lease_id.clone(),
+                offset: 0,
+                data: String::new(),
+            };
+            let asked = tokio::select! {
+                _ = give_up.cancelled() => return StreamEnd::Stopped,
+                r = self.ctx.client.logs(self.job_id, &probe) => r,
+            };
+            match asked {
+                Ok(LogsOutcome::Committed(n)) => self.committed = n,
+                Ok(LogsOutcome::Lost(_)) => return StreamEnd::Lost,
+                // Sent from the start then: the server skips what it has.
+                Err(e) => {
+                    tracing::warn!(job_id = self.job_id, error = %e, "cannot ask the API how much of the job's log it holds")
+                }
+            }
+        }
+        let committed = self.committed;
+        let (job_id, log) = (self.job_id, self.log.clone());
+        let end = self.run(done, give_up).await;
+        if from_server && end == StreamEnd::Delivered && log.len() < committed {
+            tracing::error!(
+                job_id,
+                committed,
+                log_bytes = log.len(),
+                "the carried-on job's log, read again, is shorter than what the API held"
+            );
+        }
+        end
+    }
+
     /// Asks the server what it holds (an empty chunk at offset 0) and sends the rest: for a log
     /// left in the spool by an earlier run.
     pub async fn resume(mut self, give_up: CancellationToken) -> StreamEnd {

@@ -79,7 +79,7 @@ async fn run_in_slot(
         result,
         given_back,
         cleanup,
-    } = crate::state::run::run(&state, Mode::Push, &job, &control, &Discard).await;
+    } = crate::state::run::run(&state, Mode::Push, &job, None, &control, &Discard).await;
     if given_back.is_none() {
         callback(&state, &job, &result, presented_key);
     }

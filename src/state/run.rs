@@ -13,7 +13,7 @@ use std::future::Future;
 
 use super::AgentState;
 use super::readiness::give_back;
-use crate::executor::{Cleanup, JobControl, JobObserver};
+use crate::executor::{Cleanup, JobControl, JobObserver, Resume};
 use crate::metrics::{CountingObserver, Mode};
 use crate::wire::{JobResult, JobSpec, JobStatus};
 
@@ -47,11 +47,13 @@ pub trait Output: JobObserver {
 impl Output for crate::executor::Discard {}
 
 /// Runs `job` with `output` and settles its result (see [`settle`]); its cleanup waits in
-/// [`Ran::cleanup`].
+/// [`Ran::cleanup`]. With `resume`, the job is one an earlier agent process started, carried
+/// on from where it was (`Executor::adopt_then_clean`).
 pub async fn run(
     state: &AgentState,
     mode: Mode,
     job: &JobSpec,
+    resume: Option<&Resume>,
     control: &JobControl,
     output: &impl Output,
 ) -> Ran {
@@ -60,7 +62,15 @@ pub async fn run(
         inner: output,
         metrics: &state.metrics,
     };
-    let (result, cleanup) = state.executor.run_then_clean(job, &observer, control).await;
+    let executor = &state.executor;
+    let (result, cleanup) = match resume {
+        None => executor.run_then_clean(job, &observer, control).await,
+        Some(resume) => {
+            executor
+                .adopt_then_clean(job, resume, &observer, control)
+                .await
+        }
+    };
     let result = output.finish(result).await;
     let settled = settle(state, mode, result, output.answered()).await;
     Ran { cleanup, ..settled }

@@ -96,6 +96,27 @@ impl JobStorage {
         Ok(storage)
     }
 
+    /// The storage of a job an earlier agent process started and this one carries on (see
+    /// `executor::adopt`): its artifacts are uploaded as usual; its caches are not saved, as
+    /// the keys fixed before its steps ran are not known any more.
+    pub fn adopted(
+        store: Option<&Store>,
+        job: &JobSpec,
+        wanted: spec::Wanted,
+    ) -> Result<Self, String> {
+        let spec::Wanted { artifacts, .. } = wanted;
+        if let Some(a) = &artifacts {
+            spec::check_artifacts(a).map_err(|(f, m)| format!("invalid {f}: {m}"))?;
+        }
+        Ok(JobStorage {
+            store: store.cloned(),
+            job_id: job.job_id,
+            artifacts,
+            caches: Vec::new(),
+            write_scope: cache_scopes(job).write,
+        })
+    }
+
     /// Uploads the artifacts `when` asks for and saves the caches (after a success, when the
     /// job may write them and the key was new). An artifact that cannot be uploaded is an
     /// error naming it; a cache that cannot be saved is only said in the log.

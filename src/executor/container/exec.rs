@@ -49,6 +49,9 @@ pub(super) enum CommandHandle {
     /// The main process: a `wait` request opened right after the start answers with its exit
     /// code, or fails when the engine goes away under the job.
     Main(Option<AbortOnDropHandle<Result<Option<i64>, DockerError>>>),
+    /// An exec that ended while no agent ran and that Docker no longer knows: its exit code is
+    /// the one its end mark carries, if it wrote one.
+    Gone { end: Arc<EndSeen> },
 }
 
 /// `cmd` under a shell that sends its output to the main process's streams, writes `id`'s
@@ -116,7 +119,7 @@ async fn chore(
 
 /// Waits until the exec ended; then, unless its own end marks are read soon after, writes them
 /// for it, so that its output ends (the output of a process killed mid-line included).
-async fn close_when_dead(
+pub(super) async fn close_when_dead(
     docker: Docker,
     container: String,
     exec_id: String,
@@ -144,12 +147,18 @@ async fn close_when_dead(
     if end.is_complete() {
         return;
     }
+    write_end_marks(&docker, &container, &id).await;
+}
+
+/// Writes `id`'s end marks (without a status) into the container's streams, for a command that
+/// ended without writing them.
+pub(super) async fn write_end_marks(docker: &Docker, container: &str, id: &MarkId) {
     let script = format!(
         "{} >/proc/1/fd/1; {} >/proc/1/fd/2",
-        marks::printf(&id, Kind::Plain),
-        marks::printf(&id, Kind::Plain)
+        marks::printf(id, Kind::Plain),
+        marks::printf(id, Kind::Plain)
     );
-    let written = tokio::time::timeout(SIGNAL_TIMEOUT, chore(&docker, &container, script)).await;
+    let written = tokio::time::timeout(SIGNAL_TIMEOUT, chore(docker, container, script)).await;
     if !matches!(written, Ok(Ok(Some(0)))) {
         tracing::debug!(container = %container, "cannot write a killed command's end marks; its output ends with the container");
     }
@@ -273,6 +282,7 @@ impl JobContainer {
                 Some(waiting) => waiting.await.unwrap_or(Ok(None)),
                 None => Ok(None),
             },
+            CommandHandle::Gone { end } => Ok(end.status()),
         }
     }
 

@@ -14,6 +14,7 @@
 //! and the hardened container spec; `exec.rs` the commands run in it; `events.rs` kills, OOM
 //! notices, exits and removal; `oneshot.rs` the agent's short-lived chore containers.
 
+mod adopt;
 mod events;
 mod exec;
 mod log;
@@ -29,6 +30,7 @@ use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::CreateContainerOptionsBuilder;
 use tokio_util::task::AbortOnDropHandle;
 
+pub use adopt::{AdoptError, Resumed};
 use events::{ExecDeaths, wait_for_exit, watch_events};
 pub(crate) use events::{remove_container, try_remove};
 use exec::CommandHandle;

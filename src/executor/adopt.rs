@@ -1,0 +1,353 @@
+//! Carrying on a job an earlier agent process started and left running (see `resume.rs`): its
+//! container, network and workspace taken over, its output read again from the container's log
+//! (so the job's log and result are what they would have been), then its commands followed or
+//! run on from where they were, and the job ended as any other: artifacts, result, cleanup.
+//!
+//! It never starts a command twice: a command whose start mark is in the container's log is
+//! followed to its end (or, ended while no agent ran, read back with the exit status its end
+//! mark carries), never run again.
+
+use std::time::Duration;
+
+use bollard::Docker;
+use futures_util::StreamExt;
+use secrecy::ExposeSecret;
+use time::OffsetDateTime;
+
+use super::cleanup::{Cleaner, Leftovers, Made};
+use super::container::{JobContainer, MarkId, OutputStream, Resumed, remove_container};
+use super::control::JobControl;
+use super::job::{Job, result};
+use super::network::{self, JobNetwork};
+use super::output::Run;
+use super::plan::{job_timeout, plan};
+use super::resume::{Resume, instant_of};
+use super::services::Services;
+use super::steps::{Outcome, Resuming, single_command, step_command};
+use super::workspace::Workspace;
+use super::{Executor, JobObserver};
+use crate::pipeline::Pipeline;
+use crate::secrets::mask::Masker;
+use crate::wire::{JobResult, JobSpec};
+
+/// How long the output of a step that finished before the restart may take to be read again.
+const REPLAY_LIMIT: Duration = Duration::from_secs(120);
+
+/// Carries on `job` from `resume`; returns its result with what it left for the cleanup.
+pub(super) async fn adopt(
+    executor: &Executor,
+    job: &JobSpec,
+    resume: &Resume,
+    observer: &dyn JobObserver,
+    control: &JobControl,
+) -> (JobResult, Option<Leftovers>) {
+    let started_at =
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(resume.started_unix_ms) * 1_000_000)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+    let clock = instant_of(resume.started_unix_ms);
+    let agent_secrets = executor.settings.agent_secrets.iter();
+    let masker = Masker::new(agent_secrets.map(|s| s.expose_secret()));
+    let mut run = Run::new(observer, masker, executor.settings.job.output_cap_bytes);
+    let (outcome, leftovers) = match job_timeout(&executor.settings, job) {
+        Ok(timeout) => {
+            let deadline = instant_of(resume.deadline_unix_ms);
+            carry_on(
+                executor,
+                job,
+                resume,
+                &mut run,
+                control,
+                (started_at, deadline, timeout),
+            )
+            .await
+        }
+        Err(message) => {
+            give_up_parts(executor, resume).await;
+            (Outcome::Error(message), None)
+        }
+    };
+    run.flush_masks();
+    (result(job, run, outcome, started_at, clock), leftovers)
+}
+
+async fn carry_on(
+    executor: &Executor,
+    job: &JobSpec,
+    resume: &Resume,
+    run: &mut Run<'_>,
+    control: &JobControl,
+    (started_at, deadline, timeout): (OffsetDateTime, tokio::time::Instant, Duration),
+) -> (Outcome, Option<Leftovers>) {
+    let docker = match executor.docker().await {
+        Ok(docker) => docker,
+        // The sweep removes what is left once the engine answers.
+        Err(e) => return (Outcome::Error(e.to_string()), None),
+    };
+    let plan = match plan(executor, job) {
+        Ok(plan) if plan.services.is_empty() => plan,
+        Ok(_) => {
+            give_up_parts(executor, resume).await;
+            let message = "a job with services is not carried on across an agent restart";
+            return (Outcome::Error(message.into()), None);
+        }
+        Err(message) => {
+            give_up_parts(executor, resume).await;
+            return (Outcome::Error(message), None);
+        }
+    };
+    run.set_masker(plan.masker.clone());
+    if let Pipeline::Gryt { .. } = plan.pipeline {
+        run.follow_gryt_report();
+    }
+    let settings = &executor.settings;
+    let ctx = Job {
+        executor,
+        started_at,
+        job,
+        plan: &plan,
+        docker: &docker,
+        control,
+        deadline,
+        timeout,
+    };
+    let image_holds = vec![settings.image_use.begin(&plan.image)];
+    let workspace = Workspace::adopt(resume.workspace.clone());
+    let mut made = Made {
+        container: None,
+        services: Services::new(Vec::new()),
+        network: None,
+        warm: None,
+        starting: None,
+    };
+    let outcome = take_over(&ctx, resume, &mut made, run).await;
+    let outcome = match outcome {
+        Ok(container) => {
+            let outcome = replay_and_run(&ctx, container, resume, run).await;
+            upload(&ctx, job, outcome, &workspace, run).await
+        }
+        Err(early) => early,
+    };
+    let cleaner = Cleaner {
+        docker: docker.clone(),
+        image: plan.image.clone(),
+        user: plan.user,
+        agent_id: settings.agent_id.clone(),
+        job_id: job.job_id.to_string(),
+        extra_labels: settings.extra_labels.clone(),
+    };
+    let leftovers = Leftovers {
+        made,
+        workspace,
+        cleaner,
+        image_holds,
+    };
+    (outcome, Some(leftovers))
+}
+
+/// Takes over the job's network and container into `made`; the container, ready to go on.
+async fn take_over<'m>(
+    ctx: &Job<'_>,
+    resume: &Resume,
+    made: &'m mut Made,
+    run: &mut Run<'_>,
+) -> Result<&'m JobContainer, Outcome> {
+    let docker = ctx.docker;
+    if let Some(name) = &resume.network {
+        match JobNetwork::adopt(docker, name).await {
+            Ok(network) => made.network = Some(network),
+            Err(e) => {
+                remove_container(docker, &resume.container).await;
+                return Err(Outcome::Error(format!("cannot carry the job on: {e}")));
+            }
+        }
+    }
+    let main_command = match (&ctx.plan.pipeline, resume.single) {
+        (pipeline, true) => {
+            let gryt = &ctx.executor.settings.job.gryt_command;
+            Some(single_command(pipeline, gryt).ok_or_else(|| {
+                Outcome::Error(
+                    "cannot carry the job on: its record does not fit its pipeline".into(),
+                )
+            })?)
+        }
+        (_, false) => None,
+    };
+    let adopted = JobContainer::adopt(docker, &resume.container, &resume.head, main_command).await;
+    let mut container = match adopted {
+        Ok(container) => container,
+        Err(e) => {
+            remove_container(docker, &resume.container).await;
+            return Err(Outcome::Error(format!("cannot carry the job on: {e}")));
+        }
+    };
+    if resume.warm {
+        container.set_exec_env(ctx.plan.env.clone());
+    }
+    // The job's log as it was: the agent's own lines, then the container's output.
+    for line in &resume.preface {
+        let stream = if line.stderr {
+            OutputStream::Stderr
+        } else {
+            OutputStream::Stdout
+        };
+        run.output(stream, line.text.as_bytes());
+    }
+    run.progress = Some(resume.clone());
+    Ok(&*made.container.insert(container))
+}
+
+/// Reads the finished steps' output again, then goes on with the step that ran (followed, or
+/// started now if it never did) and the rest.
+async fn replay_and_run(
+    ctx: &Job<'_>,
+    container: &JobContainer,
+    resume: &Resume,
+    run: &mut Run<'_>,
+) -> Outcome {
+    let steps = match &ctx.plan.pipeline {
+        Pipeline::Yaml(p) if !resume.single => p,
+        // The main process's output is read from its start: nothing to replay apart.
+        Pipeline::Yaml(_) => {
+            let since = instant_of(
+                resume
+                    .running_since_unix_ms
+                    .unwrap_or(resume.started_unix_ms),
+            );
+            let resuming = Resuming {
+                index: 0,
+                mark: MarkId::random(),
+                since: Some(since),
+            };
+            return ctx.run_commands(container, run, Some(resuming)).await;
+        }
+        Pipeline::Gryt { .. } => return ctx.run_commands(container, run, None).await,
+    };
+    let finished = resume.steps.len().min(steps.steps.len());
+    for mark in resume.commands.iter().take(finished) {
+        if let Err(message) = replay(container, mark, run).await {
+            return Outcome::Error(message);
+        }
+    }
+    run.steps = resume.steps[..finished].to_vec();
+    let resuming = match resume.running() {
+        Some(mark) if finished < steps.steps.len() => match container.resume(mark).await {
+            Ok(Resumed::Command(running)) => {
+                container.set_started(step_command(&steps.steps[finished]), running);
+                let since = resume
+                    .running_since_unix_ms
+                    .unwrap_or(resume.started_unix_ms);
+                Resuming {
+                    index: finished,
+                    mark: mark.clone(),
+                    since: Some(instant_of(since)),
+                }
+            }
+            Ok(Resumed::NotStarted) => {
+                if let Some(progress) = &mut run.progress {
+                    progress.commands.pop();
+                }
+                Resuming {
+                    index: finished,
+                    mark: mark.clone(),
+                    since: None,
+                }
+            }
+            Err(e) => return Outcome::Error(format!("cannot carry the job on: {e}")),
+        },
+        _ => Resuming {
+            index: finished,
+            mark: MarkId::random(),
+            since: None,
+        },
+    };
+    ctx.run_commands(container, run, Some(resuming)).await
+}
+
+/// One finished command's output, read again from the container's log into the job's.
+async fn replay(container: &JobContainer, mark: &MarkId, run: &mut Run<'_>) -> Result<(), String> {
+    let Some(mut output) = container.replay(mark).await else {
+        return Err("cannot carry the job on: its container runs no commands as execs".into());
+    };
+    let read = async {
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(bollard::container::LogOutput::StdOut { message }) => {
+                    run.output(OutputStream::Stdout, &message)
+                }
+                Ok(bollard::container::LogOutput::StdErr { message }) => {
+                    run.output(OutputStream::Stderr, &message)
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("cannot read the job container's log again: {e}")),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(REPLAY_LIMIT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err("the output of a finished step is not whole in the container's log".into())
+        })
+}
+
+/// The job's artifacts after its last command (its caches are not saved: see
+/// `JobStorage::adopted`).
+async fn upload(
+    ctx: &Job<'_>,
+    job: &JobSpec,
+    outcome: Outcome,
+    workspace: &Workspace,
+    run: &mut Run<'_>,
+) -> Outcome {
+    let wanted = ctx.plan.pipeline.storage_wanted(job);
+    let store = ctx.executor.settings.store.as_ref();
+    match crate::store::JobStorage::adopted(store, job, wanted) {
+        Ok(storage) => ctx.upload(storage, outcome, workspace, run).await,
+        Err(message) => Outcome::Error(message),
+    }
+}
+
+/// Whether the job's container is still there to carry on (running, unless it ran the job's
+/// one command); else why not.
+pub(super) async fn check_container(executor: &Executor, resume: &Resume) -> Result<(), String> {
+    let docker = executor.docker().await.map_err(|e| e.to_string())?;
+    match docker.inspect_container(&resume.container, None).await {
+        Ok(inspect) => {
+            let running = inspect.state.and_then(|s| s.running) == Some(true);
+            if running || resume.single {
+                Ok(())
+            } else {
+                Err("its container stopped".into())
+            }
+        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Err("its container is gone".into()),
+        Err(e) => Err(format!("cannot inspect its container: {e}")),
+    }
+}
+
+/// Removes what a job of an earlier agent process left (container, network, workspace) when it
+/// is not carried on.
+pub(super) async fn give_up_parts(executor: &Executor, resume: &Resume) {
+    let Ok(docker) = executor.docker().await else {
+        // The sweep removes them once the engine answers.
+        return;
+    };
+    remove_parts(&docker, resume).await;
+}
+
+async fn remove_parts(docker: &Docker, resume: &Resume) {
+    remove_container(docker, &resume.container).await;
+    if let Some(name) = &resume.network
+        && let Err(e) = network::try_remove(docker, name).await
+    {
+        tracing::warn!(network = %name, error = %e, "cannot remove a job network given up; the sweep will");
+    }
+    if let Err(e) = Workspace::adopt(resume.workspace.clone())
+        .remove(None)
+        .await
+    {
+        tracing::warn!(workspace = %resume.workspace.display(), error = %e, "cannot remove a workspace given up; the sweep will");
+    }
+}
