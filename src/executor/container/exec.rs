@@ -56,9 +56,11 @@ pub(super) enum CommandHandle {
 
 /// `cmd` under a shell that sends its output to the main process's streams, writes `id`'s
 /// start mark, and ends each stream with `id`'s end mark, the stdout one with the exit status.
+/// The shell's own stderr goes nowhere: it would report a command killed by a stop
+/// ("Terminated") into the job's output, which a job run without it never had.
 fn wrap(id: &MarkId, cmd: Vec<String>) -> Vec<String> {
     let script = format!(
-        "exec >/proc/1/fd/1 2>/proc/1/fd/2 </dev/null; {}; \"$@\"; s=$?; {}; {} >&2; exit $s",
+        "exec >/proc/1/fd/1 2>/dev/null </dev/null; {}; \"$@\" 2>/proc/1/fd/2; s=$?; {}; {} >/proc/1/fd/2; exit $s",
         marks::printf(id, Kind::Start),
         marks::printf(id, Kind::Status(0)),
         marks::printf(id, Kind::Plain),

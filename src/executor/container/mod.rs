@@ -58,10 +58,11 @@ fn keepalive(head: &MarkId) -> String {
 /// Runs a single-command job's command under a shell that stays PID 1 and only waits for it,
 /// after writing the head mark: `kill -TERM -1` from a stop request then reaches the command
 /// and everything it started (the kernel spares PID 1), exactly as with an exec, and the exit
-/// status is the command's.
+/// status is the command's. `wait`'s own stderr goes nowhere: it reports a command killed by a
+/// stop ("Terminated"), which is not the job's output.
 fn main_wrapper(head: &MarkId) -> String {
     format!(
-        "{}; \"$@\" & wait $!",
+        "{}; \"$@\" & wait $! 2>/dev/null",
         marks::printf(head, marks::Kind::Plain)
     )
 }
