@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use bollard::Docker;
 use futures_util::StreamExt;
 use secrecy::ExposeSecret;
 use time::OffsetDateTime;
@@ -18,7 +17,7 @@ use super::cleanup::{Cleaner, Leftovers, Made};
 use super::container::{JobContainer, MarkId, OutputStream, Resumed, remove_container};
 use super::control::JobControl;
 use super::job::{Job, result};
-use super::network::{self, JobNetwork};
+use super::network::JobNetwork;
 use super::output::Run;
 use super::plan::{job_timeout, plan};
 use super::resume::{Resume, instant_of};
@@ -61,10 +60,10 @@ pub(super) async fn adopt(
             )
             .await
         }
-        Err(message) => {
-            give_up_parts(executor, resume).await;
-            (Outcome::Error(message), None)
-        }
+        Err(message) => (
+            Outcome::Error(message),
+            leftovers_of(executor, job, resume).await,
+        ),
     };
     run.flush_masks();
     (result(job, run, outcome, started_at, clock), leftovers)
@@ -86,13 +85,13 @@ async fn carry_on(
     let plan = match plan(executor, job) {
         Ok(plan) if plan.services.is_empty() => plan,
         Ok(_) => {
-            give_up_parts(executor, resume).await;
             let message = "a job with services is not carried on across an agent restart";
-            return (Outcome::Error(message.into()), None);
+            let leftovers = leftovers_of(executor, job, resume).await;
+            return (Outcome::Error(message.into()), leftovers);
         }
         Err(message) => {
-            give_up_parts(executor, resume).await;
-            return (Outcome::Error(message), None);
+            let leftovers = leftovers_of(executor, job, resume).await;
+            return (Outcome::Error(message), leftovers);
         }
     };
     run.set_masker(plan.masker.clone());
@@ -327,27 +326,47 @@ pub(super) async fn check_container(executor: &Executor, resume: &Resume) -> Res
     }
 }
 
-/// Removes what a job of an earlier agent process left (container, network, workspace) when it
-/// is not carried on.
-pub(super) async fn give_up_parts(executor: &Executor, resume: &Resume) {
-    let Ok(docker) = executor.docker().await else {
-        // The sweep removes them once the engine answers.
-        return;
+/// What a job of an earlier agent process left (container, network, workspace), for a cleanup
+/// when it is not carried on: removed the way every job's leftovers are (`cleanup.rs`). `None`
+/// without an engine (the sweep removes them once it answers).
+pub(super) async fn leftovers_of(
+    executor: &Executor,
+    job: &JobSpec,
+    resume: &Resume,
+) -> Option<Leftovers> {
+    let docker = executor.docker().await.ok()?;
+    let settings = &executor.settings;
+    let network = match &resume.network {
+        Some(name) => match JobNetwork::adopt(&docker, name).await {
+            Ok(network) => Some(network),
+            Err(e) => {
+                tracing::warn!(network = %name, error = %e, "cannot take over a job network given up; the sweep will remove it");
+                None
+            }
+        },
+        None => None,
     };
-    remove_parts(&docker, resume).await;
-}
-
-async fn remove_parts(docker: &Docker, resume: &Resume) {
-    remove_container(docker, &resume.container).await;
-    if let Some(name) = &resume.network
-        && let Err(e) = network::try_remove(docker, name).await
-    {
-        tracing::warn!(network = %name, error = %e, "cannot remove a job network given up; the sweep will");
-    }
-    if let Err(e) = Workspace::adopt(resume.workspace.clone())
-        .remove(None)
-        .await
-    {
-        tracing::warn!(workspace = %resume.workspace.display(), error = %e, "cannot remove a workspace given up; the sweep will");
-    }
+    let made = Made {
+        container: Some(JobContainer::for_removal(&docker, &resume.container)),
+        services: Services::new(Vec::new()),
+        network,
+        warm: None,
+        starting: None,
+    };
+    // The job's image empties the workspace as the job's user when the agent may not.
+    let image = plan(executor, job).map(|p| p.image);
+    let cleaner = Cleaner {
+        docker: docker.clone(),
+        image: image.unwrap_or_else(|_| settings.docker.image.clone()),
+        user: settings.docker.job_user.ids(),
+        agent_id: settings.agent_id.clone(),
+        job_id: job.job_id.to_string(),
+        extra_labels: settings.extra_labels.clone(),
+    };
+    Some(Leftovers {
+        made,
+        workspace: Workspace::adopt(resume.workspace.clone()),
+        cleaner,
+        image_holds: Vec::new(),
+    })
 }

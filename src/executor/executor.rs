@@ -237,8 +237,11 @@ impl Executor {
 
     /// Removes what a job of an earlier agent process left (container, network, workspace)
     /// when it is not carried on (its lease is gone).
-    pub async fn give_up(&self, resume: &Resume) {
-        adopt::give_up_parts(self, resume).await;
+    pub async fn give_up(&self, job: &JobSpec, resume: &Resume) {
+        if let Some(leftovers) = adopt::leftovers_of(self, job, resume).await {
+            let cleanup = Cleanup::spawn(&self.cleanups, job.job_id, leftovers);
+            cleanup.finish().await;
+        }
     }
 
     /// Waits until no job's cleanup is left: those running and those whose handle has not

@@ -132,8 +132,8 @@ async fn give_up(ctx: &Arc<Ctx>, claimed: &Claimed, why: GiveUp) -> JobEnd {
         GiveUp::LeaseGone(reason) | GiveUp::CannotGoOn(reason) => reason.clone(),
     };
     tracing::warn!(job_id, reason = %reason, "gave up a job of an earlier run");
-    if let Some(resume) = &claimed.record.resume {
-        ctx.state.executor.give_up(resume).await;
+    if let Some((job, resume)) = claimed.record.adoptable() {
+        ctx.state.executor.give_up(job, resume).await;
     }
     match why {
         GiveUp::LeaseGone(_) => {

@@ -122,6 +122,24 @@ impl JobContainer {
         Ok(container)
     }
 
+    /// A handle on the container `id` of a job given up, only to remove it (by
+    /// [`JobContainer::remove`], or when dropped).
+    pub fn for_removal(docker: &Docker, id: &str) -> Self {
+        JobContainer {
+            docker: docker.clone(),
+            id: id.to_owned(),
+            oom: Arc::default(),
+            removed: false,
+            oom_watch: None,
+            main: std::sync::Mutex::new(None),
+            exec_env: Vec::new(),
+            log: None,
+            exec_deaths: ExecDeaths::default(),
+            head: MarkId::random(),
+            single: false,
+        }
+    }
+
     /// The output of a command that finished before the earlier agent process went away,
     /// read again from the log up to its end marks.
     pub async fn replay(&self, mark: &MarkId) -> Option<OutputStreamOf> {
