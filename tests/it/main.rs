@@ -18,6 +18,7 @@ mod crash;
 mod engine_restart;
 mod executor;
 mod gc;
+mod hand_over;
 mod network;
 mod pull;
 mod pull_hostile;
