@@ -11,12 +11,11 @@
 //!
 //! Hand-over (upgrades): SIGUSR2 stops taking jobs as a drain does, but waits for nothing: the
 //! process exits 0 at once and leaves the running jobs' containers, networks and workspaces in
-//! place for the next agent process on the same state dir to adopt (see [`hand_over`]). It may
-//! come at any time, also during a drain; any signal during a hand-over just ends it sooner.
+//! place for the next agent process on the same state dir to adopt (see `hand_over`). It may
+//! come at any time, also during a drain.
 
 pub mod sweep;
 
-use std::convert::Infallible;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +104,7 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     let pull_ended = tokio::select! {
         signal = signals.next() => match signal {
             Signal::Drain => None,
-            Signal::HandOver => match hand_over(&state).await {},
+            Signal::HandOver => hand_over(&state),
         },
         ended = finished(&mut pull_task) => Some(ended),
     };
@@ -163,7 +162,7 @@ async fn finished(
 
 /// Stops taking jobs, waits for running ones up to the shutdown timeout, then cancels what is
 /// left and waits for those to be reported. A further drain signal at any point kills at once;
-/// a hand-over signal leaves the jobs as they are to the next process (see [`hand_over`]).
+/// a hand-over signal leaves the jobs as they are to the next process (see `hand_over`).
 pub async fn drain(state: &Arc<AgentState>, signals: &mut Signals) {
     state.shutdown.begin_drain();
     let timeout = Duration::from_secs(state.settings.shutdown_timeout_seconds);
@@ -172,7 +171,7 @@ pub async fn drain(state: &Arc<AgentState>, signals: &mut Signals) {
         _ = tokio::time::sleep(timeout) => state.jobs.cancel_all("the agent shut down"),
         signal = signals.next() => match signal {
             Signal::Drain => abort_all(state),
-            Signal::HandOver => match hand_over(state).await {},
+            Signal::HandOver => hand_over(state),
         },
     }
     tokio::select! {
@@ -182,7 +181,7 @@ pub async fn drain(state: &Arc<AgentState>, signals: &mut Signals) {
                 abort_all(state);
                 wait_until_idle(state).await;
             }
-            Signal::HandOver => match hand_over(state).await {},
+            Signal::HandOver => hand_over(state),
         },
     }
 }
@@ -202,7 +201,7 @@ pub async fn drain(state: &Arc<AgentState>, signals: &mut Signals) {
 /// runs in (the job container's `Drop` removes it). `exit` runs no destructor. Nothing is lost
 /// by that: the log goes to stderr unbuffered, every record the next process needs is on disk
 /// before the command it is for, and the state dir's lock is released by the kernel.
-async fn hand_over(state: &AgentState) -> Infallible {
+fn hand_over(state: &AgentState) -> ! {
     state.shutdown.begin_hand_over();
     let running = state.jobs.job_ids();
     tracing::info!(
