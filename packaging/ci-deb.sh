@@ -2,7 +2,8 @@
 # CI piece for the .deb: builds it from the dev-profile binary that `cargo test` already built (no
 # second full build), installs it, checks what it installed (user and groups, files, conffiles,
 # the unit with `systemd-analyze verify`, the binary with --version, `check` and a readiness
-# notification, all as the service's user), then purges it and checks what purge removed.
+# notification, all as the service's user), the upgrade path of its maintainer scripts
+# (ci-deb-upgrade.sh), then purges it and checks what purge removed.
 # Run as root on Debian, from .ci/run after `cargo test`:  bash packaging/ci-deb.sh
 # Prints the time of each step. Needs: cargo, dpkg/apt, systemd-analyze, python3, a Docker engine.
 set -euo pipefail
@@ -200,6 +201,12 @@ set -e
 agent_pid=
 cat "$tmp/agent.log"
 expect "agent drains and exits 0 on SIGTERM (exit code $rc)" test "$rc" -eq 0
+
+step "upgrade path"
+# The installed maintainer scripts (debhelper's snippets in them) on an upgrade, with stand-ins
+# for systemd: a running agent is handed over (SIGUSR2, exit 0, start), never drained.
+bash packaging/ci-deb-upgrade.sh /var/lib/dpkg/info/gryt-agent.postinst /usr/bin/gryt-agent \
+  /var/lib/dpkg/info/gryt-agent.prerm
 
 step "purge"
 dpkg --purge gryt-agent

@@ -61,6 +61,15 @@ pub struct Metrics {
     push_queue: Gauge,
     connections: Gauge,
     gc: GcMetrics,
+    adoption: AdoptionCounters,
+}
+
+/// Jobs an agent process carried on from an earlier one, and those it gave up on
+/// (`crate::state::adopted` counts them).
+#[derive(Clone, Debug, Default)]
+pub struct AdoptionCounters {
+    pub adopted: Counter,
+    pub given_up: Counter,
 }
 
 /// The disk collector's metrics (`crate::gc`).
@@ -178,6 +187,17 @@ impl Metrics {
         slots_gauge.set(slots as i64);
         let gc = GcMetrics::default();
         gc.register(&mut registry);
+        let adoption = AdoptionCounters::default();
+        registry.register(
+            "jobs_adopted",
+            "Jobs an earlier agent process left running that this one carried on",
+            adoption.adopted.clone(),
+        );
+        registry.register(
+            "jobs_given_up",
+            "Jobs an earlier agent process left that this one could not carry on",
+            adoption.given_up.clone(),
+        );
         Metrics {
             registry,
             jobs_started,
@@ -193,7 +213,13 @@ impl Metrics {
             push_queue,
             connections,
             gc,
+            adoption,
         }
+    }
+
+    /// The adopted and given-up jobs' counters, for `crate::state::adopted` to count with.
+    pub fn adoption(&self) -> AdoptionCounters {
+        self.adoption.clone()
     }
 
     pub fn job_started(&self, mode: Mode) {
@@ -360,6 +386,20 @@ mod tests {
             assert!(text.contains(line), "{line} missing in {text}");
         }
         assert!(!text.contains("gryt_agent_disk_collection_last_run_timestamp_seconds 0\n"));
+    }
+
+    #[test]
+    fn adopted_and_given_up_jobs_show_in_the_exposition() {
+        let m = Metrics::new(1);
+        let text = m.encode();
+        assert!(text.contains("gryt_agent_jobs_adopted_total 0"), "{text}");
+        assert!(text.contains("gryt_agent_jobs_given_up_total 0"), "{text}");
+        let counters = m.adoption();
+        counters.adopted.inc_by(2);
+        counters.given_up.inc();
+        let text = m.encode();
+        assert!(text.contains("gryt_agent_jobs_adopted_total 2"), "{text}");
+        assert!(text.contains("gryt_agent_jobs_given_up_total 1"), "{text}");
     }
 
     #[test]

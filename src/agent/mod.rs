@@ -8,9 +8,15 @@
 //! up and reported, and the agent exits 0: it waits for the jobs' cleanups, which come after
 //! their results, too. SIGHUP (a closed terminal, or a reload by habit) and
 //! SIGQUIT (Ctrl-\) would otherwise kill the process without cleanup.
+//!
+//! Hand-over (upgrades): SIGUSR2 stops taking jobs as a drain does, but waits for nothing: the
+//! process exits 0 at once and leaves the running jobs' containers, networks and workspaces in
+//! place for the next agent process on the same state dir to adopt (see `hand_over`). It may
+//! come at any time, also during a drain.
 
 pub mod sweep;
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +108,10 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
     let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options, claimed)));
 
     let pull_ended = tokio::select! {
-        _ = signals.next() => None,
+        signal = signals.next() => match signal {
+            Signal::Drain => None,
+            Signal::HandOver => hand_over(&state),
+        },
         ended = finished(&mut pull_task) => Some(ended),
     };
     match &pull_ended {
@@ -158,22 +167,56 @@ async fn finished(
 }
 
 /// Stops taking jobs, waits for running ones up to the shutdown timeout, then cancels what is
-/// left and waits for those to be reported. A further signal at any point kills at once.
+/// left and waits for those to be reported. A further drain signal at any point kills at once;
+/// a hand-over signal leaves the jobs as they are to the next process (see `hand_over`).
 pub async fn drain(state: &Arc<AgentState>, signals: &mut Signals) {
     state.shutdown.begin_drain();
     let timeout = Duration::from_secs(state.settings.shutdown_timeout_seconds);
     tokio::select! {
         _ = wait_until_idle(state) => return,
         _ = tokio::time::sleep(timeout) => state.jobs.cancel_all("the agent shut down"),
-        _ = signals.next() => abort_all(state),
+        signal = signals.next() => match signal {
+            Signal::Drain => abort_all(state),
+            Signal::HandOver => hand_over(state),
+        },
     }
     tokio::select! {
         _ = wait_until_idle(state) => {}
-        _ = signals.next() => {
-            abort_all(state);
-            wait_until_idle(state).await;
-        }
+        signal = signals.next() => match signal {
+            Signal::Drain => {
+                abort_all(state);
+                wait_until_idle(state).await;
+            }
+            Signal::HandOver => hand_over(state),
+        },
     }
+}
+
+/// The hand-over (SIGUSR2): stops taking jobs and ends the process at once with exit code 0,
+/// leaving the running jobs to the next agent process, which adopts them from their containers
+/// and the lease records the spool keeps for them. Results not yet delivered stay in the spool
+/// for it too.
+///
+/// Stopping taking jobs is the drain's first step: no mode asks for work once it began, the
+/// lease long poll in flight is dropped at it (its connection closes with the process), a job
+/// leased meanwhile is not started, and push requests are answered 503. Nothing else is
+/// waited for, so there is nothing a second signal could cut short.
+///
+/// The process ends with [`std::process::exit`], not by returning: returning would drop the
+/// runtime and, with it, every job's task, and their drop guards stop and remove what the job
+/// runs in (the job container's `Drop` removes it). `exit` runs no destructor. Nothing is lost
+/// by that: the log goes to stderr unbuffered, every record the next process needs is on disk
+/// before the command it is for, and the state dir's lock is released by the kernel.
+fn hand_over(state: &AgentState) -> ! {
+    state.shutdown.begin_hand_over();
+    let running = state.jobs.job_ids();
+    tracing::info!(
+        job_ids = ?running,
+        "handing over: exiting and leaving {} running jobs to the next agent process",
+        running.len()
+    );
+    let _ = std::io::stderr().flush();
+    std::process::exit(0)
 }
 
 fn abort_all(state: &AgentState) {
@@ -194,13 +237,24 @@ async fn wait_until_idle(state: &AgentState) {
     }
 }
 
-/// SIGTERM, SIGINT, SIGHUP and SIGQUIT, registered once for the agent's whole life. All four
-/// mean the same: drain (the first), kill the jobs (the next).
+/// What a signal asks the agent to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM, SIGINT, SIGHUP, SIGQUIT: drain (the first), kill the jobs (the next).
+    Drain,
+    /// SIGUSR2: hand the running jobs over to the next agent process and exit.
+    HandOver,
+}
+
+/// SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR2, registered once for the agent's whole life.
+/// The first four mean the same: drain (the first), kill the jobs (the next); SIGUSR2 means a
+/// hand-over.
 pub struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
     hup: Option<tokio::signal::unix::Signal>,
     quit: Option<tokio::signal::unix::Signal>,
+    usr2: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -211,12 +265,13 @@ impl Signals {
             int: signal(SignalKind::interrupt()).ok(),
             hup: signal(SignalKind::hangup()).ok(),
             quit: signal(SignalKind::quit()).ok(),
+            usr2: signal(SignalKind::user_defined2()).ok(),
         }
     }
 
-    /// Resolves on the next SIGTERM, SIGINT, SIGHUP or SIGQUIT; never, if no handler could be
+    /// Resolves on the next of these signals with what it asks; never, if no handler could be
     /// installed (the agent can then only be killed, but never stops spuriously).
-    pub async fn next(&mut self) {
+    pub async fn next(&mut self) -> Signal {
         async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
             match signal {
                 Some(s) => {
@@ -228,10 +283,11 @@ impl Signals {
             }
         }
         tokio::select! {
-            _ = recv(&mut self.term) => {}
-            _ = recv(&mut self.int) => {}
-            _ = recv(&mut self.hup) => {}
-            _ = recv(&mut self.quit) => {}
+            _ = recv(&mut self.term) => Signal::Drain,
+            _ = recv(&mut self.int) => Signal::Drain,
+            _ = recv(&mut self.hup) => Signal::Drain,
+            _ = recv(&mut self.quit) => Signal::Drain,
+            _ = recv(&mut self.usr2) => Signal::HandOver,
         }
     }
 }

@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use super::AgentState;
+use super::adopted::AdoptedReport;
 use super::disk::GcReport;
 use super::status::ApiStatusReport;
 
@@ -20,6 +21,8 @@ pub struct Health {
     pub capacity: usize,
     pub free_slots: usize,
     pub draining: bool,
+    /// Jobs carried on from an earlier agent process: running now, and in all since the start.
+    pub adopted: AdoptedReport,
     /// Push requests waiting for a slot, and how many may (push mode only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push_queue: Option<usize>,
@@ -63,6 +66,7 @@ impl AgentState {
             capacity: self.slots.total(),
             free_slots: self.slots.free(),
             draining: self.shutdown.is_draining(),
+            adopted: self.adopted.report(),
             push_queue: self.push_keys.as_ref().map(|_| self.slots.queued()),
             push_queue_max: self
                 .push_keys

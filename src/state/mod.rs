@@ -3,6 +3,7 @@
 //! push mode share. It imports no mode: `agent`, `pull`, `push`, `server` and `gc` import it.
 
 pub mod admit;
+pub mod adopted;
 pub mod disk;
 pub mod health;
 pub mod identity;
@@ -46,6 +47,8 @@ pub struct AgentState {
     pub slots: Slots,
     pub metrics: Metrics,
     pub jobs: RunningJobs,
+    /// Jobs carried on from an earlier agent process, and those given up on.
+    pub adopted: adopted::Adopted,
     pub api_status: ApiStatus,
     pub shutdown: Shutdown,
     /// Whether a job can run now (cached checks; see [`readiness`]).
@@ -141,6 +144,7 @@ impl AgentState {
         let mut metrics = Metrics::new(settings.concurrency);
         let (warm_ready, warm_jobs) = executor.warm_metrics();
         metrics.register_warm(warm_ready, warm_jobs);
+        let adopted = adopted::Adopted::new(metrics.adoption());
         Ok(Arc::new(AgentState {
             settings,
             modes,
@@ -152,6 +156,7 @@ impl AgentState {
             slots,
             metrics,
             jobs: RunningJobs::default(),
+            adopted,
             api_status: ApiStatus::default(),
             shutdown: Shutdown::default(),
             readiness: readiness::Readiness::default(),

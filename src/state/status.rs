@@ -52,17 +52,31 @@ impl ApiStatus {
     }
 }
 
-/// The agent's shutdown phases: draining (no new jobs) and then stopped (endpoint closes).
+/// The agent's shutdown phases: draining (no new jobs) and then stopped (endpoint closes). A
+/// hand-over (`SIGUSR2`) is a drain that never waits for the jobs: the process exits with them
+/// still running, for the next one to adopt.
 #[derive(Debug, Default, Clone)]
 pub struct Shutdown {
     draining: CancellationToken,
     stopped: CancellationToken,
+    handing_over: CancellationToken,
 }
 
 impl Shutdown {
     /// Stop taking jobs; running jobs go on.
     pub fn begin_drain(&self) {
         self.draining.cancel();
+    }
+
+    /// Stop taking jobs for a hand-over: the drain (every mode stops taking jobs at it), marked
+    /// so that what runs meanwhile can tell it from a drain: the jobs are to be left as they are.
+    pub fn begin_hand_over(&self) {
+        self.handing_over.cancel();
+        self.draining.cancel();
+    }
+
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over.is_cancelled()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -81,5 +95,20 @@ impl Shutdown {
 
     pub async fn stopped(&self) {
         self.stopped.cancelled().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_over_is_a_drain_and_a_drain_no_hand_over() {
+        let drain = Shutdown::default();
+        drain.begin_drain();
+        assert!(drain.is_draining() && !drain.is_handing_over());
+        let hand_over = Shutdown::default();
+        hand_over.begin_hand_over();
+        assert!(hand_over.is_draining() && hand_over.is_handing_over());
     }
 }

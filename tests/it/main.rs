@@ -19,6 +19,7 @@ mod crash;
 mod engine_restart;
 mod executor;
 mod gc;
+mod hand_over;
 mod network;
 mod pull;
 mod pull_hostile;
