@@ -108,6 +108,7 @@ async fn adopt(ctx: Arc<Ctx>, claimed: Claimed) -> JobEnd {
         step = resume.steps.len(),
         "adopted a job of an earlier run"
     );
+    let _adopted = ctx.state.adopted.begin(job_id);
     let lease = Lease {
         lease_id: claimed.record.lease_id.clone(),
         lease_ttl_seconds: ttl,
@@ -132,6 +133,7 @@ async fn give_up(ctx: &Arc<Ctx>, claimed: &Claimed, why: GiveUp) -> JobEnd {
         GiveUp::LeaseGone(reason) | GiveUp::CannotGoOn(reason) => reason.clone(),
     };
     tracing::warn!(job_id, reason = %reason, "gave up a job of an earlier run");
+    ctx.state.adopted.gave_up();
     if let Some((job, resume)) = claimed.record.adoptable() {
         ctx.state.executor.give_up(job, resume).await;
     }
