@@ -235,6 +235,18 @@ impl Executor {
         adopt::check_container(self, resume).await
     }
 
+    /// Keeps the sweeps off the parts of a job an earlier process ran in a warm container (they
+    /// carry that container's warm id, not the job's) until the guard is dropped; `None` for a
+    /// job whose parts carry its own id (the registered job spares them).
+    pub fn spare(&self, resume: &Resume) -> Option<super::warm::Spared> {
+        if !resume.warm {
+            return None;
+        }
+        let name = resume.workspace.file_name()?.to_str()?;
+        let (_, owner) = super::workspace::owner_of(name)?;
+        Some(self.warm.spare(owner))
+    }
+
     /// Removes what a job of an earlier agent process left (container, network, workspace)
     /// when it is not carried on (its lease is gone).
     pub async fn give_up(&self, job: &JobSpec, resume: &Resume) {

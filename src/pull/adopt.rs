@@ -20,6 +20,7 @@ use super::delivery::{Watch, deliver};
 use super::runner::{Carried, JobEnd, carry};
 use super::spool::LeaseRecord;
 use crate::api::HeartbeatOutcome;
+use crate::executor::warm::Spared;
 use crate::state::slots::Slot;
 use crate::wire::pull::{HeartbeatRequest, Lease, lease_ttl};
 
@@ -29,6 +30,8 @@ pub struct Claimed {
     record: LeaseRecord,
     watch: Watch,
     slot: Option<Slot>,
+    /// A job that ran in a warm container: its parts carry the container's warm id.
+    spared: Option<Spared>,
 }
 
 /// Registers every job an earlier run left that may be carried on, and takes a slot for each.
@@ -44,6 +47,10 @@ pub async fn claim(ctx: &Arc<Ctx>) -> Vec<Claimed> {
         .map(|(name, record)| Claimed {
             watch: Watch::new(&ctx.state, record.job_id),
             slot: ctx.state.slots.try_take(),
+            spared: record
+                .resume
+                .as_ref()
+                .and_then(|resume| ctx.state.executor.spare(resume)),
             name,
             record,
         })
@@ -122,7 +129,8 @@ async fn adopt(ctx: Arc<Ctx>, claimed: Claimed) -> JobEnd {
         record: claimed.record.clone(),
     };
     let end = carry(ctx.clone(), carried, &claimed.watch, Some(&resume)).await;
-    drop(claimed.slot);
+    // After the cleanup: the sweeps spare the job's parts until they are gone.
+    drop((claimed.slot, claimed.spared));
     end
 }
 

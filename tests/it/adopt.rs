@@ -489,13 +489,16 @@ async fn assert_all_adopted(title: &str, api: &FakeApi, agent: &Agent, jobs: &[J
     assert_three_steps_passed(api, 1);
     assert_eq!(agent.logged_jobs(ADOPTED), ids, "adopted lines\n{log}");
     assert_eq!(agent.logged_jobs(GAVE_UP), Vec::<i64>::new(), "{log}");
-    let health = agent.health().await;
+    // The result goes out before the job's cleanup, which the adopted job's count waits for.
     let total = jobs.len();
-    assert_eq!(
-        health["adopted"],
-        json!({"running": 0, "total": total}),
-        "{health}"
-    );
+    let done = json!({"running": 0, "total": total});
+    wait_until(
+        "the adopted jobs' cleanups",
+        Duration::from_secs(30),
+        agent,
+        async || agent.health().await["adopted"] == done,
+    )
+    .await;
     let adopted = agent.metric("gryt_agent_jobs_adopted_total").await;
     assert_eq!(adopted, Some(total as f64), "gryt_agent_jobs_adopted_total");
 }
@@ -595,6 +598,46 @@ async fn hand_over_to_a_new_binary_keeps_the_jobs_running() {
 /// What became of each job of the next test while no agent ran: its lease revoked (410), run
 /// out (410), unknown to the server (404); its lease honoured but its container removed; both
 /// intact (the one job to adopt).
+/// A job that took a warm container: its container, network and workspace carry the
+/// container's warm id, not the job's, and the restarted agent (with a pool of its own) must
+/// spare and carry them on all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_in_a_warm_container_is_carried_on_too() {
+    let jobs = [multi_step(1)];
+    let env = [("GRYT_CONCURRENCY", "1"), ("GRYT_WARM_POOL", "1")];
+    let api = FakeApi::start(KEY, TTL).await;
+    let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let agent_id = unique_agent_id("adopt-warm");
+    let mut first = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    wait_until(
+        "a ready warm container",
+        Duration::from_secs(60),
+        &first,
+        async || first.health().await["warm_pool"]["ready"] == json!(1),
+    )
+    .await;
+    api.push_job(jobs[0].spec.clone());
+    wait_until(
+        "the job printing",
+        Duration::from_secs(60),
+        &first,
+        async || api.job(1).log.contains(jobs[0].started.as_str()),
+    )
+    .await;
+    assert!(
+        running_containers(&agent_id, Some(1)).await.is_empty(),
+        "the job should run in the warm container (labelled with its warm id)"
+    );
+    first.sigkill();
+    let gone = Gone::now(&api, &jobs);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    assert_all_adopted("warm container, SIGKILL", &api, &agent, &jobs, &gone).await;
+    assert!(agent.spool_files().is_empty(), "{:?}", agent.spool_files());
+    agent.stop_leaving_nothing().await;
+}
+
 const REVOKED: i64 = 1;
 const EXPIRED: i64 = 2;
 const FORGOTTEN: i64 = 3;

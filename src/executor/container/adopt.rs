@@ -70,7 +70,7 @@ impl JobContainer {
         if main_command.is_none() && state.running != Some(true) {
             return Err(AdoptError::Stopped);
         }
-        let mut log = ContainerLog::new(read_log(docker, id, true));
+        let mut log = ContainerLog::new(followed_to_the_end(docker, id));
         let first = tokio::time::timeout(HEAD_TIMEOUT, log.next()).await;
         match first {
             Ok(Some(Ok((OutputStream::Stdout, Piece::Mark { id: mark, .. })))) if &mark == head => {
@@ -245,6 +245,73 @@ impl JobContainer {
             }
         }
         Ok((started, ends == [true, true]))
+    }
+}
+
+/// The container's log from its start, followed until the container stops, then read once more
+/// as a whole for what the follow missed: Docker may end a follow at the container's stop before
+/// it gave the last messages (seen: a job's last line lost). Each stream's bytes beyond those
+/// the follow gave come from that last read, in its order.
+fn followed_to_the_end(docker: &Docker, id: &str) -> OutputStreamOf {
+    enum Phase {
+        Follow(OutputStreamOf),
+        Rest(OutputStreamOf),
+        Done,
+    }
+    struct Reading {
+        docker: Docker,
+        id: String,
+        phase: Phase,
+        /// Bytes given per stream (stdout, stderr): by the follow, then skipped in the rest.
+        given: [u64; 2],
+    }
+    let start = Reading {
+        docker: docker.clone(),
+        id: id.to_owned(),
+        phase: Phase::Follow(read_log(docker, id, true)),
+        given: [0; 2],
+    };
+    Box::pin(futures_util::stream::unfold(start, |mut r| async move {
+        loop {
+            let item = match &mut r.phase {
+                Phase::Follow(s) | Phase::Rest(s) => s.next().await,
+                Phase::Done => return None,
+            };
+            let following = matches!(r.phase, Phase::Follow(_));
+            let (i, message) = match item {
+                None if following => {
+                    r.phase = Phase::Rest(read_log(&r.docker, &r.id, false));
+                    continue;
+                }
+                None => return None,
+                Some(Err(e)) => {
+                    r.phase = Phase::Done;
+                    return Some((Err(e), r));
+                }
+                Some(Ok(bollard::container::LogOutput::StdOut { message })) => (0, message),
+                Some(Ok(bollard::container::LogOutput::StdErr { message })) => (1, message),
+                Some(Ok(_)) => continue,
+            };
+            let len = message.len() as u64;
+            if following {
+                r.given[i] += len;
+                return Some((Ok(output_of(i, message)), r));
+            }
+            // The rest: skip what the follow gave.
+            let skip = r.given[i].min(len);
+            r.given[i] -= skip;
+            if skip < len {
+                let message = message.slice(skip as usize..);
+                return Some((Ok(output_of(i, message)), r));
+            }
+        }
+    }))
+}
+
+fn output_of(stream: usize, message: bytes::Bytes) -> bollard::container::LogOutput {
+    match stream {
+        0 => bollard::container::LogOutput::StdOut { message },
+        _ => bollard::container::LogOutput::StdErr { message },
     }
 }
 

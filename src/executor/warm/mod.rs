@@ -119,6 +119,11 @@ impl LiveId {
     }
 }
 
+/// A warm id an earlier agent process's pool gave a container that a job it ran had taken: kept in
+/// the live set (so the sweeps spare the container, its network and its workspace) while the
+/// job is carried on by this process (`executor::adopt`).
+pub struct Spared(#[allow(dead_code)] LiveId);
+
 impl Drop for LiveId {
     fn drop(&mut self) {
         lock(&self.set).remove(&self.id);
@@ -182,6 +187,15 @@ impl WarmPool {
             target: self.shared.target.load(Ordering::SeqCst),
             ready: lock(&self.shared.inner).ready.len(),
         }
+    }
+
+    /// Spares `id` (a warm id of an earlier process, see [`Spared`]) until the guard is dropped.
+    pub fn spare(&self, id: &str) -> Spared {
+        lock(&self.shared.live).insert(id.to_owned());
+        Spared(LiveId {
+            set: self.shared.live.clone(),
+            id: id.to_owned(),
+        })
     }
 
     /// The warm ids of every container the pool made and that is not removed yet (ready or
