@@ -306,9 +306,18 @@ async fn upload(
     }
 }
 
-/// Whether the job's container is still there to carry on (running, unless it ran the job's
-/// one command); else why not.
-pub(super) async fn check_container(executor: &Executor, resume: &Resume) -> Result<(), String> {
+/// Whether the job can be carried on: it has no services (their readiness and ends are not
+/// watched again), and its container is still there (running, unless it ran the job's one
+/// command); else why not.
+pub(super) async fn check_container(
+    executor: &Executor,
+    job: &JobSpec,
+    resume: &Resume,
+) -> Result<(), String> {
+    let plan = plan(executor, job)?;
+    if !plan.services.is_empty() {
+        return Err("it has services, which are not carried on across an agent restart".into());
+    }
     let docker = executor.docker().await.map_err(|e| e.to_string())?;
     match docker.inspect_container(&resume.container, None).await {
         Ok(inspect) => {
@@ -326,6 +335,37 @@ pub(super) async fn check_container(executor: &Executor, resume: &Resume) -> Res
     }
 }
 
+/// Removes the service containers beside the job's container: those of its agent carrying the
+/// same job label (its own id, or a warm container's id), found by label since the record does
+/// not name them. They go first: the network cannot be removed while they are on it.
+async fn remove_services(docker: &bollard::Docker, agent_id: &str, resume: &Resume) {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let owner = resume
+        .workspace
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(super::workspace::owner_of)
+        .map(|(_, owner)| owner.to_owned());
+    let Some(owner) = owner else { return };
+    let labels = vec![
+        format!("{}={agent_id}", super::container::LABEL_AGENT_ID),
+        format!("{}={owner}", super::container::LABEL_JOB_ID),
+    ];
+    let filters = std::collections::HashMap::from([("label", labels)]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let Ok(listed) = docker.list_containers(Some(options)).await else {
+        return;
+    };
+    for id in listed.into_iter().filter_map(|c| c.id) {
+        if id != resume.container {
+            remove_container(docker, &id).await;
+        }
+    }
+}
+
 /// What a job of an earlier agent process left (container, network, workspace), for a cleanup
 /// when it is not carried on: removed the way every job's leftovers are (`cleanup.rs`). `None`
 /// without an engine (the sweep removes them once it answers).
@@ -336,6 +376,7 @@ pub(super) async fn leftovers_of(
 ) -> Option<Leftovers> {
     let docker = executor.docker().await.ok()?;
     let settings = &executor.settings;
+    remove_services(&docker, &settings.agent_id, resume).await;
     let network = match &resume.network {
         Some(name) => match JobNetwork::adopt(&docker, name).await {
             Ok(network) => Some(network),

@@ -231,8 +231,8 @@ impl Executor {
 
     /// Whether the container of a job an earlier agent process started is there to carry it on;
     /// else why not.
-    pub async fn can_carry_on(&self, resume: &Resume) -> Result<(), String> {
-        adopt::check_container(self, resume).await
+    pub async fn can_carry_on(&self, job: &JobSpec, resume: &Resume) -> Result<(), String> {
+        adopt::check_container(self, job, resume).await
     }
 
     /// Keeps the sweeps off the parts of a job an earlier process ran in a warm container (they

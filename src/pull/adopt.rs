@@ -82,7 +82,7 @@ async fn adopt(ctx: Arc<Ctx>, claimed: Claimed) -> JobEnd {
         let reason = "every slot is taken (fewer slots than before the restart)";
         return give_up(&ctx, &claimed, GiveUp::CannotGoOn(reason.into())).await;
     }
-    if let Err(reason) = ctx.state.executor.can_carry_on(&resume).await {
+    if let Err(reason) = ctx.state.executor.can_carry_on(&job, &resume).await {
         return give_up(&ctx, &claimed, GiveUp::CannotGoOn(reason)).await;
     }
     let request = HeartbeatRequest {

@@ -344,4 +344,11 @@ async fn a_pulled_jobs_service_is_swept_with_it_after_the_agent_is_killed() {
         |a| a.job(1).completion.is_some(),
     )
     .await;
+    // Given up, not carried on (services are not watched again): `error` at once, so the API
+    // runs it again.
+    let done = api.job(1).completion.unwrap();
+    assert_eq!(done["status"], "error", "{done}");
+    let error = done["error"].as_str().unwrap_or_default();
+    assert!(error.contains("services"), "{error}");
+    assert!(agent.log_text().contains("gave up a job of an earlier run"));
 }
