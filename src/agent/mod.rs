@@ -67,6 +67,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
         Some(ctx) => crate::pull::adopt::claim(ctx).await,
         None => Vec::new(),
     };
+    // And the push jobs with a callback it left (`push::adopt`), whatever the modes are now.
+    let pushed = crate::push::adopt::claim(&state).await;
     let collector = crate::gc::start(state.clone()).await;
     let (host, port) = state.listen_address();
     let address = format!("{host}:{port}");
@@ -105,6 +107,8 @@ pub async fn run(settings: Settings, options: AgentOptions) -> Result<(), AgentE
             async move { shutdown.stopped().await },
         ))
     };
+    // Each decided in a task of its own: registered, so the drain waits for those carried on.
+    crate::push::adopt::spawn_all(&state, pushed);
     let mut pull_task = pull.map(|ctx| tokio::spawn(crate::pull::run(ctx, options, claimed)));
 
     let pull_ended = tokio::select! {

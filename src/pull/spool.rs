@@ -8,12 +8,13 @@
 //! file work off the async runtime. This module only stores files; it never talks to the API.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::executor::Resume;
+use crate::state::durable;
 use crate::wire::pull::CompleteRequest;
 use crate::wire::{JobResult, JobSpec};
 
@@ -81,22 +82,8 @@ impl Spool {
     /// (tightened when they are wider: spooled results and logs are the jobs' output).
     pub fn open(state_dir: &Path) -> Result<Self, SpoolError> {
         let dir = state_dir.join("spool");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| err(&dir, e))?;
-        for path in [state_dir, dir.as_path()] {
-            let mode = std::fs::metadata(path)
-                .map_err(|e| err(path, e))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "tightening to 0700");
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-                    .map_err(|e| err(path, e))?;
-            }
-        }
+        durable::private_dir(&dir).map_err(|e| err(&dir, e))?;
+        durable::tighten(state_dir).map_err(|e| err(state_dir, e))?;
         Ok(Spool { dir })
     }
 
@@ -242,19 +229,7 @@ impl Spool {
     }
 
     fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), SpoolError> {
-        let json = serde_json::to_vec(value)
-            .map_err(|e| err(path, std::io::Error::other(e.to_string())))?;
-        // tempfile creates its files 0600.
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|e| err(path, e))?;
-        tmp.write_all(&json).map_err(|e| err(path, e))?;
-        tmp.as_file().sync_all().map_err(|e| err(path, e))?;
-        tmp.persist(path).map_err(|e| err(path, e.error))?;
-        self.sync_dir().map_err(|e| err(path, e))
-    }
-
-    /// Makes renames and removals in the spool durable.
-    fn sync_dir(&self) -> std::io::Result<()> {
-        std::fs::File::open(&self.dir)?.sync_all()
+        durable::write_json(&self.dir, path, value).map_err(|e| err(path, e))
     }
 
     /// Forgets a job: its entry, its log and its lease record.
@@ -270,7 +245,7 @@ impl Spool {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file");
             }
         }
-        let _ = self.sync_dir();
+        let _ = durable::sync_dir(&self.dir);
     }
 
     /// Removes logs with neither an entry nor a lease record (nothing will be sent for them);
@@ -353,6 +328,7 @@ impl Spool {
 mod tests {
     use super::*;
     use crate::wire::{JobResult, JobStatus};
+    use std::os::unix::fs::PermissionsExt;
 
     fn entry(job_id: i64) -> SpoolEntry {
         SpoolEntry {

@@ -7,20 +7,29 @@
 //!
 //! The task answers first (the result to the request, and to the callback), then removes the
 //! job's container, network and workspace, holding the job's slot until they are gone.
+//!
+//! A job with an allowed `callback_url` outlives the agent process: its record (`record`) keeps
+//! the job, its progress and then its result until the callback's delivery ended, and a
+//! restarted agent carries it on or sends what it owes the callback (`adopt`). A job without
+//! one does not: its caller's connection closes with the process, and the next start's sweep
+//! removes its container.
 
+pub mod adopt;
 pub mod callback;
+pub mod record;
 
 use std::sync::{Arc, OnceLock};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::oneshot;
 
 use crate::executor::{Discard, JobControl};
 use crate::metrics::Mode;
 use crate::state::AgentState;
-use crate::state::run::Ran;
+use crate::state::run::{Ran, run};
 use crate::state::slots::Slot;
 use crate::wire::{JobResult, JobSpec};
+use record::{Kept, PushRecord, Records};
 
 /// What the request is answered with.
 #[derive(Debug)]
@@ -75,13 +84,31 @@ async fn run_in_slot(
     let mut slot = slot;
     let _registered = state.jobs.register(job.job_id, control.clone());
     tracing::info!(job_id = job.job_id, "push job started");
+    let previous_key = state
+        .push_keys
+        .as_ref()
+        .is_some_and(|keys| keys.is_previous(presented_key.expose_secret().as_bytes()));
+    let callback = Callback::of(&state, &job, presented_key);
+    let kept = match &callback {
+        Some(_) => keep(&state, &job, previous_key).await,
+        None => None,
+    };
     let Ran {
         result,
         given_back,
         cleanup,
-    } = crate::state::run::run(&state, Mode::Push, &job, None, &control, &Discard).await;
-    if given_back.is_none() {
-        callback(&state, &job, &result, presented_key);
+    } = match &kept {
+        Some(kept) => run(&state, Mode::Push, &job, None, &control, kept).await,
+        None => run(&state, Mode::Push, &job, None, &control, &Discard).await,
+    };
+    match callback {
+        Some(callback) if given_back.is_none() => callback.send(result.clone(), kept).await,
+        // Given back: the answer (503) tells the API to run the job itself; no callback.
+        _ => {
+            if let Some(kept) = kept {
+                kept.forget().await;
+            }
+        }
     }
     // The answer first (a client gone meanwhile is no reason to keep the container); the slot
     // and the job's registration are held until its container, network and workspace are gone.
@@ -92,23 +119,96 @@ async fn run_in_slot(
     cleanup.finish().await;
 }
 
-/// Sends `result` to the job's `callback_url`, when it has an allowed one, in a task of its own.
-fn callback(state: &AgentState, job: &JobSpec, result: &JobResult, presented_key: SecretString) {
-    let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) else {
-        return;
+/// Starts the record of a job with a callback (see `record`); `None`, logged, when it cannot
+/// be written: the job runs as before, but would not outlive the agent.
+async fn keep(state: &AgentState, job: &JobSpec, previous_key: bool) -> Option<Kept> {
+    let records = Records::in_state_dir(&state.settings.state_dir);
+    let record = PushRecord {
+        job: job.clone(),
+        previous_key,
+        resume: None,
+        result: None,
     };
-    match callback::check(url, &state.settings.push.callback_allow) {
-        Ok(url) => match http_client() {
-            Some(client) => {
-                let result = result.clone();
-                tokio::spawn(async move {
-                    callback::deliver(client, url, &presented_key, &result).await
-                });
-            }
-            None => tracing::warn!(job_id = job.job_id, "callback not sent: no HTTP client"),
-        },
-        Err(e) => tracing::warn!(job_id = job.job_id, error = %e, "callback ignored"),
+    match Kept::begin(records, record).await {
+        Ok(kept) => Some(kept),
+        Err(e) => {
+            tracing::warn!(job_id = job.job_id, error = %e, "cannot record the push job: an agent restarted under it could not carry it on");
+            None
+        }
     }
+}
+
+/// Where a push job's result goes besides the answer: its `callback_url`, allowed by
+/// `push.callback_allow`, with the key to present.
+pub struct Callback {
+    job_id: i64,
+    url: reqwest::Url,
+    key: SecretString,
+}
+
+impl Callback {
+    /// The job's callback, when it has one and it is allowed (a refused one is logged).
+    fn of(state: &AgentState, job: &JobSpec, key: SecretString) -> Option<Callback> {
+        match Self::allowed(state, job, key) {
+            Ok(callback) => callback,
+            Err(e) => {
+                tracing::warn!(job_id = job.job_id, error = %e, "callback ignored");
+                None
+            }
+        }
+    }
+
+    /// The job's callback (`None` without a `callback_url`), or why it is not allowed.
+    pub fn allowed(
+        state: &AgentState,
+        job: &JobSpec,
+        key: SecretString,
+    ) -> Result<Option<Callback>, callback::CallbackError> {
+        let Some(url) = job.callback_url.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let url = callback::check(url, &state.settings.push.callback_allow)?;
+        Ok(Some(Callback {
+            job_id: job.job_id,
+            url,
+            key,
+        }))
+    }
+
+    /// Posts `result` in a task of its own. With the job's record, the result is kept in it
+    /// first, and the record goes once the delivery ended (delivered or given up).
+    pub async fn send(self, result: JobResult, kept: Option<Kept>) {
+        let mut kept = kept;
+        if let Some(kept) = &mut kept
+            && kept.record().result.as_ref() != Some(&result)
+        {
+            kept.keep_result(&result).await;
+        }
+        let Some(client) = http_client() else {
+            tracing::warn!(job_id = self.job_id, "callback not sent: no HTTP client");
+            if let Some(kept) = kept {
+                kept.forget().await;
+            }
+            return;
+        };
+        tokio::spawn(async move {
+            callback::deliver(client, self.url, &self.key, &result).await;
+            if let Some(kept) = kept {
+                kept.forget().await;
+            }
+        });
+    }
+}
+
+/// The key a callback of a job of an earlier run goes with: the one its caller presented (the
+/// previous key, when it is still set), else the current one.
+fn key_for(state: &AgentState, previous_key: bool) -> Option<SecretString> {
+    let previous = state
+        .settings
+        .api_key_previous
+        .clone()
+        .filter(|k| previous_key && !k.expose_secret().is_empty());
+    previous.or_else(|| state.api_key.clone())
 }
 
 /// Cancels the job when the request handling it is dropped before the job ended.

@@ -5,6 +5,7 @@
 pub mod admit;
 pub mod adopted;
 pub mod disk;
+pub mod durable;
 pub mod health;
 pub mod identity;
 pub mod jobs;

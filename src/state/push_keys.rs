@@ -25,6 +25,17 @@ impl PushKeys {
         };
         bool::from(current | previous)
     }
+
+    /// True when `presented` is the previous key (not the current one), in constant time like
+    /// [`PushKeys::accepts`]: a job's callback goes with the key its caller presented.
+    pub fn is_previous(&self, presented: &[u8]) -> bool {
+        let current = presented.ct_eq(self.current.expose_secret().as_bytes());
+        let previous = match &self.previous {
+            Some(p) => presented.ct_eq(p.expose_secret().as_bytes()),
+            None => subtle::Choice::from(0),
+        };
+        bool::from(!current & previous)
+    }
 }
 
 #[cfg(test)]
@@ -38,7 +49,10 @@ mod tests {
         assert!(keys.accepts(b"previous-key"));
         assert!(!keys.accepts(b"current-ke"));
         assert!(!keys.accepts(b""));
+        assert!(keys.is_previous(b"previous-key"));
+        assert!(!keys.is_previous(b"current-key") && !keys.is_previous(b"other"));
         let keys = PushKeys::new("current-key".into(), Some("".into()));
         assert!(!keys.accepts(b""));
+        assert!(!keys.is_previous(b""));
     }
 }

@@ -24,6 +24,7 @@ mod network;
 mod pull;
 mod pull_hostile;
 mod push;
+mod push_adopt;
 mod readiness;
 mod secrets_leak;
 mod services;

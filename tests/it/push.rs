@@ -304,10 +304,10 @@ async fn metrics_count_jobs() {
 }
 
 /// Callbacks a receiver got: the `X-API-Key` header and the body.
-type Seen = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+pub(crate) type Seen = Arc<Mutex<Vec<(Option<String>, Value)>>>;
 
 /// A loopback receiver that records the callbacks it gets.
-async fn receiver() -> (u16, Seen) {
+pub(crate) async fn receiver() -> (u16, Seen) {
     let seen: Seen = Arc::default();
     let store = seen.clone();
     let app = axum::Router::new().route(
