@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::cleanup::{Cleaner, Leftovers, Made};
-use super::container::{ContainerSpec, JobContainer, OutputStream, job_labels};
+use super::container::{ContainerSpec, JobContainer, MarkId, OutputStream, job_labels};
 use super::control::{JobControl, StopKind, StopRequest};
 use super::image::{self, PullProgress};
 use super::limits::MAX_SECONDS_CEILING;
@@ -210,18 +210,34 @@ impl Job<'_> {
         let network = self.network(workspace, &mut made.network).await?;
         self.start_services(&mut made.services, workspace, &network)
             .await?;
+        let own_network = made.network.as_ref().map(|n| n.name().to_owned());
         let started = match made.container.take() {
-            Some(warm) => Ok(warm),
-            None => JobContainer::start(self.docker, self.container_spec(workspace, network)).await,
+            Some(warm) => {
+                let at = (
+                    warm.id().to_owned(),
+                    warm.head().clone(),
+                    warm.is_single(),
+                    true,
+                );
+                run.begin_progress(self.resume(at, own_network, workspace))
+                    .await;
+                Ok(warm)
+            }
+            None => {
+                // Recorded before the container is made: a single command runs from its
+                // start, and an agent gone meanwhile must find it (by name) to carry it on.
+                let spec = self.container_spec(workspace, network);
+                let single = spec.main_command.is_some();
+                let at = (spec.name.clone(), spec.head.clone(), single, false);
+                run.begin_progress(self.resume(at, own_network, workspace))
+                    .await;
+                JobContainer::start(self.docker, spec).await
+            }
         };
-        let warm = made.warm.is_some();
         let container = &*made
             .container
             .insert(started.map_err(|e| Outcome::Error(e.to_string()))?);
         made.starting = None;
-        let network = made.network.as_ref().map(|n| n.name().to_owned());
-        run.begin_progress(self.resume(container, warm, network, workspace))
-            .await;
         let outcome = self.run_commands(container, run, None).await;
         let outcome = services_outlived_the_steps(&mut made.services, outcome);
         Ok(self.upload(storage, outcome, workspace, run).await)
@@ -458,17 +474,17 @@ impl Job<'_> {
     }
 
     /// What an agent restarted under the job needs to carry it on, as its container starts.
+    /// `(container id or name, head mark, single command, warm)`.
     fn resume(
         &self,
-        container: &JobContainer,
-        warm: bool,
+        (container, head, single, warm): (String, MarkId, bool, bool),
         network: Option<String>,
         workspace: &Workspace,
     ) -> Resume {
         Resume {
-            container: container.id().to_owned(),
-            head: container.head().clone(),
-            single: container.is_single(),
+            container,
+            head,
+            single,
             warm,
             network,
             workspace: workspace.path().to_owned(),
@@ -532,6 +548,7 @@ impl Job<'_> {
             memory_bytes: plan.memory_bytes,
             nano_cpus: plan.nano_cpus,
             main_command: single_command(&plan.pipeline, &settings.job.gryt_command),
+            head: MarkId::random(),
         }
     }
 }

@@ -66,7 +66,9 @@ impl JobContainer {
             }) => return Err(AdoptError::Gone),
             Err(e) => return Err(docker_err("cannot inspect the job's container")(e).into()),
         };
-        let state = inspect.state.unwrap_or_default();
+        // The record may name the container (written before it was made): its id from here on.
+        let id = inspect.id.as_deref().unwrap_or(id);
+        let state = inspect.state.clone().unwrap_or_default();
         if main_command.is_none() && state.running != Some(true) {
             return Err(AdoptError::Stopped);
         }

@@ -115,7 +115,7 @@ impl JobContainer {
     /// Creates and starts the container. On any failure nothing is left behind.
     /// A single-command container is attached before it starts, so no output is lost.
     pub async fn start(docker: &Docker, spec: ContainerSpec) -> Result<Self, DockerError> {
-        let head = MarkId::random();
+        let head = spec.head.clone();
         let (entrypoint, cmd, env) = match &spec.main_command {
             None => (
                 vec!["/bin/sh".to_owned(), "-c".to_owned()],

@@ -60,6 +60,9 @@ pub struct ContainerSpec {
     /// `Some` for a single-command container (see the module doc), `None` for one that runs
     /// each command as an exec.
     pub main_command: Option<JobCommand>,
+    /// The mark its main process writes first (`marks.rs`): chosen before the container is made,
+    /// so a job's record can name it before the job's command can run.
+    pub head: super::MarkId,
 }
 
 /// The host side of every container the agent makes: the workspace as the only mount, no

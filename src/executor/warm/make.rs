@@ -79,6 +79,7 @@ pub(super) async fn one(executor: &Executor, shared: &Arc<Shared>) -> Result<War
             memory_bytes,
             nano_cpus,
             main_command: None,
+            head: crate::executor::container::MarkId::random(),
         };
         Ok::<_, MakeError>(JobContainer::start(&docker, spec).await?)
     };
