@@ -30,24 +30,24 @@ use support::{b64, unique_agent_id};
 const TTL: u64 = 30;
 /// The result keeps this much of each stream (`job.output_cap_bytes`, default).
 const CAP: usize = 1024 * 1024;
-const ADOPTED: &str = "adopted a job of an earlier run";
-const GAVE_UP: &str = "gave up a job of an earlier run";
+pub(crate) const ADOPTED: &str = "adopted a job of an earlier run";
+pub(crate) const GAVE_UP: &str = "gave up a job of an earlier run";
 
 /// A job of these tests: its spec, what it prints, and a line showing it runs.
-struct Job {
-    id: i64,
-    spec: Value,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Job {
+    pub(crate) id: i64,
+    pub(crate) spec: Value,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
     /// Both streams in the order the job writes them: what the server's log must hold.
-    log: String,
+    pub(crate) log: String,
     /// Printed early: once the server has it, the job is running.
-    started: String,
+    pub(crate) started: String,
 }
 
 impl Job {
     /// Only stdout, no stderr.
-    fn out(id: i64, spec: Value, stdout: String, started: &str) -> Job {
+    pub(crate) fn out(id: i64, spec: Value, stdout: String, started: &str) -> Job {
         Job {
             id,
             spec,
@@ -71,7 +71,7 @@ fn yaml(steps: &[(&str, &str)]) -> String {
     text
 }
 
-fn spec(id: i64, steps: &[(&str, &str)]) -> Value {
+pub(crate) fn spec(id: i64, steps: &[(&str, &str)]) -> Value {
     json!({"job_id": id, "pipeline_b64": b64(&yaml(steps))})
 }
 
@@ -136,7 +136,7 @@ fn burst(id: i64) -> Job {
 
 /// What the result keeps of a stream: the last [`CAP`] bytes after a marker line when more
 /// was printed (`TailBuffer::to_text`; the texts here are ASCII).
-fn tail(text: &str) -> String {
+pub(crate) fn tail(text: &str) -> String {
     if text.len() <= CAP {
         return text.to_owned();
     }
@@ -148,12 +148,12 @@ fn tail(text: &str) -> String {
 }
 
 /// Length of the common prefix of two texts (where they first differ).
-fn common_prefix(a: &str, b: &str) -> usize {
+pub(crate) fn common_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
 /// Asserts two (possibly megabytes long) texts are equal, saying where they first differ.
-fn assert_same_text(what: &str, got: &str, want: &str) {
+pub(crate) fn assert_same_text(what: &str, got: &str, want: &str) {
     if got == want {
         return;
     }
@@ -355,7 +355,7 @@ fn assert_completed_as_if_nothing_happened(api: &FakeApi, job: &Job, gone_at: &s
 }
 
 /// The (a) job's steps: all three ran and passed, the middle one across the restart.
-fn assert_three_steps_passed(api: &FakeApi, id: i64) {
+pub(crate) fn assert_three_steps_passed(api: &FakeApi, id: i64) {
     let done = api.job(id).completion.unwrap();
     let steps: Vec<(String, String, i64)> = done["steps"]
         .as_array()
