@@ -30,24 +30,24 @@ use support::{b64, unique_agent_id};
 const TTL: u64 = 30;
 /// The result keeps this much of each stream (`job.output_cap_bytes`, default).
 const CAP: usize = 1024 * 1024;
-const ADOPTED: &str = "adopted a job of an earlier run";
-const GAVE_UP: &str = "gave up a job of an earlier run";
+pub(crate) const ADOPTED: &str = "adopted a job of an earlier run";
+pub(crate) const GAVE_UP: &str = "gave up a job of an earlier run";
 
 /// A job of these tests: its spec, what it prints, and a line showing it runs.
-struct Job {
-    id: i64,
-    spec: Value,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Job {
+    pub(crate) id: i64,
+    pub(crate) spec: Value,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
     /// Both streams in the order the job writes them: what the server's log must hold.
-    log: String,
+    pub(crate) log: String,
     /// Printed early: once the server has it, the job is running.
-    started: String,
+    pub(crate) started: String,
 }
 
 impl Job {
     /// Only stdout, no stderr.
-    fn out(id: i64, spec: Value, stdout: String, started: &str) -> Job {
+    pub(crate) fn out(id: i64, spec: Value, stdout: String, started: &str) -> Job {
         Job {
             id,
             spec,
@@ -71,7 +71,7 @@ fn yaml(steps: &[(&str, &str)]) -> String {
     text
 }
 
-fn spec(id: i64, steps: &[(&str, &str)]) -> Value {
+pub(crate) fn spec(id: i64, steps: &[(&str, &str)]) -> Value {
     json!({"job_id": id, "pipeline_b64": b64(&yaml(steps))})
 }
 
@@ -136,7 +136,7 @@ fn burst(id: i64) -> Job {
 
 /// What the result keeps of a stream: the last [`CAP`] bytes after a marker line when more
 /// was printed (`TailBuffer::to_text`; the texts here are ASCII).
-fn tail(text: &str) -> String {
+pub(crate) fn tail(text: &str) -> String {
     if text.len() <= CAP {
         return text.to_owned();
     }
@@ -148,12 +148,12 @@ fn tail(text: &str) -> String {
 }
 
 /// Length of the common prefix of two texts (where they first differ).
-fn common_prefix(a: &str, b: &str) -> usize {
+pub(crate) fn common_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
 /// Asserts two (possibly megabytes long) texts are equal, saying where they first differ.
-fn assert_same_text(what: &str, got: &str, want: &str) {
+pub(crate) fn assert_same_text(what: &str, got: &str, want: &str) {
     if got == want {
         return;
     }
@@ -355,7 +355,7 @@ fn assert_completed_as_if_nothing_happened(api: &FakeApi, job: &Job, gone_at: &s
 }
 
 /// The (a) job's steps: all three ran and passed, the middle one across the restart.
-fn assert_three_steps_passed(api: &FakeApi, id: i64) {
+pub(crate) fn assert_three_steps_passed(api: &FakeApi, id: i64) {
     let done = api.job(id).completion.unwrap();
     let steps: Vec<(String, String, i64)> = done["steps"]
         .as_array()
@@ -836,5 +836,61 @@ async fn a_deadline_that_passed_while_no_agent_ran_ends_the_job_as_timed_out() {
     let mut agent = agent;
     agent.assert_clean().await;
     assert!(agent.spool_files().is_empty(), "{:?}", agent.spool_files());
+    agent.stop_leaving_nothing().await;
+}
+
+/// A job printing a line, then after 2 s ~1 MB at once, then after 2 s more its last line.
+fn late_burst(id: i64) -> Job {
+    let script = "echo d-begin\nsleep 2\nseq -w 1 150000\nsleep 2\necho d-end";
+    let mut out = String::from("d-begin\n");
+    for i in 1..=150_000 {
+        out.push_str(&format!("{i:06}\n"));
+    }
+    out.push_str("d-end\n");
+    Job::out(id, spec(id, &[("burst", script)]), out, "d-begin\n")
+}
+
+/// The restarted agent starts following the job's container log while (or just after) the job
+/// prints ~1 MB at once: what it prints 2 s later must still reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a single-command job adopted in the midst of a burst ends `success` without what it printed after the burst (Docker 20.10, local log driver: the followed log ends at the exit before it)"]
+async fn a_log_followed_from_the_middle_of_a_burst_loses_no_byte() {
+    let job = late_burst(1);
+    let (api, state, work, agent_id, mut first) =
+        start_jobs("adopt-late-burst", std::slice::from_ref(&job), &[]).await;
+    let seen = Instant::now();
+    first.sigkill();
+    let gone = Gone::now(&api, std::slice::from_ref(&job));
+    // The burst starts 2 s after `d-begin`: the restarted agent adopts the job in its midst.
+    tokio::time::sleep(Duration::from_millis(2100).saturating_sub(seen.elapsed())).await;
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &[]).await;
+    let restarted = Instant::now();
+    wait_completions(&api, &agent, &[1]).await;
+    let jobs = std::slice::from_ref(&job);
+    print_figures(
+        "adopted during a burst",
+        &api,
+        &agent,
+        jobs,
+        &gone,
+        restarted,
+    );
+    assert_completed_as_if_nothing_happened(&api, &job, &gone.wall, &log_end(&agent));
+    agent.stop_leaving_nothing().await;
+}
+
+/// A job running in a warm container (`GRYT_WARM_POOL=1`) is adopted like any other: the
+/// restarted agent's sweep must not take its container for an orphan (its job label is the
+/// warm container's own id, not the job's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: the restarted agent's first sweep removes the warm container an adopted job runs in; the job is completed `error` (its container is gone)"]
+async fn a_job_in_a_warm_container_is_adopted_too() {
+    let jobs = [multi_step(1), steady(2)];
+    let env = [("GRYT_CONCURRENCY", "2"), ("GRYT_WARM_POOL", "1")];
+    let (api, state, work, agent_id, mut first) = start_jobs("adopt-warm", &jobs, &env).await;
+    first.sigkill();
+    let gone = Gone::now(&api, &jobs);
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    assert_all_adopted("SIGKILL, restart, warm pool", &api, &agent, &jobs, &gone).await;
     agent.stop_leaving_nothing().await;
 }

@@ -5,7 +5,9 @@
 //! lease or job finished, 410 expired, revoked or cancelled), `committed` semantics and logs per
 //! lease, idempotent start and complete, the 1 MiB chunk limit. `gryt-agent conformance` passes
 //! every rule against it (R8 needs `set_relet_started(true)`; by default a started job whose
-//! lease expired ends as lost, which the rules allow and the crash suite relies on). It records every request and has switchable faults, counted ones ("the
+//! lease expired ends as lost, which the rules allow and the crash suite relies on). With
+//! `set_requeue_run_again(true)` an `error` completion saying "run it again" queues the job again,
+//! as a server may. It records every request and has switchable faults, counted ones ("the
 //! next N calls") and random ones (a rate of 5xx answers and dropped connections, from a seeded
 //! generator so a run can be repeated), and [`Broken`] rules for the checker to catch.
 #![allow(dead_code)]
@@ -154,6 +156,9 @@ pub struct JobRecord {
     pub completion: Option<Value>,
     /// How many completes were answered 200 (repeats included).
     pub completes_accepted: u32,
+    /// The `error` completions saying "run it again" that queued the job again
+    /// (`requeue_run_again`), each with the log of its lease.
+    pub handed_back: Vec<(Value, String)>,
 }
 
 #[derive(Default)]
@@ -163,6 +168,10 @@ struct Inner {
     grace: Duration,
     /// A started job whose lease expired is leased again (else it ends as lost).
     relet_started: bool,
+    /// An `error` completion saying "run it again" queues the job again (else it is final).
+    requeue_run_again: bool,
+    /// Leases ended by such a completion: a repeat of it answers 200, any other call 409.
+    handed_back: HashSet<String>,
     queue: VecDeque<Queued>,
     /// What each job was queued with, to queue it again when its lease expires.
     specs: HashMap<i64, Queued>,
@@ -263,6 +272,13 @@ impl FakeApi {
     /// Whether a started job whose lease expired is leased again (off: it ends as lost).
     pub fn set_relet_started(&self, relet: bool) {
         self.lock().relet_started = relet;
+    }
+
+    /// Whether an `error` completion whose error ends with "run it again" (the agent hands back
+    /// a job it could not carry on, `docs/protocol.md`) queues the job again at once, as a
+    /// server may: the job is not completed then, and its next lease starts a new log.
+    pub fn set_requeue_run_again(&self, requeue: bool) {
+        self.lock().requeue_run_again = requeue;
     }
 
     pub fn faults(&self, f: impl FnOnce(&mut Faults)) {
@@ -685,6 +701,12 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
         return (StatusCode::UNPROCESSABLE_ENTITY, "lease_id missing").into_response();
     };
     let mut g = lock(s);
+    if g.handed_back.contains(&lease_id) {
+        return match call {
+            "complete" => StatusCode::OK.into_response(),
+            _ => detail(StatusCode::CONFLICT, "job handed back under this lease"),
+        };
+    }
     // A repeated complete of an already completed job with the same lease is answered 200.
     let done = g
         .jobs
@@ -809,6 +831,9 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
                     format!("missing {missing:?}"),
                 )
                     .into_response()
+            } else if g.requeue_run_again && is_run_again(body) {
+                hand_back(&mut g, job_id, &lease_id, body);
+                StatusCode::OK.into_response()
             } else {
                 g.running.remove(&job_id);
                 let job = g.jobs.get_mut(&job_id).unwrap();
@@ -818,5 +843,26 @@ fn job_answer(s: &Shared, job_id: i64, call: &str, body: &Value) -> Response {
             }
         }
         _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// An `error` completion by which the agent hands a job back for another run.
+fn is_run_again(body: &Value) -> bool {
+    body["status"] == "error"
+        && body["error"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("run it again"))
+}
+
+/// Ends `lease_id` with the job not completed and queues the job again at once.
+fn hand_back(g: &mut Inner, job_id: i64, lease_id: &str, body: &Value) {
+    g.running.remove(&job_id);
+    g.leases.remove(lease_id);
+    g.handed_back.insert(lease_id.to_owned());
+    let job = g.jobs.get_mut(&job_id).unwrap();
+    let log = job.log.clone();
+    job.handed_back.push((body.clone(), log));
+    if let Some(spec) = g.specs.get(&job_id).cloned() {
+        g.queue.push_front(spec);
     }
 }

@@ -295,3 +295,6 @@ fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
+
+/// The agent killed and started again every few seconds under load (`soak/restarts.rs`).
+mod restarts;
