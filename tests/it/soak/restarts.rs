@@ -345,9 +345,6 @@ async fn fake_with(jobs: &[Job], seed: u64) -> FakeApi {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on known agent bugs (see the adopt suite's ignored tests): a job in a warm \
-            container is completed `error` at the restart; a single-command job adopted in \
-            the midst of a burst loses its last lines"]
 async fn soak_kill_and_restart_the_agent_every_few_seconds_with_api_faults() {
     let (jobs, seed) = (jobs(), seed());
     let api = fake_with(&jobs, seed).await;
