@@ -126,14 +126,7 @@ async fn carry_on(
         }
         Err(early) => early,
     };
-    let cleaner = Cleaner {
-        docker: docker.clone(),
-        image: plan.image.clone(),
-        user: plan.user,
-        agent_id: settings.agent_id.clone(),
-        job_id: job.job_id.to_string(),
-        extra_labels: settings.extra_labels.clone(),
-    };
+    let cleaner = Cleaner::new(&docker, settings, &plan.image, plan.user, job.job_id);
     let leftovers = Leftovers {
         made,
         workspace,
@@ -396,14 +389,9 @@ pub(super) async fn leftovers_of(
     };
     // The job's image empties the workspace as the job's user when the agent may not.
     let image = plan(executor, job).map(|p| p.image);
-    let cleaner = Cleaner {
-        docker: docker.clone(),
-        image: image.unwrap_or_else(|_| settings.docker.image.clone()),
-        user: settings.docker.job_user.ids(),
-        agent_id: settings.agent_id.clone(),
-        job_id: job.job_id.to_string(),
-        extra_labels: settings.extra_labels.clone(),
-    };
+    let image = image.unwrap_or_else(|_| settings.docker.image.clone());
+    let user = settings.docker.job_user.ids();
+    let cleaner = Cleaner::new(&docker, settings, &image, user, job.job_id);
     Some(Leftovers {
         made,
         workspace: Workspace::adopt(resume.workspace.clone()),

@@ -66,6 +66,26 @@ pub(super) struct Cleaner {
     pub extra_labels: Vec<(String, String)>,
 }
 
+impl Cleaner {
+    /// The cleaner of job `job_id` of an agent with `settings`, emptying as `user` in `image`.
+    pub fn new(
+        docker: &Docker,
+        settings: &super::ExecutorSettings,
+        image: &str,
+        user: (u32, u32),
+        job_id: i64,
+    ) -> Self {
+        Cleaner {
+            docker: docker.clone(),
+            image: image.to_owned(),
+            user,
+            agent_id: settings.agent_id.clone(),
+            job_id: job_id.to_string(),
+            extra_labels: settings.extra_labels.clone(),
+        }
+    }
+}
+
 impl Leftovers {
     /// Removes the container and the services, then the network, then the workspace. The
     /// container goes first: removing it kills every job process at once (a fork bomb at its

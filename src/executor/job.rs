@@ -169,14 +169,7 @@ async fn prepare_and_run(
     // The one exit once the workspace exists, whatever `in_workspace` ended with. The services'
     // ends come from their containers: read now, before the result; the containers go after it.
     run.services = made.services.report(&run.masker);
-    let cleaner = Cleaner {
-        docker: docker.clone(),
-        image: plan.image.clone(),
-        user: plan.user,
-        agent_id: settings.agent_id.clone(),
-        job_id: job.job_id.to_string(),
-        extra_labels: settings.extra_labels.clone(),
-    };
+    let cleaner = Cleaner::new(&docker, settings, &plan.image, plan.user, job.job_id);
     let leftovers = Leftovers {
         made,
         workspace,

@@ -3,7 +3,6 @@
 //! went away found again by its marks.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -11,7 +10,7 @@ use bollard::query_parameters::LogsOptionsBuilder;
 use futures_util::StreamExt;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::events::{ExecDeaths, wait_for_exit, watch_events};
+use super::events::wait_for_exit;
 use super::exec::{
     CommandHandle, OutputStreamOf, RunningCommand, close_when_dead, write_end_marks,
 };
@@ -82,30 +81,13 @@ impl JobContainer {
             }
             _ => return Err(AdoptError::HeadLost),
         }
-        let oom = Arc::new(AtomicBool::new(state.oom_killed == Some(true)));
-        let exec_deaths = ExecDeaths::default();
         let single = main_command.is_some();
-        let oom_watch = (!single).then(|| {
-            tokio::spawn(watch_events(
-                docker.clone(),
-                id.to_owned(),
-                oom.clone(),
-                exec_deaths.clone(),
-            ))
-        });
-        let mut container = JobContainer {
-            docker: docker.clone(),
-            id: id.to_owned(),
-            oom,
-            removed: false,
-            oom_watch,
-            main: std::sync::Mutex::new(None),
-            exec_env: Vec::new(),
-            log: None,
-            exec_deaths,
-            head: head.clone(),
-            single,
-        };
+        let mut container = JobContainer::handle(docker, id, head.clone(), single);
+        if state.oom_killed == Some(true) {
+            container
+                .oom
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         match main_command {
             None => container.log = Some(Arc::new(tokio::sync::Mutex::new(log))),
             Some(command) => {
@@ -127,19 +109,8 @@ impl JobContainer {
     /// A handle on the container `id` of a job given up, only to remove it (by
     /// [`JobContainer::remove`], or when dropped).
     pub fn for_removal(docker: &Docker, id: &str) -> Self {
-        JobContainer {
-            docker: docker.clone(),
-            id: id.to_owned(),
-            oom: Arc::default(),
-            removed: false,
-            oom_watch: None,
-            main: std::sync::Mutex::new(None),
-            exec_env: Vec::new(),
-            log: None,
-            exec_deaths: ExecDeaths::default(),
-            head: MarkId::random(),
-            single: false,
-        }
+        // Single: nothing to watch in a container that is only removed.
+        JobContainer::handle(docker, id, MarkId::random(), true)
     }
 
     /// The output of a command that finished before the earlier agent process went away,

@@ -165,30 +165,8 @@ impl JobContainer {
                 spec.image
             )))?;
 
-        let oom = Arc::new(AtomicBool::new(false));
-        let exec_deaths = ExecDeaths::default();
-        let oom_watch = match spec.main_command {
-            None => Some(tokio::spawn(watch_events(
-                docker.clone(),
-                created.id.clone(),
-                oom.clone(),
-                exec_deaths.clone(),
-            ))),
-            Some(_) => None,
-        };
-        let mut container = JobContainer {
-            docker: docker.clone(),
-            id: created.id,
-            oom,
-            removed: false,
-            oom_watch,
-            main: std::sync::Mutex::new(None),
-            exec_env: Vec::new(),
-            log: None,
-            exec_deaths,
-            head,
-            single: spec.main_command.is_some(),
-        };
+        let mut container =
+            JobContainer::handle(docker, &created.id, head, spec.main_command.is_some());
         // Attached before the start: nothing the container writes is missed.
         let attached = match container.attach().await {
             Ok(output) => ContainerLog::new(output),
@@ -217,6 +195,35 @@ impl JobContainer {
             }
         }
         Ok(container)
+    }
+
+    /// A handle on the container `id`, with nothing read yet; an exec-shaped one's events are
+    /// watched (OOM kills and execs' ends; a single-command container learns of an OOM kill from
+    /// the inspect after its exit instead, one Docker request fewer per job).
+    fn handle(docker: &Docker, id: &str, head: MarkId, single: bool) -> Self {
+        let oom = Arc::new(AtomicBool::new(false));
+        let exec_deaths = ExecDeaths::default();
+        let oom_watch = (!single).then(|| {
+            tokio::spawn(watch_events(
+                docker.clone(),
+                id.to_owned(),
+                oom.clone(),
+                exec_deaths.clone(),
+            ))
+        });
+        JobContainer {
+            docker: docker.clone(),
+            id: id.to_owned(),
+            oom,
+            removed: false,
+            oom_watch,
+            main: std::sync::Mutex::new(None),
+            exec_env: Vec::new(),
+            log: None,
+            exec_deaths,
+            head,
+            single,
+        }
     }
 
     /// The main process of a single-command container, once: the job's `command` is already
