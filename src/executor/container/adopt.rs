@@ -11,10 +11,8 @@ use futures_util::StreamExt;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::events::wait_for_exit;
-use super::exec::{
-    CommandHandle, OutputStreamOf, RunningCommand, close_when_dead, write_end_marks,
-};
-use super::log::{ContainerLog, EndSeen, command_output, main_output};
+use super::exec::{CommandHandle, RunningCommand, close_when_dead, write_end_marks};
+use super::log::{ContainerLog, EndSeen, OutputStreamOf, command_output, main_output};
 use super::marks::{Kind, MarkId, Piece, Scanner};
 use super::{DockerError, JobCommand, JobContainer, OutputStream, docker_err};
 

@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::query_parameters::AttachContainerOptionsBuilder;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::events::ExecDeaths;
-use super::log::{EndSeen, command_output};
+use super::log::{EndSeen, OutputStreamOf, command_output};
 use super::marks::{self, Kind, MarkId};
 use super::spec::WORKSPACE;
 use super::{DockerError, JobContainer, docker_err};
@@ -27,9 +26,6 @@ const MARKS_WAIT: Duration = Duration::from_millis(500);
 /// How often an exec is inspected while it runs, beside Docker's `exec_die` events (which an
 /// exec ending before the event subscription reached the engine would miss).
 const EXEC_POLL: Duration = Duration::from_secs(2);
-
-pub(super) type OutputStreamOf =
-    std::pin::Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
 
 /// A command started in the container: its output stream and how to learn its exit code.
 pub struct RunningCommand {

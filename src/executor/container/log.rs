@@ -16,7 +16,6 @@ use bollard::models::HostConfigLogConfig;
 use futures_util::StreamExt;
 
 use super::OutputStream;
-use super::exec::OutputStreamOf;
 use super::marks::{Kind, MarkId, Piece, Scanner};
 
 /// How Docker keeps a job container's output: the `local` driver (compact, rotated files),
@@ -41,6 +40,11 @@ pub fn log_config() -> HostConfigLogConfig {
         ),
     }
 }
+
+/// A stream of a container's (or an exec's) output as Docker gives it.
+pub(super) type OutputStreamOf = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+>;
 
 /// One piece of one stream.
 pub type Item = (OutputStream, Piece);
