@@ -82,13 +82,16 @@ async fn carry_on(
         // The sweep removes what is left once the engine answers.
         Err(e) => return (Outcome::Error(e.to_string()), None),
     };
+    // The mode checked it before; checked again here, the one door to what a record names.
+    if let Err(why) = check_container(executor, job, resume).await {
+        let leftovers = leftovers_of(executor, job, resume).await;
+        return (
+            Outcome::Error(format!("cannot carry the job on: {why}")),
+            leftovers,
+        );
+    }
     let plan = match plan(executor, job) {
-        Ok(plan) if plan.services.is_empty() => plan,
-        Ok(_) => {
-            let message = "a job with services is not carried on across an agent restart";
-            let leftovers = leftovers_of(executor, job, resume).await;
-            return (Outcome::Error(message.into()), leftovers);
-        }
+        Ok(plan) => plan,
         Err(message) => {
             let leftovers = leftovers_of(executor, job, resume).await;
             return (Outcome::Error(message), leftovers);
@@ -299,20 +302,26 @@ async fn upload(
     }
 }
 
-/// Whether the job can be carried on: it has no services (their readiness and ends are not
-/// watched again), and its container is still there (running, unless it ran the job's one
-/// command); else why not.
+/// Whether the job can be carried on: its record names this agent's own parts
+/// ([`Resume::check`], and the container's agent label), it has no services (their readiness
+/// and ends are not watched again), and its container is still there (running, unless it ran
+/// the job's one command); else why not.
 pub(super) async fn check_container(
     executor: &Executor,
     job: &JobSpec,
     resume: &Resume,
 ) -> Result<(), String> {
+    let settings = &executor.settings;
+    resume.check(&settings.work_dir, &settings.agent_id)?;
     let plan = plan(executor, job)?;
     if !plan.services.is_empty() {
         return Err("it has services, which are not carried on across an agent restart".into());
     }
     let docker = executor.docker().await.map_err(|e| e.to_string())?;
     match docker.inspect_container(&resume.container, None).await {
+        Ok(inspect) if !labelled_for(&inspect, &settings.agent_id) => {
+            Err("its record names a container that is not this agent's".into())
+        }
         Ok(inspect) => {
             let running = inspect.state.and_then(|s| s.running) == Some(true);
             if running || resume.single {
@@ -326,6 +335,14 @@ pub(super) async fn check_container(
         }) => Err("its container is gone".into()),
         Err(e) => Err(format!("cannot inspect its container: {e}")),
     }
+}
+
+/// Whether an inspected container carries this agent's label.
+fn labelled_for(inspect: &bollard::models::ContainerInspectResponse, agent_id: &str) -> bool {
+    let labels = inspect.config.as_ref().and_then(|c| c.labels.as_ref());
+    labels
+        .and_then(|l| l.get(super::container::LABEL_AGENT_ID))
+        .is_some_and(|id| id == agent_id)
 }
 
 /// Removes the service containers beside the job's container: those of its agent carrying the
@@ -369,6 +386,11 @@ pub(super) async fn leftovers_of(
 ) -> Option<Leftovers> {
     let docker = executor.docker().await.ok()?;
     let settings = &executor.settings;
+    if let Err(why) = resume.check(&settings.work_dir, &settings.agent_id) {
+        // Nothing it names is removed: the sweep removes this agent's leftovers by label.
+        tracing::error!(job_id = job.job_id, error = %why, "a job record not removed by what it names");
+        return None;
+    }
     remove_services(&docker, &settings.agent_id, resume).await;
     let network = match &resume.network {
         Some(name) => match JobNetwork::adopt(&docker, name).await {
@@ -380,8 +402,15 @@ pub(super) async fn leftovers_of(
         },
         None => None,
     };
+    let container = match docker.inspect_container(&resume.container, None).await {
+        Ok(inspect) if labelled_for(&inspect, &settings.agent_id) => {
+            Some(JobContainer::for_removal(&docker, &resume.container))
+        }
+        // Gone, or not this agent's: nothing to remove.
+        _ => None,
+    };
     let made = Made {
-        container: Some(JobContainer::for_removal(&docker, &resume.container)),
+        container,
         services: Services::new(Vec::new()),
         network,
         warm: None,

@@ -54,6 +54,26 @@ pub struct PrefaceLine {
 }
 
 impl Resume {
+    /// Refuses a record (read from disk: outside input) whose parts are not this agent's own
+    /// job's: its workspace must be one of this agent's in `work_dir`, and its network the one
+    /// named after that workspace. (Its container's labels are checked against Docker.)
+    pub fn check(&self, work_dir: &std::path::Path, agent_id: &str) -> Result<(), String> {
+        let name = self.workspace.file_name().and_then(|n| n.to_str());
+        let owner = name.and_then(super::workspace::owner_of);
+        let ours = self.workspace.parent() == Some(work_dir)
+            && owner.is_some_and(|(agent, _)| agent == agent_id);
+        if !ours {
+            return Err("its record names a workspace that is not one of this agent's".into());
+        }
+        let unique = super::workspace::unique_name(&self.workspace);
+        match &self.network {
+            Some(network) if *network != super::network::name_for(&unique) => {
+                Err("its record names a network that is not its workspace's".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The mark of the command that was running, if one was.
     pub fn running(&self) -> Option<&MarkId> {
         self.running_since_unix_ms?;

@@ -26,6 +26,13 @@ pub fn owner_of(name: &str) -> Option<(&str, &str)> {
     (parts.next().is_none() && !agent.is_empty() && !random.is_empty()).then_some((agent, job))
 }
 
+/// The unique name of the workspace at `path` (see [`Workspace::unique_name`]).
+pub fn unique_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().replace('+', "-"))
+        .unwrap_or_default()
+}
+
 pub struct Workspace {
     dir: Option<TempDir>,
     path: PathBuf,
@@ -88,10 +95,7 @@ impl Workspace {
 
     /// A name unique to this job run, usable as a container name (`+` is not allowed there).
     pub fn unique_name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().replace('+', "-"))
-            .unwrap_or_default()
+        unique_name(&self.path)
     }
 
     /// Writes a file into the workspace, readable by the container user. The name may already

@@ -17,9 +17,19 @@ const MAX_STATUS_LEN: usize = 11;
 /// The longest mark: prefix, id, `:`, status, separator and newline.
 const MAX_MARK_LEN: usize = PREFIX.len() + HEX_LEN + 1 + MAX_STATUS_LEN + 2;
 
-/// A mark's random id.
+/// A mark's random id. Read back from a record only in the shape [`MarkId::random`] makes: it
+/// goes into shell commands.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct MarkId(String);
+
+impl TryFrom<String> for MarkId {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        MarkId::parse(&text).ok_or_else(|| "not a mark id (32 hex digits)".to_owned())
+    }
+}
 
 impl MarkId {
     pub fn random() -> Self {
@@ -302,6 +312,8 @@ mod tests {
         assert_eq!(MarkId::parse(made.as_str()), Some(made));
         assert_eq!(MarkId::parse("xyz"), None);
         assert_eq!(MarkId::parse(&"g".repeat(32)), None);
+        let read: Result<MarkId, _> = serde_json::from_str("\"0; rm -rf /\"");
+        assert!(read.is_err());
     }
 
     #[test]
