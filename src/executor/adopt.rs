@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 
 use super::cleanup::{Cleaner, Leftovers, Made};
-use super::container::{JobContainer, MarkId, OutputStream, Resumed, remove_container};
+use super::container::{JobCommand, JobContainer, MarkId, OutputStream, Resumed, remove_container};
 use super::control::JobControl;
 use super::job::{Job, result};
 use super::network::JobNetwork;
@@ -22,7 +22,7 @@ use super::output::Run;
 use super::plan::{job_timeout, plan};
 use super::resume::{Resume, instant_of};
 use super::services::Services;
-use super::steps::{Outcome, Resuming, single_command, step_command};
+use super::steps::{Outcome, Resuming, gryt_command, single_command, step_command};
 use super::workspace::Workspace;
 use super::{Executor, JobObserver};
 use crate::pipeline::Pipeline;
@@ -191,7 +191,7 @@ async fn take_over<'m>(
     Ok(&*made.container.insert(container))
 }
 
-/// Reads the finished steps' output again, then goes on with the step that ran (followed, or
+/// Reads the finished steps' output again, then goes on with the command that ran (followed, or
 /// started now if it never did) and the rest.
 async fn replay_and_run(
     ctx: &Job<'_>,
@@ -199,23 +199,31 @@ async fn replay_and_run(
     resume: &Resume,
     run: &mut Run<'_>,
 ) -> Outcome {
+    let gryt = &ctx.executor.settings.job.gryt_command;
     let steps = match &ctx.plan.pipeline {
-        Pipeline::Yaml(p) if !resume.single => p,
         // The main process's output is read from its start: nothing to replay apart.
-        Pipeline::Yaml(_) => {
-            let since = instant_of(
-                resume
-                    .running_since_unix_ms
-                    .unwrap_or(resume.started_unix_ms),
-            );
+        Pipeline::Yaml(_) if resume.single => {
+            let since = resume
+                .running_since_unix_ms
+                .unwrap_or(resume.started_unix_ms);
             let resuming = Resuming {
                 index: 0,
                 mark: MarkId::random(),
-                since: Some(since),
+                since: Some(instant_of(since)),
             };
             return ctx.run_commands(container, run, Some(resuming)).await;
         }
-        Pipeline::Gryt { .. } => return ctx.run_commands(container, run, None).await,
+        Pipeline::Gryt { .. } if resume.single => {
+            return ctx.run_commands(container, run, None).await;
+        }
+        // `gryt run` as an exec (a warm container): the one command, never started twice.
+        Pipeline::Gryt { .. } => {
+            return match resume_running(container, resume, 0, gryt_command(gryt), run).await {
+                Ok(resuming) => ctx.run_commands(container, run, Some(resuming)).await,
+                Err(early) => early,
+            };
+        }
+        Pipeline::Yaml(p) => p,
     };
     let finished = resume.steps.len().min(steps.steps.len());
     for mark in resume.commands.iter().take(finished) {
@@ -224,38 +232,64 @@ async fn replay_and_run(
         }
     }
     run.steps = resume.steps[..finished].to_vec();
-    let resuming = match resume.running() {
-        Some(mark) if finished < steps.steps.len() => match container.resume(mark).await {
-            Ok(Resumed::Command(running)) => {
-                container.set_started(step_command(&steps.steps[finished]), running);
-                let since = resume
-                    .running_since_unix_ms
-                    .unwrap_or(resume.started_unix_ms);
-                Resuming {
-                    index: finished,
-                    mark: mark.clone(),
-                    since: Some(instant_of(since)),
-                }
-            }
-            Ok(Resumed::NotStarted) => {
-                if let Some(progress) = &mut run.progress {
-                    progress.commands.pop();
-                }
-                Resuming {
-                    index: finished,
-                    mark: mark.clone(),
-                    since: None,
-                }
-            }
-            Err(e) => return Outcome::Error(format!("cannot carry the job on: {e}")),
-        },
-        _ => Resuming {
+    let resuming = match steps.steps.get(finished) {
+        Some(step) => resume_running(container, resume, finished, step_command(step), run).await,
+        // Every step finished: only the job's end is left.
+        None => Ok(Resuming {
             index: finished,
             mark: MarkId::random(),
             since: None,
-        },
+        }),
     };
-    ctx.run_commands(container, run, Some(resuming)).await
+    match resuming {
+        Ok(resuming) => ctx.run_commands(container, run, Some(resuming)).await,
+        Err(early) => early,
+    }
+}
+
+/// Where the command at `index` (`command`) goes on: followed when it started (its running
+/// command set in the container), else started now under the mark recorded for it, or under a
+/// new one when none was.
+async fn resume_running(
+    container: &JobContainer,
+    resume: &Resume,
+    index: usize,
+    command: JobCommand,
+    run: &mut Run<'_>,
+) -> Result<Resuming, Outcome> {
+    let Some(mark) = resume.running() else {
+        let mark = MarkId::random();
+        return Ok(Resuming {
+            index,
+            mark,
+            since: None,
+        });
+    };
+    match container.resume(mark).await {
+        Ok(Resumed::Command(running)) => {
+            container.set_started(command, running);
+            let since = resume
+                .running_since_unix_ms
+                .unwrap_or(resume.started_unix_ms);
+            Ok(Resuming {
+                index,
+                mark: mark.clone(),
+                since: Some(instant_of(since)),
+            })
+        }
+        Ok(Resumed::NotStarted) => {
+            // `run_steps` records it again as it starts.
+            if let Some(progress) = &mut run.progress {
+                progress.commands.pop();
+            }
+            Ok(Resuming {
+                index,
+                mark: mark.clone(),
+                since: None,
+            })
+        }
+        Err(e) => Err(Outcome::Error(format!("cannot carry the job on: {e}"))),
+    }
 }
 
 /// One finished command's output, read again from the container's log into the job's.

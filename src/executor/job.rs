@@ -306,7 +306,13 @@ impl Job<'_> {
         match &self.plan.pipeline {
             Pipeline::Yaml(p) => run_steps(&ctx, p, run, resuming).await,
             Pipeline::Gryt { .. } => {
-                run_gryt(&ctx, gryt_command(&job_settings.gryt_command), run).await
+                run_gryt(
+                    &ctx,
+                    gryt_command(&job_settings.gryt_command),
+                    run,
+                    resuming,
+                )
+                .await
             }
         }
     }

@@ -283,11 +283,33 @@ pub(super) fn single_command(pipeline: &Pipeline, gryt_argv: &[String]) -> Optio
     }
 }
 
-pub(super) async fn run_gryt(ctx: &Context<'_>, command: JobCommand, run: &mut Run<'_>) -> Outcome {
+/// `gryt run`; an adopted job's from where it was (`resuming`: its index is 0).
+pub(super) async fn run_gryt(
+    ctx: &Context<'_>,
+    command: JobCommand,
+    run: &mut Run<'_>,
+    resuming: Option<Resuming>,
+) -> Outcome {
+    let mark = match resuming {
+        Some(Resuming {
+            mark,
+            since: Some(_),
+            ..
+        }) => mark,
+        Some(Resuming { mark, .. }) => {
+            run.command_starting(&mark).await;
+            mark
+        }
+        None => {
+            let mark = MarkId::random();
+            run.command_starting(&mark).await;
+            mark
+        }
+    };
     let end = run_command(
         ctx.container,
         command,
-        MarkId::random(),
+        mark,
         ctx.deadline,
         ctx.grace,
         ctx.control,

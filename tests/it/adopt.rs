@@ -638,6 +638,60 @@ async fn a_job_in_a_warm_container_is_carried_on_too() {
     agent.stop_leaving_nothing().await;
 }
 
+/// A gryt pipeline that took a warm container runs `gryt run` as an exec, not as the main
+/// process: the restarted agent follows that exec to its end and never runs the pipeline again.
+/// The stand-in for gryt (`sh pipeline.py`) counts its runs in the workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gryt_pipeline_in_a_warm_container_is_followed_not_run_again() {
+    let script = "echo run >> runs.txt\necho \"runs: $(wc -l < runs.txt)\"\nsleep 4\n\
+                  printf '{\\n  \"status\": \"ok\",\\n  \"results\": {\"runner_0\": {\"one\": \
+                  {\"status\": \"success\", \"returncode\": 0, \"duration\": 1.0}}}\\n}\\n'\n";
+    let report = "{\n  \"status\": \"ok\",\n  \"results\": {\"runner_0\": {\"one\": {\"status\": \
+                  \"success\", \"returncode\": 0, \"duration\": 1.0}}}\n}\n";
+    let env = [
+        ("GRYT_CONCURRENCY", "1"),
+        ("GRYT_WARM_POOL", "1"),
+        ("GRYT_COMMAND", "sh pipeline.py"),
+    ];
+    let api = FakeApi::start(KEY, TTL).await;
+    let (state, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let agent_id = unique_agent_id("adopt-gryt-warm");
+    let mut first = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    wait_until(
+        "a ready warm container",
+        Duration::from_secs(60),
+        &first,
+        async || first.health().await["warm_pool"]["ready"] == json!(1),
+    )
+    .await;
+    api.push_job(json!({"job_id": 1, "pipeline_b64": b64(script)}));
+    wait_until(
+        "the pipeline printing",
+        Duration::from_secs(60),
+        &first,
+        async || api.job(1).log.contains("runs: 1"),
+    )
+    .await;
+    first.sigkill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut agent = Agent::pull_in(&agent_id, state.path(), work.path(), &api.url, &[], &env).await;
+    wait_until(
+        "the completion",
+        Duration::from_secs(60),
+        &agent,
+        async || api.job(1).completion.is_some(),
+    )
+    .await;
+    let rec = api.job(1);
+    let done = rec.completion.clone().unwrap();
+    assert_eq!(done["status"], "success", "{done}\n{}", log_end(&agent));
+    assert_eq!(rec.log, format!("runs: 1\n{report}"), "run once, whole log");
+    assert_eq!(api.count("start"), 1);
+    assert_eq!(agent.logged_jobs(ADOPTED), vec![1]);
+    agent.stop_leaving_nothing().await;
+}
+
 const REVOKED: i64 = 1;
 const EXPIRED: i64 = 2;
 const FORGOTTEN: i64 = 3;
