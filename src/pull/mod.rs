@@ -149,12 +149,13 @@ pub struct PullEnd {
 /// job it took has been reported (or given up on by a second signal).
 pub async fn run(ctx: Arc<Ctx>, options: AgentOptions, claimed: Vec<adopt::Claimed>) -> PullEnd {
     let mut tasks: JoinSet<JobEnd> = JoinSet::new();
+    // Read before the first lease and before the claimed jobs are decided: a job of this run
+    // writes its log, then its entry, into the same directory, and must be neither taken for an
+    // orphan nor replayed beside its own delivery (a claimed job given up writes one). Jobs an
+    // earlier run left unfinished, and cannot be carried on, become `error` completions here.
+    let spooled = ctx.spool.prepare_async().await;
     // Claimed before the first sweep (`adopt::claim`): carried on or given up beside the leases.
     adopt::spawn_all(&ctx, claimed, &mut tasks);
-    // Read before the first lease: a job of this run writes its log, then its entry, into the
-    // same directory, and must be neither taken for an orphan nor replayed beside its own
-    // delivery. Jobs an earlier run left unfinished become `error` completions here.
-    let spooled = ctx.spool.prepare_async().await;
     let replay = tokio::spawn(replay_spool(ctx.clone(), spooled));
     let work = worker::work(ctx.clone(), &options, &mut tasks).await;
     tracing::info!(?work, "no more leases");
