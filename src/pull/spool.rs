@@ -149,9 +149,7 @@ impl Spool {
             if self.entry_path(&name).exists() {
                 continue;
             }
-            let read = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).map_err(|e| e.to_string()));
+            let read = crate::state::durable::read_json::<LeaseRecord>(&path);
             match read {
                 Ok(record) => records.push((name, record)),
                 Err(e) => {
@@ -310,10 +308,7 @@ impl Spool {
     pub fn entries(&self) -> Vec<(String, SpoolEntry)> {
         let mut entries = Vec::new();
         for (stem, path) in self.files_with("json") {
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<SpoolEntry>(&b).map_err(|e| e.to_string()))
-            {
+            match crate::state::durable::read_json::<SpoolEntry>(&path) {
                 Ok(entry) => entries.push((stem, entry)),
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "unreadable spool entry left in place")

@@ -103,9 +103,7 @@ impl Records {
             let Some(name) = record_name(&path) else {
                 continue;
             };
-            let read = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<PushRecord>(&b).map_err(|e| e.to_string()));
+            let read = crate::state::durable::read_json::<PushRecord>(&path);
             match read {
                 Ok(record) => records.push((name, record)),
                 Err(e) => {

@@ -41,6 +41,21 @@ pub fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> std::io::
     sync_dir(dir)
 }
 
+/// Reads a JSON file written by [`write_json`]. A file that does not parse is described by
+/// what is wrong and where, never by its content: the files hold job specs and results, and
+/// `serde_json`'s messages quote the values they choke on.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "not valid JSON for its kind ({:?} error at line {}, column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })
+}
+
 /// Makes renames and removals in `dir` durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -48,6 +63,21 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unreadable_file_is_described_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        std::fs::write(&path, br#"{"job_id": "s3cr3t-value"}"#).unwrap();
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct R {
+            job_id: i64,
+        }
+        let error = super::read_json::<R>(&path).unwrap_err();
+        assert!(!error.contains("s3cr3t"), "{error}");
+        assert!(error.contains("line 1"), "{error}");
+    }
+
     use super::*;
 
     #[test]
