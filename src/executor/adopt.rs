@@ -49,7 +49,8 @@ pub(super) async fn adopt(
     let mut run = Run::new(observer, masker, executor.settings.job.output_cap_bytes);
     let (outcome, leftovers) = match job_timeout(&executor.settings, job) {
         Ok(timeout) => {
-            let deadline = instant_of(resume.deadline_unix_ms);
+            // Never later than the job's own time limit allows, whatever the record says.
+            let deadline = instant_of(resume.deadline_unix_ms).min(clock + timeout);
             carry_on(
                 executor,
                 job,

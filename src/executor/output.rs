@@ -55,13 +55,13 @@ impl<'a> Run<'a> {
     }
 
     /// A line of the agent's own (cache restores and artifact uploads say how they went), as
-    /// output: before the container starts it is also kept for `progress`, since the
-    /// container's log will not hold it.
+    /// output: before the container starts it is also kept for `progress` (masked, as it goes
+    /// to disk), since the container's log will not hold it.
     pub fn agent_line(&mut self, stream: OutputStream, text: &str) {
         if self.progress.is_none() {
             self.preface.push(PrefaceLine {
                 stderr: stream == OutputStream::Stderr,
-                text: text.to_owned(),
+                text: self.masker.mask_str(text),
             });
         }
         self.output(stream, text.as_bytes());

@@ -141,6 +141,44 @@ mod tests {
     }
 
     #[test]
+    fn a_record_naming_parts_that_are_not_this_agents_is_refused() {
+        let work = std::path::Path::new("/w");
+        let mut resume = sample();
+        resume.workspace = "/w/job+a1+7+xyz".into();
+        resume.network = Some("gryt-job-a1-7-xyz".into());
+        assert_eq!(resume.check(work, "a1"), Ok(()));
+        assert!(resume.check(work, "other").is_err());
+        assert!(
+            resume
+                .check(std::path::Path::new("/elsewhere"), "a1")
+                .is_err()
+        );
+        let mut outside = resume.clone();
+        outside.workspace = "/etc".into();
+        assert!(outside.check(work, "a1").is_err());
+        let mut network = resume.clone();
+        network.network = Some("bridge".into());
+        assert!(network.check(work, "a1").is_err());
+    }
+
+    fn sample() -> Resume {
+        Resume {
+            container: "c".into(),
+            head: MarkId::random(),
+            single: false,
+            warm: false,
+            network: None,
+            workspace: "/w".into(),
+            started_unix_ms: 0,
+            deadline_unix_ms: 0,
+            preface: Vec::new(),
+            steps: Vec::new(),
+            commands: Vec::new(),
+            running_since_unix_ms: None,
+        }
+    }
+
+    #[test]
     fn the_running_command_is_the_last_started_while_it_has_not_finished() {
         let one = MarkId::random();
         let mut resume = Resume {
