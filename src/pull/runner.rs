@@ -318,7 +318,13 @@ impl JobObserver for LogOutput<'_> {
             record.resume = Some(resume.clone());
             let written = self.ctx.spool.write_lease_async(self.name, &record).await;
             if let Err(e) = written {
-                tracing::warn!(job_id = record.job_id, error = %e, "cannot record the job's progress: an agent restarted now could not carry it on");
+                // The record on disk is behind the job now: a restarted agent reading it could
+                // run a command again. It must not be carried on (see `Spool::not_adoptable`).
+                tracing::error!(job_id = record.job_id, error = %e, "cannot record the job's progress: an agent restarted now will not carry it on");
+                self.ctx
+                    .spool
+                    .not_adoptable_async(self.name, self.record)
+                    .await;
             }
         })
     }

@@ -265,6 +265,26 @@ impl Spool {
             .unwrap_or_else(|e| Err(err(&path, std::io::Error::other(e.to_string()))))
     }
 
+    /// Makes the job's lease record one a restart does not carry on (after its progress could
+    /// not be written, so the record is behind the job): rewritten without progress, or, if
+    /// even that fails, removed (the lease then expires and the API runs the job again).
+    pub async fn not_adoptable_async(&self, name: &str, record: &LeaseRecord) {
+        let record = LeaseRecord {
+            resume: None,
+            ..record.clone()
+        };
+        if self.write_lease_async(name, &record).await.is_err() {
+            let path = self.lease_path(name);
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_file(&path)).await;
+            if !matches!(removed, Ok(Ok(()))) {
+                tracing::error!(
+                    job_id = record.job_id,
+                    "cannot remove the job's lease record either"
+                );
+            }
+        }
+    }
+
     /// [`Spool::write_lease`] off the async runtime.
     pub async fn write_lease_async(
         &self,

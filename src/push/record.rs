@@ -208,7 +208,14 @@ impl JobObserver for Kept {
             let mut record = self.record.clone();
             record.resume = Some(resume.clone());
             if let Err(e) = self.records.write_async(&self.name, &record).await {
-                tracing::warn!(job_id = record.job.job_id, error = %e, "cannot record the push job's progress: an agent restarted now could not carry it on");
+                // The record on disk is behind the job now: a restarted agent reading it could
+                // run a command again. Without progress it is not carried on (its callback gets
+                // `error`); removed if even that cannot be written.
+                tracing::error!(job_id = record.job.job_id, error = %e, "cannot record the push job's progress: an agent restarted now will not carry it on");
+                record.resume = None;
+                if self.records.write_async(&self.name, &record).await.is_err() {
+                    self.records.remove_async(&self.name).await;
+                }
             }
         })
     }
