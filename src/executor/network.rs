@@ -46,6 +46,8 @@ pub enum NetworkError {
          other networks use all of it"
     )]
     PoolFull { pool: Pool },
+    #[error("the job network {name} cannot be taken over: Docker gives it no id or subnet")]
+    Unusable { name: String },
 }
 
 /// A job's own network, removed on every path (see the module doc).
@@ -135,10 +137,8 @@ impl JobNetwork {
             .and_then(|configs| configs.into_iter().find_map(|c| c.subnet))
             .and_then(|subnet| subnet.parse().ok());
         let (Some(id), Some(subnet)) = (inspected.id, subnet) else {
-            return Err(NetworkError::Docker {
-                action: format!("the job network {name} has no id or subnet"),
-                source: bollard::errors::Error::RequestTimeoutError,
-            });
+            let name = name.to_owned();
+            return Err(NetworkError::Unusable { name });
         };
         Ok(JobNetwork {
             docker: docker.clone(),
